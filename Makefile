@@ -1,0 +1,18 @@
+# The two commands of README: `make demo` and `make test`. Both install what
+# is missing first (scripts/setup.sh) and build everything through mix.
+.PHONY: demo test lint setup
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	mix run examples/demo.exs
+
+test: setup
+	cargo fmt --all --check
+	cargo clippy --workspace --release --all-targets -- -D warnings
+	cargo clippy --release --target wasm32-wasip2 $(patsubst guest/%/Cargo.toml,-p %,$(wildcard guest/*/Cargo.toml)) -- -D warnings
+	cargo test --release -p capsid_nif
+	MIX_ENV=test mix format --check-formatted
+	MIX_ENV=test mix compile --warnings-as-errors --force
+	MIX_ENV=test mix test --include stress

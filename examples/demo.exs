@@ -1,0 +1,112 @@
+# Capsid demo: `make demo` (or `mix run examples/demo.exs` once built).
+# Loads the example guest (guest/toolkit, WIT in wit/toolkit), shows its
+# interface, makes a few calls with structured values, and shows what a bad
+# argument looks like.
+
+alias Capsid.Component
+
+section = fn title -> IO.puts("\n\e[1m== #{title}\e[0m") end
+
+show = fn label, value ->
+  IO.puts(
+    "  #{label}\n    => #{inspect(value, pretty: true, width: 90) |> String.replace("\n", "\n       ")}"
+  )
+end
+
+path = Capsid.Guests.path(:toolkit)
+{micros, component} = :timer.tc(fn -> Component.load!(path) end)
+
+section.("Loaded #{Path.relative_to_cwd(path)}")
+IO.puts("  #{inspect(component)} compiled in #{div(micros, 1000)} ms")
+
+section.("Exports (callable names and WIT types)")
+
+component
+|> Component.exports()
+|> Enum.reject(&String.contains?(&1.name, "#echo-"))
+|> Enum.each(&IO.puts("  " <> Component.signature(&1)))
+
+IO.puts(
+  "  ... and #{Enum.count(Component.exports(component), &String.contains?(&1.name, "#echo-"))} echo-* round-trip functions"
+)
+
+section.("Imports the host must provide (besides WASI)")
+
+component
+|> Component.imports()
+|> Enum.reject(&(&1.interface && String.starts_with?(&1.interface, "wasi:")))
+|> Enum.each(&IO.puts("  " <> Component.signature(&1)))
+
+imports = %{
+  "log" => fn level, msg -> IO.puts("  [guest #{level}] #{msg}") end,
+  "get-config" => fn
+    "greeting" -> "Bonjour"
+    _ -> nil
+  end
+}
+
+{:ok, instance} = Capsid.Instance.start_link(component: component, imports: imports)
+
+section.("Calls")
+show.(~s|Capsid.call(instance, "add", [1, 2])|, Capsid.call(instance, "add", [1, 2]))
+
+show.(
+  ~s|Capsid.call(instance, "greet", ["Zoë"])  # calls the Elixir imports|,
+  Capsid.call(instance, "greet", ["Zoë"])
+)
+
+show.(
+  ~s|Capsid.call(instance, "analyze", ["The quick brown fox jumps over the lazy dog"])|,
+  Capsid.call(instance, "analyze", ["The quick brown fox jumps over the lazy dog"])
+)
+
+show.(
+  ~s|Capsid.call(instance, "acme:toolkit/text#slugify", ["Crème Brûlée à la carte!"])|,
+  Capsid.call(instance, "acme:toolkit/text#slugify", ["Crème Brûlée à la carte!"])
+)
+
+items = [
+  %{sku: "book", quantity: 3, unit_price_cents: 1_500, tags: [:taxable, :discountable]},
+  %{sku: "vase", quantity: 1, unit_price_cents: 4_000, tags: [:taxable, :fragile]},
+  %{sku: "ebook", quantity: 1, unit_price_cents: 999, tags: [:digital, :discountable]}
+]
+
+IO.puts(
+  "  items = #{inspect(items, pretty: true, width: 90) |> String.replace("\n", "\n          ")}"
+)
+
+show.(
+  ~s|Capsid.call(instance, "quote", [items, {:buy_x_get_y, {2, 1}}, :eur])|,
+  Capsid.call(instance, "quote", [items, {:buy_x_get_y, {2, 1}}, :eur])
+)
+
+show.(
+  ~s|Capsid.call(instance, "divide", [10, 0])  # the guest's own result<s64, string>|,
+  Capsid.call(instance, "divide", [10, 0])
+)
+
+section.("Bad input is a clear error, and the instance carries on")
+bad_items = [%{sku: "book", quantity: "three", unit_price_cents: 1_500, tags: []}]
+{:error, error} = Capsid.call(instance, "quote", [bad_items, :none, :eur])
+
+show.(
+  ~s|Capsid.call(instance, "quote", [[%{sku: "book", quantity: "three", ...}], :none, :eur])|,
+  error
+)
+
+IO.puts("    message: #{Exception.message(error)}")
+{:error, error} = Capsid.call(instance, "quote", [items, :none, :yen])
+
+IO.puts(
+  "  Capsid.call(instance, \"quote\", [items, :none, :yen])\n    message: #{Exception.message(error)}"
+)
+
+{:error, error} = Capsid.call(instance, "describe", [])
+IO.puts("  Capsid.call(instance, \"describe\", [])\n    message: #{Exception.message(error)}")
+show.(~s|Capsid.call(instance, "add", [2, 2])  # still fine|, Capsid.call(instance, "add", [2, 2]))
+
+info = Capsid.Instance.info(instance)
+
+IO.puts(
+  "\n  instance info: calls=#{info.calls} fuel_used=#{info.fuel_used} recycles=#{info.recycles}"
+)

@@ -1,0 +1,57 @@
+//! The one shared `wasmtime::Engine`, its configuration, and the epoch ticker
+//! that drives time slicing and timeouts.
+
+use std::sync::OnceLock;
+use std::time::Duration;
+use wasmtime::{Config, Engine};
+
+/// Wasm stack a guest may use. Guest code always runs on a wasmtime fiber
+/// (never on the BEAM scheduler's own ~320 KiB stack), so this only has to fit
+/// in `ASYNC_STACK_SIZE` with room left for host functions.
+pub const MAX_WASM_STACK: usize = 1024 * 1024;
+/// Size of each fiber stack: `MAX_WASM_STACK` for the guest plus 1 MiB for
+/// host code (WASI, conversions, Elixir import plumbing) running on it.
+pub const ASYNC_STACK_SIZE: usize = 2 * 1024 * 1024;
+/// Epoch tick period. A running guest yields back to the calling Erlang
+/// process at every tick, so no scheduler is held much longer than this.
+pub const TICK: Duration = Duration::from_micros(500);
+
+static ENGINE: OnceLock<Engine> = OnceLock::new();
+
+pub fn config() -> Config {
+    let mut config = Config::new();
+    config
+        .consume_fuel(true)
+        .epoch_interruption(true)
+        .max_wasm_stack(MAX_WASM_STACK)
+        .async_stack_size(ASYNC_STACK_SIZE);
+    config
+}
+
+/// The shared engine; the first use starts the epoch ticker thread.
+pub fn engine() -> &'static Engine {
+    ENGINE.get_or_init(|| {
+        let engine = Engine::new(&config()).expect("static engine configuration is valid");
+        let ticker = engine.clone();
+        std::thread::Builder::new()
+            .name("capsid-epoch".into())
+            .spawn(move || {
+                loop {
+                    std::thread::sleep(TICK);
+                    ticker.increment_epoch();
+                }
+            })
+            .expect("spawning the epoch ticker thread");
+        engine
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn engine_configuration_is_accepted() {
+        let _ = engine();
+    }
+}

@@ -1,0 +1,233 @@
+//! The one error type of the NIF. Every failure crosses the boundary as
+//! `{:error, {kind, message}}` (host refused) or `{:trap, {kind, message,
+//! backtrace, stderr}}` (guest faulted); `Capsid.Error` / `Capsid.Trap` on the
+//! Elixir side are built from exactly these tuples.
+
+use rustler::{Encoder, Env, Term};
+use std::fmt;
+
+rustler::atoms! {
+    bad_argument,
+    unknown_function,
+    invalid_component,
+    link,
+    busy,
+    internal,
+    out_of_fuel,
+    timeout,
+    memory_limit,
+    stack_overflow,
+    unreachable,
+    memory_out_of_bounds,
+    divide_by_zero,
+    integer_overflow,
+    import_failed,
+    cancelled,
+    other,
+}
+
+/// What kind of guest fault ended a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TrapKind {
+    OutOfFuel,
+    Timeout,
+    MemoryLimit,
+    StackOverflow,
+    Unreachable,
+    MemoryOutOfBounds,
+    DivideByZero,
+    IntegerOverflow,
+    ImportFailed,
+    Cancelled,
+    Other,
+}
+
+impl TrapKind {
+    pub const ALL: [TrapKind; 11] = [
+        TrapKind::OutOfFuel,
+        TrapKind::Timeout,
+        TrapKind::MemoryLimit,
+        TrapKind::StackOverflow,
+        TrapKind::Unreachable,
+        TrapKind::MemoryOutOfBounds,
+        TrapKind::DivideByZero,
+        TrapKind::IntegerOverflow,
+        TrapKind::ImportFailed,
+        TrapKind::Cancelled,
+        TrapKind::Other,
+    ];
+
+    pub fn index(self) -> usize {
+        Self::ALL.iter().position(|k| *k == self).unwrap_or(0)
+    }
+
+    pub fn atom(self) -> rustler::Atom {
+        match self {
+            TrapKind::OutOfFuel => out_of_fuel(),
+            TrapKind::Timeout => timeout(),
+            TrapKind::MemoryLimit => memory_limit(),
+            TrapKind::StackOverflow => stack_overflow(),
+            TrapKind::Unreachable => unreachable(),
+            TrapKind::MemoryOutOfBounds => memory_out_of_bounds(),
+            TrapKind::DivideByZero => divide_by_zero(),
+            TrapKind::IntegerOverflow => integer_overflow(),
+            TrapKind::ImportFailed => import_failed(),
+            TrapKind::Cancelled => cancelled(),
+            TrapKind::Other => other(),
+        }
+    }
+}
+
+/// A guest fault, classified, with what the guest left behind.
+#[derive(Debug, Clone)]
+pub struct TrapInfo {
+    pub kind: TrapKind,
+    pub message: String,
+    /// Wasm frames, innermost first, as `"func_name"` or `"<wasm function N>"`.
+    pub backtrace: Vec<String>,
+    pub stderr: Vec<u8>,
+}
+
+#[derive(Debug, Clone)]
+pub enum Error {
+    BadArgument(String),
+    UnknownFunction(String),
+    InvalidComponent(String),
+    Link(String),
+    Busy(String),
+    Internal(String),
+}
+
+pub type Result<T> = std::result::Result<T, Error>;
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Error::BadArgument(m)
+            | Error::UnknownFunction(m)
+            | Error::InvalidComponent(m)
+            | Error::Link(m)
+            | Error::Busy(m)
+            | Error::Internal(m) => f.write_str(m),
+        }
+    }
+}
+
+impl Encoder for Error {
+    fn encode<'a>(&self, env: Env<'a>) -> Term<'a> {
+        let (kind, message) = match self {
+            Error::BadArgument(m) => (bad_argument(), m),
+            Error::UnknownFunction(m) => (unknown_function(), m),
+            Error::InvalidComponent(m) => (invalid_component(), m),
+            Error::Link(m) => (link(), m),
+            Error::Busy(m) => (busy(), m),
+            Error::Internal(m) => (internal(), m),
+        };
+        (rustler::types::atom::error(), (kind, message.as_str())).encode(env)
+    }
+}
+
+/// Errors raised *inside* a guest call by the host (epoch callback, limiter,
+/// Elixir imports). They travel through wasmtime as `wasmtime::Error` and are
+/// recognised again by `classify`.
+#[derive(Debug)]
+pub struct HostTrap {
+    pub kind: TrapKind,
+    pub message: String,
+}
+
+impl fmt::Display for HostTrap {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for HostTrap {}
+
+/// Turns a failed guest call into a classified trap.
+pub fn classify(err: &wasmtime::Error, stderr: Vec<u8>) -> TrapInfo {
+    use wasmtime::Trap;
+    let backtrace = err
+        .downcast_ref::<wasmtime::WasmBacktrace>()
+        .map(|bt| {
+            bt.frames()
+                .iter()
+                .map(|f| match f.func_name() {
+                    Some(name) => name.to_string(),
+                    None => format!("<wasm function {}>", f.func_index()),
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+
+    if let Some(host) = err.downcast_ref::<HostTrap>() {
+        return TrapInfo {
+            kind: host.kind,
+            message: host.message.clone(),
+            backtrace,
+            stderr,
+        };
+    }
+    let (kind, message) = match err.downcast_ref::<Trap>() {
+        Some(trap) => {
+            let kind = match trap {
+                Trap::OutOfFuel => TrapKind::OutOfFuel,
+                Trap::Interrupt => TrapKind::Timeout,
+                Trap::StackOverflow => TrapKind::StackOverflow,
+                Trap::UnreachableCodeReached => TrapKind::Unreachable,
+                Trap::MemoryOutOfBounds | Trap::HeapMisaligned => TrapKind::MemoryOutOfBounds,
+                Trap::IntegerDivisionByZero => TrapKind::DivideByZero,
+                Trap::IntegerOverflow => TrapKind::IntegerOverflow,
+                _ => TrapKind::Other,
+            };
+            (kind, trap.to_string())
+        }
+        None => (TrapKind::Other, root_message(err)),
+    };
+    TrapInfo {
+        kind,
+        message,
+        backtrace,
+        stderr,
+    }
+}
+
+/// The innermost cause of an error, which is the most specific message
+/// wasmtime gives (outer layers are context like "error while executing").
+pub fn root_message(err: &wasmtime::Error) -> String {
+    let mut chain: Vec<String> = err.chain().map(|e| e.to_string()).collect();
+    chain.dedup();
+    chain.join(": ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_traps_keep_their_kind() {
+        let err = wasmtime::Error::new(HostTrap {
+            kind: TrapKind::Timeout,
+            message: "call exceeded its 5 ms timeout".into(),
+        });
+        let info = classify(&err, b"oops".to_vec());
+        assert_eq!(info.kind, TrapKind::Timeout);
+        assert_eq!(info.message, "call exceeded its 5 ms timeout");
+        assert_eq!(info.stderr, b"oops");
+    }
+
+    #[test]
+    fn wasm_traps_are_classified() {
+        let err = wasmtime::Error::new(wasmtime::Trap::IntegerDivisionByZero);
+        assert_eq!(classify(&err, vec![]).kind, TrapKind::DivideByZero);
+        let err = wasmtime::Error::new(wasmtime::Trap::OutOfFuel);
+        assert_eq!(classify(&err, vec![]).kind, TrapKind::OutOfFuel);
+    }
+
+    #[test]
+    fn trap_kind_indices_are_distinct() {
+        for (i, k) in TrapKind::ALL.iter().enumerate() {
+            assert_eq!(k.index(), i);
+        }
+    }
+}

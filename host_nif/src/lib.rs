@@ -1,0 +1,21 @@
+//! Capsid's NIF: hosts wasmtime inside the BEAM. One file per concept,
+//! mirrored by one Elixir module per concept in `lib/capsid/`.
+//!
+//! `cargo test` runs outside the BEAM, where the `enif_*` symbols do not
+//! exist: test builds therefore register no NIFs and no resource types, so
+//! the pure code under test links on its own.
+#![cfg_attr(test, allow(dead_code))]
+
+mod call;
+mod component;
+mod convert;
+mod engine;
+mod error;
+mod imports;
+mod instance;
+mod limits;
+mod stdio;
+mod types;
+
+#[cfg(not(test))]
+rustler::init!("Elixir.Capsid.Native");

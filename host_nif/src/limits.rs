@@ -1,0 +1,171 @@
+//! Sandbox limits: the instance's ceilings, the per-call values (which may
+//! only narrow them), and the `ResourceLimiter` that enforces memory/table caps.
+
+use crate::error::{HostTrap, TrapKind};
+use rustler::NifMap;
+use std::time::{Duration, Instant};
+
+/// Limits as they cross the boundary (`Capsid.Instance` validates and fills
+/// defaults; the NIF trusts the shape, not the caller's intent).
+#[derive(NifMap, Debug, Clone, Copy)]
+pub struct Limits {
+    /// Fuel (≈ wasm instructions) per call.
+    pub fuel: u64,
+    /// Wall-clock budget per call, in milliseconds.
+    pub timeout: u64,
+    /// Bytes of linear memory, summed over the instance's memories.
+    pub max_memory: u64,
+    /// Elements per table.
+    pub max_table_elements: u64,
+    /// Core instances, tables and memories a component may create.
+    pub max_instances: u64,
+    pub max_tables: u64,
+    pub max_memories: u64,
+}
+
+impl Limits {
+    /// The per-call limits: each given value narrows the ceiling, never raises it.
+    pub fn narrow(&self, fuel: Option<u64>, timeout: Option<u64>, max_memory: Option<u64>) -> Self {
+        let pick = |ceiling: u64, wanted: Option<u64>| wanted.map_or(ceiling, |w| w.min(ceiling));
+        Limits {
+            fuel: pick(self.fuel, fuel),
+            timeout: pick(self.timeout, timeout),
+            max_memory: pick(self.max_memory, max_memory),
+            ..*self
+        }
+    }
+
+    pub fn deadline(&self, start: Instant) -> Instant {
+        start + Duration::from_millis(self.timeout)
+    }
+}
+
+/// Tracks memory and table growth of one store against its limits.
+#[derive(Debug)]
+pub struct Limiter {
+    pub limits: Limits,
+    /// The memory cap in force for the current call (≤ `limits.max_memory`).
+    pub call_max_memory: u64,
+    /// Bytes of linear memory currently allocated, over all memories.
+    pub memory_in_use: u64,
+}
+
+impl Limiter {
+    pub fn new(limits: Limits) -> Self {
+        Limiter {
+            limits,
+            call_max_memory: limits.max_memory,
+            memory_in_use: 0,
+        }
+    }
+}
+
+fn to_u64(n: usize) -> u64 {
+    u64::try_from(n).unwrap_or(u64::MAX)
+}
+
+impl wasmtime::ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let growth = to_u64(desired.saturating_sub(current));
+        let total = self.memory_in_use.saturating_add(growth);
+        if total > self.call_max_memory {
+            // A trap, not a failed `memory.grow`: guests rarely handle -1
+            // well, and the caller deserves to know which limit was hit.
+            return Err(wasmtime::Error::new(HostTrap {
+                kind: TrapKind::MemoryLimit,
+                message: format!(
+                    "memory limit exceeded: the guest asked for {total} bytes of linear memory, \
+                     the limit is {} bytes (max_memory)",
+                    self.call_max_memory
+                ),
+            }));
+        }
+        self.memory_in_use = total;
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if to_u64(desired) > self.limits.max_table_elements {
+            return Err(wasmtime::Error::new(HostTrap {
+                kind: TrapKind::MemoryLimit,
+                message: format!(
+                    "table limit exceeded: the guest asked for {desired} table elements, \
+                     the limit is {} (max_table_elements)",
+                    self.limits.max_table_elements
+                ),
+            }));
+        }
+        Ok(true)
+    }
+
+    fn instances(&self) -> usize {
+        usize::try_from(self.limits.max_instances).unwrap_or(usize::MAX)
+    }
+
+    fn tables(&self) -> usize {
+        usize::try_from(self.limits.max_tables).unwrap_or(usize::MAX)
+    }
+
+    fn memories(&self) -> usize {
+        usize::try_from(self.limits.max_memories).unwrap_or(usize::MAX)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use wasmtime::ResourceLimiter;
+
+    fn limits() -> Limits {
+        Limits {
+            fuel: 1_000,
+            timeout: 100,
+            max_memory: 1 << 20,
+            max_table_elements: 10,
+            max_instances: 5,
+            max_tables: 5,
+            max_memories: 5,
+        }
+    }
+
+    #[test]
+    fn per_call_values_only_narrow() {
+        let n = limits().narrow(Some(10), Some(1_000_000), None);
+        assert_eq!(n.fuel, 10);
+        assert_eq!(
+            n.timeout, 100,
+            "a per-call timeout cannot raise the ceiling"
+        );
+        assert_eq!(n.max_memory, 1 << 20);
+    }
+
+    #[test]
+    fn memory_growth_is_summed_and_capped() {
+        let mut l = Limiter::new(limits());
+        assert!(l.memory_growing(0, 512 * 1024, None).unwrap());
+        assert!(l.memory_growing(0, 512 * 1024, None).unwrap());
+        let err = l
+            .memory_growing(512 * 1024, 512 * 1024 + 1, None)
+            .unwrap_err();
+        let trap = err.downcast_ref::<HostTrap>().unwrap();
+        assert_eq!(trap.kind, TrapKind::MemoryLimit);
+        assert!(trap.message.contains("max_memory"), "{}", trap.message);
+    }
+
+    #[test]
+    fn table_growth_is_capped() {
+        let mut l = Limiter::new(limits());
+        assert!(l.table_growing(0, 10, None).unwrap());
+        assert!(l.table_growing(0, 11, None).is_err());
+    }
+}

@@ -1,0 +1,120 @@
+//! Guest stdout/stderr capture. WASI output goes into a bounded in-memory
+//! buffer per stream (never to the VM's terminal); each call drains it, so a
+//! trap carries exactly what the guest wrote during that call.
+
+use bytes::Bytes;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::p2::{OutputStream, Pollable, StreamResult};
+
+/// Bytes kept per stream per call; the rest is counted and dropped so a
+/// chatty guest cannot grow host memory without bound.
+pub const CAPTURE_LIMIT: usize = 64 * 1024;
+
+#[derive(Default)]
+struct Buffer {
+    bytes: Vec<u8>,
+    dropped: usize,
+}
+
+#[derive(Clone, Default)]
+pub struct Capture(Arc<Mutex<Buffer>>);
+
+impl Capture {
+    fn push(&self, data: &[u8]) {
+        let mut buf = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let room = CAPTURE_LIMIT.saturating_sub(buf.bytes.len());
+        let keep = data.len().min(room);
+        buf.bytes.extend_from_slice(&data[..keep]);
+        buf.dropped += data.len() - keep;
+    }
+
+    /// Everything written since the last `take`, with a note if some was dropped.
+    pub fn take(&self) -> Vec<u8> {
+        let mut buf = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let mut out = std::mem::take(&mut buf.bytes);
+        if buf.dropped > 0 {
+            out.extend_from_slice(
+                format!("\n[capsid: {} more bytes dropped]", buf.dropped).as_bytes(),
+            );
+            buf.dropped = 0;
+        }
+        out
+    }
+}
+
+impl IsTerminal for Capture {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for Capture {
+    fn async_stream(&self) -> Box<dyn tokio::io::AsyncWrite + Send + Sync> {
+        Box::new(self.clone())
+    }
+
+    fn p2_stream(&self) -> Box<dyn OutputStream> {
+        Box::new(self.clone())
+    }
+}
+
+#[async_trait::async_trait]
+impl Pollable for Capture {
+    async fn ready(&mut self) {}
+}
+
+impl OutputStream for Capture {
+    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        self.push(&bytes);
+        Ok(())
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        Ok(())
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        // Always writable: excess is dropped in `push`, not refused, so a
+        // guest never blocks or fails on output.
+        Ok(1024 * 1024)
+    }
+}
+
+impl tokio::io::AsyncWrite for Capture {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        _: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        self.push(buf);
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn take_drains_and_reports_dropped_bytes() {
+        let c = Capture::default();
+        c.push(b"hello");
+        assert_eq!(c.take(), b"hello");
+        assert!(c.take().is_empty());
+        c.push(&vec![b'x'; CAPTURE_LIMIT + 10]);
+        let out = c.take();
+        assert!(out.starts_with(&vec![b'x'; CAPTURE_LIMIT]));
+        assert!(String::from_utf8_lossy(&out).contains("10 more bytes dropped"));
+    }
+}

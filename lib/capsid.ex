@@ -1,0 +1,113 @@
+defmodule Capsid do
+  @moduledoc """
+  Capsid runs WebAssembly components inside the BEAM, sandboxed.
+
+  Rust (or any language) logic compiled to a wasm **component** with a WIT
+  interface is loaded by a NIF that hosts wasmtime. Every call runs under
+  fuel, time, memory and stack limits, so faulty or hostile guest code can
+  trap, loop or allocate without crashing or stalling the VM.
+
+  You are here: `Capsid.call/4` calls a function of a running instance. To
+  get one, load a component (`Capsid.Component.load/2`) and start an
+  instance (`Capsid.Instance.start_link/1`, supervisable).
+
+      component = Capsid.Component.load!("priv/guests/toolkit.wasm")
+      {:ok, pid} = Capsid.Instance.start_link(component: component, imports: %{...})
+      {:ok, 3} = Capsid.call(pid, "add", [1, 2])
+
+  ## Function names
+
+  `"add"` finds a root export, or the one exported interface function of
+  that name when it is unique; `"acme:toolkit/pricing#quote"` and
+  `"acme:toolkit/pricing@0.1.0#quote"` always work. An ambiguous or unknown
+  name is an `:unknown_function` error that lists what exists.
+
+  ## Values
+
+  | WIT                    | Elixir                                                         |
+  |------------------------|----------------------------------------------------------------|
+  | `bool`                 | `true` / `false`                                               |
+  | `s8` … `u64`           | integer, range-checked                                         |
+  | `f32`, `f64`           | float (integers accepted); `:nan`, `:infinity`, `:neg_infinity` |
+  | `char`                 | integer code point (`?a`); surrogates rejected                 |
+  | `string`               | UTF-8 binary                                                   |
+  | `list<u8>`             | binary (a list of bytes is accepted as an argument)            |
+  | `list<T>`              | list                                                           |
+  | `tuple<A, B>`          | `{a, b}`                                                       |
+  | `record`               | map with atom keys, kebab-case → snake_case                    |
+  | `variant`              | `{:case, payload}`, or `:case` for a case without payload      |
+  | `enum`                 | atom                                                           |
+  | `flags`                | list of atoms (results in declaration order; MapSet accepted)  |
+  | `option<T>`            | `nil` or the value; for `option<option<T>>` the outer some is `{:some, v}` |
+  | `result<T, E>`         | `{:ok, v}` / `{:error, e}`; without payload `:ok` / `:error`   |
+
+  Names convert with one rule both ways: WIT's kebab-case is Elixir's
+  snake_case (`longest-word` ↔ `:longest_word`). Atoms are only created from
+  names in the component's own type information, never from guest data.
+
+  ## Results and errors
+
+  `{:ok, value}` means the call ran and returned; a guest's own
+  `result<T, E>` comes inside it (`{:ok, {:error, "division by zero"}}`), and
+  a function without result gives `{:ok, nil}`. The host refusing the
+  request is `{:error, %Capsid.Error{}}`; the guest faulting is
+  `{:error, %Capsid.Trap{}}`.
+  """
+
+  alias Capsid.{Error, Instance, Trap}
+
+  @doc """
+  Calls `function` of the instance `target` (a pid or registered name) with
+  `args`, a list with one value per WIT parameter.
+
+  Options narrow the instance's limits for this call only: `:fuel`,
+  `:timeout` (ms), `:max_memory` (bytes); and `:queue_timeout` (ms to wait
+  for the instance when another call is running).
+
+      iex> component = Capsid.Component.load!(Capsid.Guests.path(:toolkit))
+      iex> imports = %{"log" => fn _, _ -> :ok end, "get-config" => fn _ -> nil end}
+      iex> {:ok, pid} = Capsid.Instance.start_link(component: component, imports: imports)
+      iex> Capsid.call(pid, "add", [1, 2])
+      {:ok, 3}
+      iex> Capsid.call(pid, "divide", [1, 0])
+      {:ok, {:error, "division by zero"}}
+      iex> {:error, %Capsid.Error{kind: :bad_argument, message: message}} = Capsid.call(pid, "add", [1, "2"])
+      iex> message
+      "args[1]: expected s32, got \\"2\\""
+  """
+  @spec call(Instance.target(), String.t(), list(), keyword()) ::
+          {:ok, term()} | {:error, Error.t() | Trap.t()}
+  def call(target, function, args, opts \\ [])
+
+  def call(target, function, args, opts) when is_binary(function) and is_list(args) do
+    Instance.call(target, function, args, opts)
+  end
+
+  def call(_target, function, args, _opts) do
+    {:error,
+     Error.new(
+       :bad_argument,
+       "expected a function name (string) and a list of arguments, got #{inspect(function)} and #{inspect(args)}"
+     )}
+  end
+
+  @doc """
+  Like `call/4`, but returns the value and raises `Capsid.Error` or
+  `Capsid.Trap`.
+
+      iex> component = Capsid.Component.load!(Capsid.Guests.path(:toolkit))
+      iex> imports = %{"log" => fn _, _ -> :ok end, "get-config" => fn _ -> nil end}
+      iex> {:ok, pid} = Capsid.Instance.start_link(component: component, imports: imports)
+      iex> Capsid.call!(pid, "slugify", ["Héllo, World!"])
+      "hello-world"
+      iex> Capsid.call!(pid, "add", [1])
+      ** (Capsid.Error) (bad_argument) wrong number of arguments: add takes 2 (add(a: s32, b: s32)), got 1
+  """
+  @spec call!(Instance.target(), String.t(), list(), keyword()) :: term()
+  def call!(target, function, args, opts \\ []) do
+    case call(target, function, args, opts) do
+      {:ok, value} -> value
+      {:error, exception} -> raise exception
+    end
+  end
+end

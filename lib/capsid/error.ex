@@ -1,0 +1,48 @@
+defmodule Capsid.Error do
+  @moduledoc """
+  The host refused a request: the guest did not run, or could not be started.
+
+  `kind` says what went wrong, `message` says what was expected:
+
+    * `:bad_argument` — an argument does not fit the function's WIT type. The
+      message names the path to the value and the expected type, e.g.
+      `args[0].points[2].x: expected f64, got "a"`.
+    * `:unknown_function` — no export of that name, or a short name that more
+      than one interface exports. The message lists what exists.
+    * `:invalid_component` — not a component: garbage, a truncated file, or a
+      core wasm module.
+    * `:file_error` — the component file could not be read.
+    * `:link` — the component imports something the host does not provide
+      (each missing import is named).
+    * `:busy` — the instance's wait queue is full, or the caller waited
+      longer than `:queue_timeout` for its turn.
+    * `:instance_down` — no live instance behind the target.
+    * `:internal` — a Capsid bug; please report it.
+
+  Guest faults are `Capsid.Trap`, not this exception.
+
+      iex> {:error, error} = Capsid.Component.load(<<1, 2, 3>>)
+      iex> error.kind
+      :invalid_component
+  """
+
+  defexception [:kind, :message]
+
+  @type kind ::
+          :bad_argument
+          | :unknown_function
+          | :invalid_component
+          | :file_error
+          | :link
+          | :busy
+          | :instance_down
+          | :internal
+
+  @type t :: %__MODULE__{kind: kind(), message: String.t()}
+
+  @impl true
+  def message(%__MODULE__{kind: kind, message: message}), do: "(#{kind}) #{message}"
+
+  @doc false
+  def new(kind, message), do: %__MODULE__{kind: kind, message: message}
+end

@@ -1,0 +1,25 @@
+defmodule Capsid.Native do
+  @moduledoc false
+  # NIF stubs only. Each is replaced by the Rust function of the same name in
+  # host_nif/src when the library loads; see those files for the contracts.
+
+  @on_load :load_nif
+
+  def load_nif do
+    path = :filename.join(:code.priv_dir(:capsid), ~c"native/libcapsid_nif")
+    :erlang.load_nif(path, 0)
+  end
+
+  def component_compile(_bytes), do: :erlang.nif_error(:nif_not_loaded)
+
+  def instance_new(_component, _provided, _limits, _max_queue),
+    do: :erlang.nif_error(:nif_not_loaded)
+
+  def call_start(_instance, _name, _args, _fuel, _timeout, _max_memory),
+    do: :erlang.nif_error(:nif_not_loaded)
+
+  def call_resume(_instance, _reply), do: :erlang.nif_error(:nif_not_loaded)
+  def call_cancel(_instance, _waited_ms), do: :erlang.nif_error(:nif_not_loaded)
+  def call_dequeue(_instance), do: :erlang.nif_error(:nif_not_loaded)
+  def instance_info(_instance), do: :erlang.nif_error(:nif_not_loaded)
+end

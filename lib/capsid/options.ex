@@ -1,0 +1,31 @@
+defmodule Capsid.Options do
+  @moduledoc false
+  # Keyword options validated in one place: unknown keys are an
+  # ArgumentError with a "did you mean" hint.
+
+  @spec validate!(keyword(), [atom()], String.t()) :: keyword()
+  def validate!(opts, known, where) do
+    unless Keyword.keyword?(opts) do
+      raise ArgumentError, "#{where} expects a keyword list of options, got: #{inspect(opts)}"
+    end
+
+    for {key, _} <- opts, key not in known do
+      raise ArgumentError, "unknown option #{inspect(key)} for #{where}#{suggest(key, known)}"
+    end
+
+    opts
+  end
+
+  defp suggest(key, known) do
+    name = Atom.to_string(key)
+
+    known
+    |> Enum.map(&{&1, String.jaro_distance(name, Atom.to_string(&1))})
+    |> Enum.filter(fn {_, d} -> d > 0.75 end)
+    |> Enum.max_by(fn {_, d} -> d end, fn -> nil end)
+    |> case do
+      nil -> ". Known options: #{Enum.map_join(known, ", ", &inspect/1)}"
+      {best, _} -> ". Did you mean #{inspect(best)}?"
+    end
+  end
+end
