@@ -12,7 +12,7 @@ test: setup
 	cargo fmt --all --check
 	cargo clippy --workspace --release --all-targets -- -D warnings
 	cargo clippy --release --target wasm32-wasip2 $(patsubst guest/%/Cargo.toml,-p %,$(wildcard guest/*/Cargo.toml)) -- -D warnings
-	cargo test --release -p capsid_nif
+	cargo test --release --workspace
 	MIX_ENV=test mix format --check-formatted
 	MIX_ENV=test mix compile --warnings-as-errors --force
 	MIX_ENV=test mix test --include stress

@@ -110,3 +110,40 @@ info = Capsid.Instance.info(instance)
 IO.puts(
   "\n  instance info: calls=#{info.calls} fuel_used=#{info.fuel_used} recycles=#{info.recycles}"
 )
+
+section.("Runaway guests are stopped, and the VM carries on")
+faulty = Component.load!(Capsid.Guests.path(:faulty))
+hook = %{"hook" => & &1}
+{:ok, fueled} = Capsid.Instance.start_link(component: faulty, imports: hook, fuel: 200_000_000)
+
+{:ok, timed} =
+  Capsid.Instance.start_link(component: faulty, imports: hook, fuel: :infinity, timeout: 300)
+
+ticker = Task.async(fn -> Enum.reduce(1..40, 0, fn _, n -> Process.sleep(10) && n + 1 end) end)
+
+{us, {:error, trap}} = :timer.tc(fn -> Capsid.call(fueled, "spin", []) end)
+IO.puts("  Capsid.call(fueled, \"spin\", [])  # loop {}, instance has fuel: 200_000_000")
+IO.puts("    => #{Exception.message(trap)} (after #{div(us, 1000)} ms)")
+
+{us, {:error, trap}} = :timer.tc(fn -> Capsid.call(timed, "spin", []) end)
+IO.puts("  Capsid.call(timed, \"spin\", [])  # loop {}, instance has fuel: :infinity, timeout: 300")
+IO.puts("    => #{Exception.message(trap)} (after #{div(us, 1000)} ms)")
+
+{:error, trap} = Capsid.call(fueled, "panic-with", ["invariant violated"])
+IO.puts("  Capsid.call(fueled, \"panic-with\", [\"invariant violated\"])")
+IO.puts("    => #{Exception.message(trap) |> String.replace("\n", "\n       ")}")
+
+IO.puts("  meanwhile a ticker process ticked every 10 ms: #{Task.await(ticker)} of 40 ticks done")
+
+show.(
+  ~s|Capsid.call(fueled, "ok", [41])  # the instance recycled itself|,
+  Capsid.call(fueled, "ok", [41])
+)
+
+show.(~s|Capsid.call(timed, "ok", [41])|, Capsid.call(timed, "ok", [41]))
+
+for {name, pid} <- [fueled: fueled, timed: timed] do
+  info = Capsid.Instance.info(pid)
+  traps = info.traps |> Enum.reject(fn {_, n} -> n == 0 end) |> Map.new()
+  IO.puts("  #{name} info: calls=#{info.calls} recycles=#{info.recycles} traps=#{inspect(traps)}")
+end

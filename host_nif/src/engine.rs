@@ -15,6 +15,10 @@ pub const ASYNC_STACK_SIZE: usize = 2 * 1024 * 1024;
 /// Epoch tick period. A running guest yields back to the calling Erlang
 /// process at every tick, so no scheduler is held much longer than this.
 pub const TICK: Duration = Duration::from_micros(500);
+/// Fuel between forced yields, whatever the ticker does: a backstop for when
+/// the ticker thread is starved of CPU on a loaded machine. Measured here at
+/// roughly 10–20 units per nanosecond of tight guest loop, so ≈ 0.1–1 ms.
+pub const YIELD_FUEL: u64 = 2_000_000;
 
 static ENGINE: OnceLock<Engine> = OnceLock::new();
 

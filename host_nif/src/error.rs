@@ -153,7 +153,7 @@ pub fn classify(err: &wasmtime::Error, stderr: Vec<u8>) -> TrapInfo {
             bt.frames()
                 .iter()
                 .map(|f| match f.func_name() {
-                    Some(name) => name.to_string(),
+                    Some(name) => demangle(name),
                     None => format!("<wasm function {}>", f.func_index()),
                 })
                 .collect()
@@ -192,6 +192,15 @@ pub fn classify(err: &wasmtime::Error, stderr: Vec<u8>) -> TrapInfo {
     }
 }
 
+/// Rust symbol names as people read them: `faulty::recurse`, not
+/// `_ZN6faulty7recurse17hc3e4484b645d37e3E`. Other names pass through.
+pub fn demangle(name: &str) -> String {
+    match rustc_demangle::try_demangle(name) {
+        Ok(d) => format!("{d:#}"),
+        Err(_) => name.to_string(),
+    }
+}
+
 /// The innermost cause of an error, which is the most specific message
 /// wasmtime gives (outer layers are context like "error while executing").
 pub fn root_message(err: &wasmtime::Error) -> String {
@@ -222,6 +231,15 @@ mod tests {
         assert_eq!(classify(&err, vec![]).kind, TrapKind::DivideByZero);
         let err = wasmtime::Error::new(wasmtime::Trap::OutOfFuel);
         assert_eq!(classify(&err, vec![]).kind, TrapKind::OutOfFuel);
+    }
+
+    #[test]
+    fn rust_frame_names_are_demangled() {
+        assert_eq!(
+            demangle("_ZN6faulty7recurse17hc3e4484b645d37e3E"),
+            "faulty::recurse"
+        );
+        assert_eq!(demangle("hit-unreachable"), "hit-unreachable");
     }
 
     #[test]

@@ -99,6 +99,8 @@ impl Host {
         };
         let mut store = Store::new(engine(), host);
         store.limiter(|h| &mut h.limiter);
+        // Only fails when fuel is disabled in the engine; it is not.
+        let _ = store.fuel_async_yield_interval(Some(crate::engine::YIELD_FUEL));
         store.epoch_deadline_callback(|ctx| {
             let host = ctx.data();
             if Instant::now() >= host.deadline {

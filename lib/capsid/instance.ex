@@ -43,7 +43,7 @@ defmodule Capsid.Instance do
 
   use GenServer
 
-  alias Capsid.{Component, Error, Limits, Native, Registry, Trap}
+  alias Capsid.{Component, Error, Limits, Native, Registry, Telemetry, Trap}
 
   @instance_keys [:component, :imports, :max_queue, :queue_timeout] ++ Limits.keys()
   @default_max_queue 10_000
@@ -144,7 +144,58 @@ defmodule Capsid.Instance do
         imports: :lookup
       }
 
-      step(Native.call_start(ref, function, args, fuel, call_timeout, max_memory), ctx)
+      start = fn ->
+        step(Native.call_start(ref, function, args, fuel, call_timeout, max_memory), ctx)
+      end
+
+      if Telemetry.enabled?(), do: observed(pid, function, start), else: elem(start.(), 0)
+    end
+  end
+
+  defp observed(pid, function, start) do
+    meta = %{instance: pid, function: function}
+    t0 = System.monotonic_time()
+
+    Telemetry.execute(
+      [:capsid, :call, :start],
+      %{system_time: System.system_time(), monotonic_time: t0},
+      meta
+    )
+
+    try do
+      {result, fuel} = start.()
+      duration = System.monotonic_time() - t0
+
+      outcome =
+        case result do
+          {:ok, _} -> :ok
+          {:error, %Trap{} = trap} -> {:trap, trap}
+          {:error, error} -> {:error, error}
+        end
+
+      Telemetry.execute(
+        [:capsid, :call, :stop],
+        %{duration: duration, fuel: fuel},
+        Map.put(meta, :result, outcome)
+      )
+
+      with {:trap, trap} <- outcome do
+        Telemetry.execute([:capsid, :instance, :recycle], %{count: 1}, %{
+          instance: pid,
+          reason: trap.kind
+        })
+      end
+
+      result
+    catch
+      kind, reason ->
+        Telemetry.execute(
+          [:capsid, :call, :exception],
+          %{duration: System.monotonic_time() - t0},
+          Map.merge(meta, %{kind: kind, reason: reason, stacktrace: __STACKTRACE__})
+        )
+
+        :erlang.raise(kind, reason, __STACKTRACE__)
     end
   end
 
@@ -171,13 +222,14 @@ defmodule Capsid.Instance do
     {:error, Error.new(:instance_down, "#{inspect(target)} is not a live Capsid instance")}
   end
 
-  # Drives one call to its end; see `call_start` in host_nif/src/instance.rs.
-  defp step({:ok, value, _fuel}, _ctx), do: {:ok, value}
+  # Drives one call to its end (see `call_start` in host_nif/src/instance.rs);
+  # returns `{result, fuel_used}`.
+  defp step({:ok, value, fuel}, _ctx), do: {{:ok, value}, fuel}
 
-  defp step({:trap, {kind, message, backtrace, stderr}, _fuel}, _ctx),
-    do: {:error, %Trap{kind: kind, message: message, backtrace: backtrace, stderr: stderr}}
+  defp step({:trap, {kind, message, backtrace, stderr}, fuel}, _ctx),
+    do: {{:error, %Trap{kind: kind, message: message, backtrace: backtrace, stderr: stderr}}, fuel}
 
-  defp step({:error, {kind, message}}, _ctx), do: {:error, Error.new(kind, message)}
+  defp step({:error, {kind, message}}, _ctx), do: {{:error, Error.new(kind, message)}, 0}
 
   defp step(:yield, ctx), do: step(Native.call_resume(ctx.ref, nil), ctx)
 
@@ -214,11 +266,11 @@ defmodule Capsid.Instance do
           0 -> :ok
         end
 
-        {:error,
-         Error.new(
-           :busy,
-           "gave up after waiting #{ctx.queue_timeout} ms for the instance (queue_timeout)"
-         )}
+        {{:error,
+          Error.new(
+            :busy,
+            "gave up after waiting #{ctx.queue_timeout} ms for the instance (queue_timeout)"
+          )}, 0}
     end
   end
 
@@ -380,7 +432,7 @@ defmodule Capsid.Instance do
       imports: config.imports
     }
 
-    step(Native.call_start(ref, nil, [], nil, nil, nil), ctx)
+    ref |> Native.call_start(nil, [], nil, nil, nil) |> step(ctx) |> elem(0)
   end
 
   ## GenServer

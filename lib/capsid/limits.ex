@@ -6,7 +6,7 @@ defmodule Capsid.Limits do
 
   | option                | default       | meaning                                        |
   |-----------------------|---------------|------------------------------------------------|
-  | `:fuel`               | 1_000_000_000 | wasm instructions per call (≈ 1 s of work)     |
+  | `:fuel`               | 10_000_000_000 | wasm instructions per call (0.5–5 s of work)  |
   | `:timeout`            | 5_000         | wall-clock milliseconds per call               |
   | `:max_memory`         | 256 MiB       | bytes of linear memory, all memories summed    |
   | `:max_table_elements` | 100_000       | elements per table                             |
@@ -21,7 +21,7 @@ defmodule Capsid.Limits do
   @u64_max 0xFFFF_FFFF_FFFF_FFFF
 
   @defaults [
-    fuel: 1_000_000_000,
+    fuel: 10_000_000_000,
     timeout: 5_000,
     max_memory: 256 * 1024 * 1024,
     max_table_elements: 100_000,

@@ -1,0 +1,38 @@
+defmodule Capsid.Telemetry do
+  @moduledoc """
+  Events Capsid emits through `:telemetry.execute/3` when the `:telemetry`
+  application is available (Capsid does not depend on it; without it, no
+  event costs anything).
+
+    * `[:capsid, :call, :start]` — measurements `%{system_time, monotonic_time}`;
+      metadata `%{instance: pid, function: name}`.
+    * `[:capsid, :call, :stop]` — at the end of every call that returned:
+      measurements `%{duration, fuel}` (`duration` in native time units,
+      `fuel` consumed by the guest); metadata `%{instance, function, result}`
+      where `result` is `:ok`, `{:error, %Capsid.Error{}}` or
+      `{:trap, %Capsid.Trap{}}`.
+    * `[:capsid, :call, :exception]` — the call raised (bad options, a
+      Capsid bug): measurements `%{duration}`; metadata `%{instance,
+      function, kind, reason, stacktrace}`.
+    * `[:capsid, :instance, :recycle]` — a trap discarded the instance's
+      store; the next call starts from a fresh one: measurements
+      `%{count: 1}`; metadata `%{instance, reason: trap_kind}`.
+  """
+
+  @key {__MODULE__, :enabled}
+
+  @doc false
+  # Called once at application start; the answer is cached because the call
+  # path asks on every call.
+  def setup, do: :persistent_term.put(@key, Code.ensure_loaded?(:telemetry))
+
+  @doc false
+  def enabled?, do: :persistent_term.get(@key, false)
+
+  @doc false
+  def execute(event, measurements, metadata) do
+    # apply/3: :telemetry is optional, so no compile-time reference to it.
+    if enabled?(), do: apply(:telemetry, :execute, [event, measurements, metadata])
+    :ok
+  end
+end

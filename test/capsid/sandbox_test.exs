@@ -1,0 +1,268 @@
+defmodule Capsid.SandboxTest do
+  @moduledoc """
+  Every faulty guest in guest/faulty gets the right trap within its limit,
+  the instance answers the next good call, and other processes keep working.
+  """
+  use ExUnit.Case, async: true
+
+  alias Capsid.{Instance, Trap}
+
+  @faulty Capsid.Guests.path(:faulty)
+
+  setup_all do
+    %{component: Capsid.Component.load!(@faulty)}
+  end
+
+  defp start(component, opts \\ []) do
+    {hook, opts} = Keyword.pop(opts, :hook, fn x -> x * 2 end)
+    opts = Keyword.merge([component: component, imports: %{"hook" => hook}], opts)
+    start_supervised!(Supervisor.child_spec({Instance, opts}, id: make_ref()))
+  end
+
+  # A process doing plain Elixir work the whole time; returns a function
+  # that stops it and tells how many rounds it completed.
+  defp bystander do
+    parent = self()
+
+    pid =
+      spawn_link(fn ->
+        loop = fn loop, n ->
+          receive do
+            :stop -> send(parent, {:bystander, n})
+          after
+            0 ->
+              _ = Enum.sum(1..1_000)
+              loop.(loop, n + 1)
+          end
+        end
+
+        loop.(loop, 0)
+      end)
+
+    fn ->
+      send(pid, :stop)
+      assert_receive {:bystander, n}, 5_000
+      n
+    end
+  end
+
+  defp assert_trap(pid, function, args, kind, opts \\ []) do
+    stop = bystander()
+    {micros, result} = :timer.tc(fn -> Capsid.call(pid, function, args, opts) end)
+    rounds = stop.()
+    assert {:error, %Trap{kind: ^kind} = trap} = result
+
+    # A call shorter than a few ms may end before the bystander is scheduled
+    # at all; it still had to answer `stop` afterwards.
+    if micros > 20_000 do
+      assert rounds > 0, "a bystander process made no progress while #{function} ran"
+    end
+
+    assert Capsid.call(pid, "ok", [41]) == {:ok, 42}, "instance did not recover after #{function}"
+    {trap, div(micros, 1000)}
+  end
+
+  describe "runaway loops" do
+    test "an infinite loop stops on fuel", %{component: c} do
+      pid = start(c, fuel: 50_000_000)
+      {trap, _ms} = assert_trap(pid, "spin", [], :out_of_fuel)
+      assert trap.message =~ "fuel"
+      assert "spin" in trap.backtrace
+    end
+
+    test "with unlimited fuel it stops on the timeout", %{component: c} do
+      pid = start(c, fuel: :infinity, timeout: 200)
+      {trap, ms} = assert_trap(pid, "spin", [], :timeout)
+      assert trap.message =~ "timeout of 200 ms"
+      assert ms >= 200 and ms < 2_000, "stopped after #{ms} ms"
+    end
+
+    test "a guest that behaves until its N-th call, then loops", %{component: c} do
+      pid = start(c, timeout: 300)
+      assert Capsid.call(pid, "flaky", [3]) == {:ok, 1}
+      assert Capsid.call(pid, "flaky", [3]) == {:ok, 2}
+      assert_trap(pid, "flaky", [3], :out_of_fuel, fuel: 100_000_000)
+      # The recycled instance starts from fresh guest state.
+      assert Capsid.call(pid, "flaky", [3]) == {:ok, 1}
+      assert %{recycles: 1, traps: %{out_of_fuel: 1}} = Instance.info(pid)
+    end
+  end
+
+  describe "stack" do
+    test "unbounded recursion is a stack overflow, under the VM's default flags", %{component: c} do
+      pid = start(c)
+      {trap, _} = assert_trap(pid, "recurse", [18_446_744_073_709_551_615], :stack_overflow)
+      assert "faulty::recurse" in trap.backtrace
+      assert length(trap.backtrace) > 10
+    end
+
+    test "recursion with large frames exhausts the shadow stack", %{component: c} do
+      pid = start(c)
+      assert_trap(pid, "recurse-big", [18_446_744_073_709_551_615], :memory_out_of_bounds)
+    end
+  end
+
+  describe "memory" do
+    test "an allocation bomb stops at max_memory", %{component: c} do
+      pid = start(c, max_memory: 32 * 1024 * 1024)
+      {trap, _} = assert_trap(pid, "alloc-bomb", [], :memory_limit)
+      assert trap.message =~ "the limit is 33554432 bytes (max_memory)"
+    end
+
+    test "a per-call max_memory narrows the instance's", %{component: c} do
+      pid = start(c, max_memory: 256 * 1024 * 1024)
+      assert_trap(pid, "big-string", [100], :memory_limit, max_memory: 64 * 1024 * 1024)
+    end
+
+    test "a 100 MB string comes back whole when the limit allows it", %{component: c} do
+      pid = start(c, max_memory: 512 * 1024 * 1024)
+      assert {:ok, s} = Capsid.call(pid, "big-string", [100])
+      assert byte_size(s) == 100 * 1024 * 1024
+      assert binary_part(s, 0, 3) == "xxx"
+    end
+
+    test "an out-of-bounds read", %{component: c} do
+      pid = start(c)
+      {trap, _} = assert_trap(pid, "read-oob", [], :memory_out_of_bounds)
+      assert trap.message =~ "out of bounds memory access"
+    end
+  end
+
+  describe "faults" do
+    test "a panic is :unreachable with its message in stderr", %{component: c} do
+      pid = start(c)
+      {trap, _} = assert_trap(pid, "panic-with", ["the answer is not 41"], :unreachable)
+      assert trap.stderr =~ "panicked at"
+      assert trap.stderr =~ "the answer is not 41"
+      assert Exception.message(trap) =~ "the answer is not 41"
+    end
+
+    test "unreachable", %{component: c} do
+      pid = start(c)
+      {trap, _} = assert_trap(pid, "hit-unreachable", [], :unreachable)
+      assert trap.backtrace == ["hit-unreachable"]
+    end
+
+    test "integer division by zero and overflow are wasm traps", %{component: c} do
+      pid = start(c)
+      assert_trap(pid, "raw-div", [1, 0], :divide_by_zero)
+      assert_trap(pid, "raw-div", [-2_147_483_648, -1], :integer_overflow)
+      assert Capsid.call(pid, "raw-div", [7, 2]) == {:ok, 3}
+    end
+
+    test "guest output never reaches the VM's terminal", %{component: c} do
+      pid = start(c)
+
+      output =
+        ExUnit.CaptureIO.capture_io(fn ->
+          assert Capsid.call(pid, "chatty", ["noise"]) == {:ok, nil}
+        end)
+
+      assert output == ""
+    end
+  end
+
+  describe "imports" do
+    test "an import that raises traps as :import_failed with the message", %{component: c} do
+      pid = start(c, hook: fn _ -> raise ArgumentError, "hook refused 7" end)
+      {trap, _} = assert_trap(pid, "call-hook", [7], :import_failed)
+      assert trap.message == "hook refused 7"
+    end
+
+    test "an import that never returns ends in :timeout", %{component: c} do
+      test = self()
+
+      hook = fn _ ->
+        send(test, {:hook_running, self()})
+        Process.sleep(:infinity)
+      end
+
+      pid = start(c, hook: hook, timeout: 300)
+      {trap, ms} = assert_trap(pid, "call-hook", [1], :timeout)
+      assert trap.message =~ "300 ms"
+      assert ms >= 300 and ms < 2_000
+      assert_received {:hook_running, hook_pid}
+      refute Process.alive?(hook_pid), "the abandoned import process was not stopped"
+    end
+
+    test "an import runs in its own process, and can call another instance", %{component: c} do
+      other = start(c)
+      test = self()
+
+      hook = fn x ->
+        send(test, {:hook_in, self()})
+        Capsid.call!(other, "ok", [x])
+      end
+
+      pid = start(c, hook: hook)
+      assert Capsid.call(pid, "call-hook", [9]) == {:ok, 10}
+      assert_received {:hook_in, hook_pid}
+      assert hook_pid != self()
+    end
+  end
+
+  describe "limits" do
+    test "a per-call fuel narrows, but never raises, the instance's", %{component: c} do
+      pid = start(c, fuel: 20_000_000)
+      assert {:ok, _} = Capsid.call(pid, "burn", [100_000])
+      assert_trap(pid, "burn", [100_000], :out_of_fuel, fuel: 1_000)
+      assert_trap(pid, "burn", [100_000_000], :out_of_fuel, fuel: :infinity)
+    end
+
+    test "a per-call timeout never raises the instance's", %{component: c} do
+      pid = start(c, fuel: :infinity, timeout: 100)
+      {trap, ms} = assert_trap(pid, "spin", [], :timeout, timeout: 60_000)
+      assert trap.message =~ "100 ms"
+      assert ms < 2_000
+    end
+
+    test "info counts calls, traps by kind, recycles and fuel", %{component: c} do
+      pid = start(c)
+      assert {:ok, _} = Capsid.call(pid, "burn", [1_000])
+      {:error, _} = Capsid.call(pid, "hit-unreachable", [])
+      {:error, _} = Capsid.call(pid, "raw-div", [1, 0])
+      info = Instance.info(pid)
+      assert info.calls == 3
+      assert info.recycles == 2
+      assert info.traps.unreachable == 1
+      assert info.traps.divide_by_zero == 1
+      assert info.fuel_used > 1_000
+      # 1 at start, 1 per recycle (lazily, on the next call): 2 so far.
+      assert info.instantiations == 2
+    end
+  end
+
+  describe "telemetry" do
+    setup do
+      test = self()
+      id = make_ref()
+
+      for event <- [[:capsid, :call, :stop], [:capsid, :instance, :recycle]] do
+        :telemetry.attach({id, event}, event, fn e, m, meta, _ -> send(test, {e, m, meta}) end, nil)
+      end
+
+      on_exit(fn ->
+        for event <- [[:capsid, :call, :stop], [:capsid, :instance, :recycle]],
+            do: :telemetry.detach({id, event})
+      end)
+    end
+
+    test "stop events carry fuel and duration; traps emit a recycle", %{component: c} do
+      pid = start(c)
+      assert {:ok, _} = Capsid.call(pid, "burn", [10_000])
+
+      assert_receive {[:capsid, :call, :stop], %{fuel: fuel, duration: d},
+                      %{instance: ^pid, function: "burn", result: :ok}}
+
+      assert fuel > 10_000 and d > 0
+
+      {:error, _} = Capsid.call(pid, "hit-unreachable", [])
+
+      assert_receive {[:capsid, :call, :stop], _,
+                      %{instance: ^pid, result: {:trap, %Trap{kind: :unreachable}}}}
+
+      assert_receive {[:capsid, :instance, :recycle], %{count: 1},
+                      %{instance: ^pid, reason: :unreachable}}
+    end
+  end
+end

@@ -1,0 +1,156 @@
+defmodule Capsid.VMSafetyTest do
+  @moduledoc """
+  Claims about the VM as a whole: schedulers are never held by guest code,
+  a memory bomb costs the OS process no more than its limit, and recycling
+  does not leak. Not async: these measure the whole VM.
+  """
+  use ExUnit.Case, async: false
+
+  alias Capsid.Instance
+
+  setup_all do
+    %{component: Capsid.Component.load!(Capsid.Guests.path(:faulty))}
+  end
+
+  defp start(component, opts) do
+    opts = Keyword.merge([component: component, imports: %{"hook" => & &1}], opts)
+    start_supervised!(Supervisor.child_spec({Instance, opts}, id: make_ref()))
+  end
+
+  defp rss_bytes do
+    "/proc/self/status"
+    |> File.read!()
+    |> then(&Regex.run(~r/VmRSS:\s+(\d+) kB/, &1))
+    |> then(fn [_, kb] -> String.to_integer(kb) * 1024 end)
+  end
+
+  # Ticks every `period` ms until told to stop; reports the worst lateness.
+  defp heartbeat(period) do
+    parent = self()
+
+    pid =
+      spawn_link(fn ->
+        loop = fn loop, worst ->
+          t0 = System.monotonic_time(:microsecond)
+
+          receive do
+            :stop -> send(parent, {:heartbeat, div(worst, 1000)})
+          after
+            period ->
+              late = System.monotonic_time(:microsecond) - t0 - period * 1000
+              loop.(loop, max(worst, late))
+          end
+        end
+
+        loop.(loop, 0)
+      end)
+
+    fn ->
+      send(pid, :stop)
+      assert_receive {:heartbeat, worst_ms}, 5_000
+      worst_ms
+    end
+  end
+
+  @tag timeout: 120_000
+  test "CPU-bound guests on every scheduler never hold one for long", %{component: c} do
+    n = System.schedulers_online()
+    instances = for _ <- 1..n, do: start(c, fuel: :infinity, timeout: 30_000)
+
+    :erlang.system_monitor(self(), [{:long_schedule, 10}])
+    stop_heartbeat = heartbeat(5)
+    deadline = System.monotonic_time(:millisecond) + 2_500
+
+    workers =
+      for pid <- instances do
+        Task.async(fn ->
+          Stream.repeatedly(fn -> Capsid.call!(pid, "burn", [30_000_000]) end)
+          |> Stream.take_while(fn _ -> System.monotonic_time(:millisecond) < deadline end)
+          |> Enum.count()
+        end)
+      end
+
+    worker_pids = Enum.map(workers, & &1.pid)
+    calls = Enum.map(workers, &Task.await(&1, 60_000))
+    worst_ms = stop_heartbeat.()
+    :erlang.system_monitor(:undefined)
+
+    long = collect_long_schedules()
+
+    ours =
+      Enum.filter(long, fn {pid, info} ->
+        pid in worker_pids or inspect(info) =~ "Capsid"
+      end)
+
+    assert Enum.all?(calls, &(&1 >= 2)), "workers made too few calls: #{inspect(calls)}"
+    assert ours == [], "long_schedule caused by Capsid: #{inspect(ours)}"
+    assert worst_ms < 50, "the heartbeat was late by #{worst_ms} ms"
+  end
+
+  defp collect_long_schedules(acc \\ []) do
+    receive do
+      {:monitor, pid, :long_schedule, info} -> collect_long_schedules([{pid, info} | acc])
+    after
+      100 -> acc
+    end
+  end
+
+  @tag timeout: 120_000
+  test "a memory bomb costs the OS process at most its max_memory", %{component: c} do
+    limit = 64 * 1024 * 1024
+    pid = start(c, max_memory: limit)
+    :erlang.garbage_collect()
+    baseline = rss_bytes()
+    beam_before = :erlang.memory(:total)
+
+    parent = self()
+
+    sampler =
+      spawn_link(fn ->
+        loop = fn loop, peak ->
+          receive do
+            :stop -> send(parent, {:peak, peak})
+          after
+            1 -> loop.(loop, max(peak, rss_bytes()))
+          end
+        end
+
+        loop.(loop, 0)
+      end)
+
+    assert {:error, %Capsid.Trap{kind: :memory_limit}} = Capsid.call(pid, "alloc-bomb", [])
+    send(sampler, :stop)
+    assert_receive {:peak, peak}, 5_000
+
+    slack = 16 * 1024 * 1024
+    grew = peak - baseline
+    assert grew <= limit + slack, "RSS grew by #{div(grew, 1024 * 1024)} MiB, limit is 64 MiB"
+    assert :erlang.memory(:total) - beam_before < slack
+    # The trapped store is gone, its memory with it.
+    assert rss_bytes() - baseline < slack
+    assert Capsid.call(pid, "ok", [1]) == {:ok, 2}
+  end
+
+  @tag :stress
+  @tag timeout: 600_000
+  test "10,000 trap-and-recycle cycles do not grow resident memory", %{component: c} do
+    pid = start(c, [])
+
+    cycle = fn ->
+      {:error, %Capsid.Trap{kind: :unreachable}} = Capsid.call(pid, "hit-unreachable", [])
+    end
+
+    # Warm up allocators and caches before the baseline.
+    for _ <- 1..500, do: cycle.()
+    :erlang.garbage_collect()
+    before = rss_bytes()
+
+    for _ <- 1..10_000, do: cycle.()
+    :erlang.garbage_collect()
+    grew = rss_bytes() - before
+
+    assert %{recycles: 10_500} = Instance.info(pid)
+    assert Capsid.call(pid, "ok", [1]) == {:ok, 2}
+    assert grew < 20 * 1024 * 1024, "RSS grew by #{div(grew, 1024)} KiB over 10,000 recycles"
+  end
+end
