@@ -5,6 +5,7 @@
 //! short call costs one NIF call, and a long one never holds a scheduler for
 //! more than about one tick.
 
+use crate::component::{Blob, Fast};
 use crate::error::{HostTrap, TrapInfo, TrapKind, classify};
 use crate::imports::Bridge;
 use crate::instance::{Host, Live, Shared};
@@ -17,19 +18,42 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
-use std::time::Instant;
 use wasmtime::Store;
-use wasmtime::component::{Func, Val};
+use wasmtime::component::{ComponentExportIndex, ComponentNamedList, Func, Lift, Lower, Val};
 
 rustler::atoms! {
     capsid_wake,
+}
+
+/// A call's arguments: dynamic values, or the one binary argument of a
+/// function on the typed path (`component::Fast`).
+pub enum Args {
+    Vals(Vec<Val>),
+    Bytes(Vec<u8>),
+    Str(String),
+}
+
+/// A call's result, in the same two shapes.
+pub enum Value {
+    Val(Option<Val>),
+    Bytes(Vec<u8>),
+    Str(String),
+}
+
+/// The export a call runs.
+pub struct Target {
+    /// Index into the component's export table.
+    pub slot: usize,
+    pub index: ComponentExportIndex,
+    pub n_results: usize,
+    pub fast: Option<Fast>,
 }
 
 /// What a finished call leaves: the live instance (unless it trapped, in
 /// which case wasmtime will not enter it again), the outcome, fuel used.
 pub struct Done {
     pub live: Option<Live>,
-    pub outcome: Result<Option<Val>, Box<TrapInfo>>,
+    pub outcome: Result<Value, Box<TrapInfo>>,
     pub fuel_used: u64,
     /// Whether this call had to instantiate the component first.
     pub instantiated: bool,
@@ -38,9 +62,9 @@ pub struct Done {
 pub type CallFuture = Pin<Box<dyn Future<Output = Done> + Send>>;
 
 /// Sets fuel and deadline (both start at 0 in a new store) before guest code runs.
-fn arm(store: &mut Store<Host>, limits: &Limits, start: Instant) {
+fn arm(store: &mut Store<Host>, limits: &Limits, start_us: u64) {
     let data = store.data_mut();
-    data.deadline = limits.deadline(start);
+    data.deadline_us = limits.deadline_us(start_us);
     data.timeout_ms = limits.timeout;
     data.limiter.call_max_memory = limits.max_memory;
     // Fuel can only fail to set when fuel is disabled in the engine; it is not.
@@ -57,20 +81,68 @@ fn trap_from(err: &wasmtime::Error, store: Option<&Store<Host>>) -> Box<TrapInfo
     Box::new(classify(err, stderr))
 }
 
-/// Builds the future for one call of export `export` (`None`: only make sure
-/// the instance exists). A missing live instance is created first, inside
-/// the same time-sliced future, so instantiation is sliced and limited too.
+async fn typed<P, R>(func: Func, store: &mut Store<Host>, params: P) -> wasmtime::Result<R>
+where
+    P: ComponentNamedList + Lower + Send + Sync + 'static,
+    R: ComponentNamedList + Lift + Send + Sync + 'static,
+{
+    func.typed::<P, R>(&*store)?
+        .call_async(&mut *store, params)
+        .await
+}
+
+/// Runs `func` with `args`, on the typed path when the signature allows.
+async fn invoke(
+    func: Func,
+    store: &mut Store<Host>,
+    args: Args,
+    target: &Target,
+) -> wasmtime::Result<Value> {
+    let result = target.fast.and_then(|f| f.result);
+    match args {
+        Args::Vals(vals) => {
+            let mut results = vec![Val::Bool(false); target.n_results];
+            func.call_async(&mut *store, &vals, &mut results).await?;
+            Ok(Value::Val(results.into_iter().next()))
+        }
+        Args::Bytes(b) => match result {
+            None => typed::<(Vec<u8>,), ()>(func, store, (b,))
+                .await
+                .map(|()| Value::Val(None)),
+            Some(Blob::Bytes) => typed::<(Vec<u8>,), (Vec<u8>,)>(func, store, (b,))
+                .await
+                .map(|(r,)| Value::Bytes(r)),
+            Some(Blob::Str) => typed::<(Vec<u8>,), (String,)>(func, store, (b,))
+                .await
+                .map(|(r,)| Value::Str(r)),
+        },
+        Args::Str(s) => match result {
+            None => typed::<(String,), ()>(func, store, (s,))
+                .await
+                .map(|()| Value::Val(None)),
+            Some(Blob::Bytes) => typed::<(String,), (Vec<u8>,)>(func, store, (s,))
+                .await
+                .map(|(r,)| Value::Bytes(r)),
+            Some(Blob::Str) => typed::<(String,), (String,)>(func, store, (s,))
+                .await
+                .map(|(r,)| Value::Str(r)),
+        },
+    }
+}
+
+/// Builds the future for one call of `target` (`None`: only make sure the
+/// instance exists). A missing live instance is created first, inside the
+/// same time-sliced future, so instantiation is sliced and limited too.
 pub fn start(
     bridge: Arc<Bridge>,
     live: Option<Live>,
-    export: Option<(usize, wasmtime::component::ComponentExportIndex)>,
-    args: Vec<Val>,
-    n_results: usize,
+    target: Option<Target>,
+    args: Args,
     limits: Limits,
-    shared: Shared,
+    shared: Arc<Shared>,
 ) -> CallFuture {
     Box::pin(async move {
-        let start = Instant::now();
+        let start = crate::engine::now_us();
         let instantiated = live.is_none();
         let mut live = match live {
             Some(live) => live,
@@ -91,16 +163,16 @@ pub fn start(
                 }
             }
         };
-        let Some((slot, index)) = export else {
+        let Some(target) = target else {
             return Done {
                 live: Some(live),
-                outcome: Ok(None),
+                outcome: Ok(Value::Val(None)),
                 fuel_used: 0,
                 instantiated,
             };
         };
         arm(&mut live.store, &limits, start);
-        let func: Func = match live.func(slot, &index) {
+        let func: Func = match live.func(target.slot, &target.index) {
             Some(f) => f,
             None => {
                 let e = wasmtime::Error::msg("export vanished from the instance");
@@ -112,18 +184,17 @@ pub fn start(
                 };
             }
         };
-        let mut results = vec![Val::Bool(false); n_results];
-        let result = func.call_async(&mut live.store, &args, &mut results).await;
+        let result = invoke(func, &mut live.store, args, &target).await;
         let fuel_used = fuel_used(&live.store, limits.fuel);
         match result {
-            Ok(()) => {
+            Ok(value) => {
                 // Output of a successful call is not kept: it would grow
                 // without bound and nobody asked for it.
                 live.store.data().stdout.take();
                 live.store.data().stderr.take();
                 Done {
                     live: Some(live),
-                    outcome: Ok(results.into_iter().next()),
+                    outcome: Ok(value),
                     fuel_used,
                     instantiated,
                 }

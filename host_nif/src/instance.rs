@@ -4,7 +4,8 @@
 //! process (see `call.rs`); the owning `Capsid.Instance` process only keeps
 //! the resource alive and supervised.
 
-use crate::call::{self, CallFuture, CallWaker, Done, poll_slice};
+use crate::call::{self, Args, CallFuture, CallWaker, Done, Target, Value, poll_slice};
+use crate::component::Blob;
 use crate::component::ComponentResource;
 use crate::convert::{Path, term_to_val, val_to_term, wit_name};
 use crate::engine::engine;
@@ -18,7 +19,6 @@ use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
-use std::time::Instant;
 use wasmtime::component::{ComponentExportIndex, Func, Instance, ResourceTable, Val};
 use wasmtime::{Store, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
@@ -54,7 +54,8 @@ pub struct Host {
     pub stdout: Capture,
     pub stderr: Capture,
     pub imports: Arc<ImportChannel>,
-    pub deadline: Instant,
+    /// When the running call must stop, on the coarse clock (`engine::now_us`).
+    pub deadline_us: u64,
     pub timeout_ms: u64,
 }
 
@@ -94,7 +95,7 @@ impl Host {
             stdout: shared.stdout.clone(),
             stderr: shared.stderr.clone(),
             imports: shared.imports.clone(),
-            deadline: Instant::now(),
+            deadline_us: 0,
             timeout_ms: limits.timeout,
         };
         let mut store = Store::new(engine(), host);
@@ -103,7 +104,7 @@ impl Host {
         let _ = store.fuel_async_yield_interval(Some(crate::engine::YIELD_FUEL));
         store.epoch_deadline_callback(|ctx| {
             let host = ctx.data();
-            if Instant::now() >= host.deadline {
+            if crate::engine::now_us() >= host.deadline_us {
                 return Err(wasmtime::Error::new(crate::error::HostTrap {
                     kind: TrapKind::Timeout,
                     message: format!("the call exceeded its timeout of {} ms", host.timeout_ms),
@@ -192,7 +193,7 @@ pub struct InstanceResource {
     bridge: Arc<Bridge>,
     limits: Limits,
     max_queue: usize,
-    shared: Shared,
+    shared: Arc<Shared>,
     slot: Mutex<Slot>,
     control: Mutex<Control>,
     stats: Stats,
@@ -343,10 +344,11 @@ fn drive<'a>(
     let Slot::Running(running) = &mut **slot else {
         return Error::Internal("no call in progress".into()).encode(env);
     };
-    let t0 = Instant::now();
+    let t0 = crate::engine::now_us();
     let polled = poll_slice(&mut running.fut, &running.waker);
-    // Tell the BEAM how much of a timeslice the guest used (1 ms = 100%).
-    let pct = (t0.elapsed().as_micros() / 10).clamp(1, 100) as i32;
+    // Tell the BEAM how much of a timeslice the guest used (1 ms = 100%),
+    // at tick granularity: a slice that saw a tick used a whole one.
+    let pct = (crate::engine::now_us().saturating_sub(t0) / 10).clamp(1, 100) as i32;
     rustler::schedule::consume_timeslice(env, pct);
     match polled {
         Poll::Ready(done) => {
@@ -360,12 +362,16 @@ fn drive<'a>(
             match done.outcome {
                 Ok(value) => {
                     let term = match (value, export) {
-                        (Some(v), Some(i)) => {
-                            match this.component.exports[i].info.ty.results().next() {
-                                Some(ty) => val_to_term(env, &v, &ty),
-                                None => rustler::types::atom::nil().encode(env),
-                            }
+                        (Value::Val(Some(v)), Some(i)) => match &this.component.exports[i].result {
+                            Some(ty) => val_to_term(env, &v, ty),
+                            None => rustler::types::atom::nil().encode(env),
+                        },
+                        (Value::Bytes(b), _) => {
+                            let mut bin = rustler::NewBinary::new(env, b.len());
+                            bin.as_mut_slice().copy_from_slice(&b);
+                            bin.into()
                         }
+                        (Value::Str(s), _) => s.as_str().encode(env),
                         _ => rustler::types::atom::nil().encode(env),
                     };
                     (ok(), term, done.fuel_used).encode(env)
@@ -414,7 +420,7 @@ fn instance_new<'a>(
                 bridge: Arc::new(bridge),
                 limits,
                 max_queue,
-                shared: Shared::default(),
+                shared: Arc::default(),
                 slot: Mutex::new(Slot::Empty),
                 control: Mutex::new(Control::default()),
                 stats: Stats::default(),
@@ -426,48 +432,73 @@ fn instance_new<'a>(
     }
 }
 
-fn convert_args(this: &InstanceResource, index: usize, args: Term) -> Result<Vec<Val>, Error> {
-    let export = &this.component.exports[index].info;
-    let params: Vec<(String, wasmtime::component::types::Type)> = export
-        .ty
-        .params()
-        .map(|(n, t)| (n.to_string(), t))
-        .collect();
+fn convert_args(this: &InstanceResource, index: usize, args: Term) -> Result<Args, Error> {
+    let export = &this.component.exports[index];
     let signature = || {
-        let ps: Vec<String> = params
-            .iter()
-            .map(|(n, t)| format!("{n}: {}", wit_name(t)))
+        let ps: Vec<String> = export
+            .info
+            .ty
+            .params()
+            .map(|(n, t)| format!("{n}: {}", wit_name(&t)))
             .collect();
-        format!("{}({})", export.name, ps.join(", "))
+        format!("{}({})", export.info.name, ps.join(", "))
     };
-    let items: Vec<Term> = match args.get_type() {
+    let mut items = match args.get_type() {
         TermType::List => args
             .into_list_iterator()
-            .map(|i| i.collect())
-            .unwrap_or_default(),
+            .map_err(|_| Error::BadArgument("bad list".into()))?,
         _ => {
             return Err(Error::BadArgument(format!(
                 "arguments must be a list; {} takes {}",
-                export.name,
+                export.info.name,
                 signature()
             )));
         }
     };
-    if items.len() != params.len() {
+    let arity = args.list_length().unwrap_or(0);
+    if arity != export.params.len() {
         return Err(Error::BadArgument(format!(
-            "wrong number of arguments: {} takes {} ({}), got {}",
-            export.name,
-            params.len(),
+            "wrong number of arguments: {} takes {} ({}), got {arity}",
+            export.info.name,
+            export.params.len(),
             signature(),
-            items.len()
         )));
     }
-    items
-        .into_iter()
-        .zip(params.iter())
-        .enumerate()
-        .map(|(i, (term, (_, ty)))| term_to_val(term, ty, &mut Path::arg(i)))
-        .collect()
+    if let Some(fast) = export.fast
+        && let Some(first) = items.next()
+    {
+        return fast_arg(first, fast.arg, &export.params[0]);
+    }
+    let mut vals = Vec::with_capacity(arity);
+    for (i, (term, ty)) in items.zip(export.params.iter()).enumerate() {
+        vals.push(term_to_val(term, ty, &mut Path::arg(i))?);
+    }
+    Ok(Args::Vals(vals))
+}
+
+/// The one argument of a typed-path function, copied straight out of its
+/// binary; other shapes (a list of bytes) go through the general conversion.
+fn fast_arg(term: Term, blob: Blob, ty: &wasmtime::component::types::Type) -> Result<Args, Error> {
+    if let Ok(bin) = rustler::Binary::from_term(term) {
+        return match blob {
+            Blob::Bytes => Ok(Args::Bytes(bin.as_slice().to_vec())),
+            Blob::Str => match std::str::from_utf8(bin.as_slice()) {
+                Ok(s) => Ok(Args::Str(s.to_string())),
+                // Let the general path produce the precise error.
+                Err(_) => term_to_val(term, ty, &mut Path::arg(0)).map(|v| Args::Vals(vec![v])),
+            },
+        };
+    }
+    match term_to_val(term, ty, &mut Path::arg(0))? {
+        Val::List(items) => Ok(Args::Bytes(
+            items
+                .into_iter()
+                .map(|v| if let Val::U8(b) = v { b } else { 0 })
+                .collect(),
+        )),
+        Val::String(s) => Ok(Args::Str(s)),
+        other => Ok(Args::Vals(vec![other])),
+    }
 }
 
 /// Starts a call (or, with `name` nil, makes sure the instance is
@@ -479,7 +510,7 @@ fn convert_args(this: &InstanceResource, index: usize, args: Term) -> Result<Vec
 fn call_start<'a>(
     env: Env<'a>,
     this: ResourceArc<InstanceResource>,
-    name: Option<String>,
+    name: Option<rustler::Binary<'a>>,
     arguments: Term<'a>,
     fuel: Option<u64>,
     timeout: Option<u64>,
@@ -487,18 +518,22 @@ fn call_start<'a>(
 ) -> Term<'a> {
     // Resolve and convert first: a bad request never queues and never
     // touches the store.
-    let (export, vals) = match &name {
+    let (export, args) = match &name {
         Some(name) => {
+            let Ok(name) = std::str::from_utf8(name.as_slice()) else {
+                return Error::UnknownFunction("function names are UTF-8 strings".into())
+                    .encode(env);
+            };
             let index = match this.component.resolve(name) {
                 Ok(i) => i,
                 Err(e) => return e.encode(env),
             };
             match convert_args(&this, index, arguments) {
-                Ok(vals) => (Some(index), vals),
+                Ok(args) => (Some(index), args),
                 Err(e) => return e.encode(env),
             }
         }
-        None => (None, Vec::new()),
+        None => (None, Args::Vals(Vec::new())),
     };
     let pid = env.pid();
     match InstanceResource::acquire(&this, env, pid) {
@@ -519,18 +554,17 @@ fn call_start<'a>(
             return Error::Internal("instance already running a call".into()).encode(env);
         }
     };
-    let target = export.map(|i| (i, this.component.exports[i].index));
-    let n_results = export.map_or(0, |i| this.component.exports[i].info.ty.results().len());
+    let target = export.map(|slot| {
+        let e = &this.component.exports[slot];
+        Target {
+            slot,
+            index: e.index,
+            n_results: usize::from(e.result.is_some()),
+            fast: e.fast,
+        }
+    });
     let shared = this.shared.clone();
-    let fut = call::start(
-        this.bridge.clone(),
-        live,
-        target,
-        vals,
-        n_results,
-        limits,
-        shared,
-    );
+    let fut = call::start(this.bridge.clone(), live, target, args, limits, shared);
     *slot = Slot::Running(Box::new(Running {
         fut,
         waker: CallWaker::new(pid, this.id),

@@ -6,6 +6,12 @@
 //! the pure code under test links on its own.
 #![cfg_attr(test, allow(dead_code))]
 
+/// Large buffers (call arguments and results) come and go on every call;
+/// glibc hands freed multi-MiB blocks back to the OS, so each call paid for
+/// fresh page faults. mimalloc keeps and reuses them.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod call;
 mod component;
 mod convert;

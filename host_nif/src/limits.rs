@@ -3,7 +3,6 @@
 
 use crate::error::{HostTrap, TrapKind};
 use rustler::NifMap;
-use std::time::{Duration, Instant};
 
 /// Limits as they cross the boundary (`Capsid.Instance` validates and fills
 /// defaults; the NIF trusts the shape, not the caller's intent).
@@ -35,8 +34,9 @@ impl Limits {
         }
     }
 
-    pub fn deadline(&self, start: Instant) -> Instant {
-        start + Duration::from_millis(self.timeout)
+    /// Deadline on the coarse clock (`engine::now_us`) for a call started at `start_us`.
+    pub fn deadline_us(&self, start_us: u64) -> u64 {
+        start_us.saturating_add(self.timeout.saturating_mul(1000))
     }
 }
 

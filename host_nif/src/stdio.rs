@@ -4,6 +4,7 @@
 
 use bytes::Bytes;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
@@ -19,12 +20,20 @@ struct Buffer {
     dropped: usize,
 }
 
+#[derive(Default)]
+struct Inner {
+    buffer: Mutex<Buffer>,
+    /// Lets `take` skip the lock on the common path: nothing was written.
+    written: AtomicBool,
+}
+
 #[derive(Clone, Default)]
-pub struct Capture(Arc<Mutex<Buffer>>);
+pub struct Capture(Arc<Inner>);
 
 impl Capture {
     fn push(&self, data: &[u8]) {
-        let mut buf = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        self.0.written.store(true, Ordering::Release);
+        let mut buf = self.0.buffer.lock().unwrap_or_else(|p| p.into_inner());
         let room = CAPTURE_LIMIT.saturating_sub(buf.bytes.len());
         let keep = data.len().min(room);
         buf.bytes.extend_from_slice(&data[..keep]);
@@ -33,7 +42,10 @@ impl Capture {
 
     /// Everything written since the last `take`, with a note if some was dropped.
     pub fn take(&self) -> Vec<u8> {
-        let mut buf = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if !self.0.written.swap(false, Ordering::AcqRel) {
+            return Vec::new();
+        }
+        let mut buf = self.0.buffer.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = std::mem::take(&mut buf.bytes);
         if buf.dropped > 0 {
             out.extend_from_slice(

@@ -115,8 +115,8 @@ defmodule Capsid.Instance do
   # The call path of `Capsid.call/4`.
   def call(target, function, args, opts) do
     with {:ok, pid} <- whereis(target),
-         {:ok, ref, id, {timeout, queue_timeout}} <- lookup(pid, target) do
-      {fuel, call_timeout, max_memory} =
+         {:ok, ref, id, timeouts} <- lookup(pid, target) do
+      limits =
         case opts do
           [] ->
             {nil, nil, nil}
@@ -131,24 +131,38 @@ defmodule Capsid.Instance do
             Limits.call_values!(opts)
         end
 
-      ctx = %{
-        ref: ref,
-        id: id,
-        pid: pid,
-        name: function,
-        args: args,
-        limits: {fuel, call_timeout, max_memory},
-        timeout: min(timeout, call_timeout || timeout),
-        started: System.monotonic_time(:millisecond),
-        queue_timeout: Keyword.get(opts, :queue_timeout, queue_timeout),
-        imports: :lookup
-      }
-
-      start = fn ->
-        step(Native.call_start(ref, function, args, fuel, call_timeout, max_memory), ctx)
+      if Telemetry.enabled?() do
+        observed(pid, function, fn -> run(ref, id, pid, function, args, opts, limits, timeouts) end)
+      else
+        elem(run(ref, id, pid, function, args, opts, limits, timeouts), 0)
       end
+    end
+  end
 
-      if Telemetry.enabled?(), do: observed(pid, function, start), else: elem(start.(), 0)
+  # The common case, a call finished within its first slice, costs one NIF
+  # call and no bookkeeping; anything else gets a context to continue with.
+  defp run(ref, id, pid, function, args, opts, limits, {timeout, queue_timeout}) do
+    {fuel, call_timeout, max_memory} = limits
+
+    case Native.call_start(ref, function, args, fuel, call_timeout, max_memory) do
+      {:ok, value, fuel_used} ->
+        {{:ok, value}, fuel_used}
+
+      other ->
+        step(other, %{
+          ref: ref,
+          id: id,
+          pid: pid,
+          name: function,
+          args: args,
+          limits: limits,
+          timeout: min(timeout, call_timeout || timeout),
+          # Taken after the first slice: waits on imports and timers may
+          # overrun by at most one slice (≤ 1 ms).
+          started: System.monotonic_time(:millisecond),
+          queue_timeout: Keyword.get(opts, :queue_timeout, queue_timeout),
+          imports: :lookup
+        })
     end
   end
 

@@ -1,9 +1,16 @@
 defmodule Capsid.Registry do
   @moduledoc false
-  # Maps live instance pids to their native resource in a public ETS table,
-  # so a call needs no message round trip to find its instance. The server
-  # only owns the table and removes entries of instances that die, however
-  # they die.
+  # Maps live instance pids to their native resource, so a call needs no
+  # message round trip to find its instance.
+  #
+  # The hot entry (pid → resource, id, timeouts) is a persistent term: reading
+  # it costs ~30 ns against ~150 ns for ETS, and it is read on every call.
+  # The price is paid when an instance stops (erasing a persistent term makes
+  # the VM scan processes for references to it), which is rare next to calls.
+  # Imports (Elixir funs, read only when a guest calls one) live in ETS.
+  #
+  # The server owns the ETS table and removes the entries of instances that
+  # die, however they die.
 
   use GenServer
 
@@ -13,27 +20,28 @@ defmodule Capsid.Registry do
 
   @doc false
   def register(pid, ref, id, timeouts, imports) do
-    :ets.insert(@table, [{pid, ref, id, timeouts}, {{:imports, pid}, imports}])
+    :ets.insert(@table, {pid, imports})
+    :persistent_term.put({__MODULE__, pid}, {ref, id, timeouts})
     GenServer.cast(__MODULE__, {:watch, pid})
   end
 
   @doc false
   def unregister(pid) do
     :ets.delete(@table, pid)
-    :ets.delete(@table, {:imports, pid})
+    :persistent_term.erase({__MODULE__, pid})
   end
 
   @doc false
   def lookup(pid) do
-    case :ets.lookup(@table, pid) do
-      [{^pid, ref, id, timeouts}] -> {:ok, ref, id, timeouts}
-      [] -> :error
+    case :persistent_term.get({__MODULE__, pid}, nil) do
+      {ref, id, timeouts} -> {:ok, ref, id, timeouts}
+      nil -> :error
     end
   end
 
   @doc false
   def imports(pid) do
-    case :ets.lookup(@table, {:imports, pid}) do
+    case :ets.lookup(@table, pid) do
       [{_, imports}] -> imports
       [] -> %{}
     end
