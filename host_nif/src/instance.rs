@@ -31,7 +31,9 @@ rustler::atoms! {
     r#yield = "yield",
     wait,
     queued,
+    taken,
     capsid_turn,
+    waiting,
     calls,
     traps,
     recycles,
@@ -229,6 +231,8 @@ impl Resource for InstanceResource {
 enum Turn {
     Go,
     Queued,
+    /// Busy, and the caller asked not to wait.
+    Taken,
 }
 
 impl InstanceResource {
@@ -246,7 +250,12 @@ impl InstanceResource {
         }
     }
 
-    fn acquire(this: &ResourceArc<Self>, env: Env, pid: LocalPid) -> Result<Turn, Error> {
+    fn acquire(
+        this: &ResourceArc<Self>,
+        env: Env,
+        pid: LocalPid,
+        queue: bool,
+    ) -> Result<Turn, Error> {
         let mut ctl = lock(&this.control);
         let idle = ctl.queue.is_empty();
         match ctl.owner.as_mut() {
@@ -268,6 +277,9 @@ impl InstanceResource {
             _ => {
                 if ctl.queue.iter().any(|w| w.pid == pid) {
                     return Ok(Turn::Queued);
+                }
+                if !queue {
+                    return Ok(Turn::Taken);
                 }
                 if ctl.queue.len() >= this.max_queue {
                     return Err(Error::Busy(format!(
@@ -506,6 +518,8 @@ fn fast_arg(term: Term, blob: Blob, ty: &wasmtime::component::types::Type) -> Re
 /// again), `:wait` (a `{:capsid_wake, id}` message will come),
 /// `{:import, key, args}` (run the Elixir import, then `call_resume`), or
 /// `:queued` (a `{:capsid_turn, id}` message will come; then call again).
+/// With `queue` false a busy instance answers `:taken` instead of queueing
+/// the caller (a pool then tries another member).
 #[cfg_attr(not(test), rustler::nif)]
 fn call_start<'a>(
     env: Env<'a>,
@@ -515,6 +529,7 @@ fn call_start<'a>(
     fuel: Option<u64>,
     timeout: Option<u64>,
     max_memory: Option<u64>,
+    queue: bool,
 ) -> Term<'a> {
     // Resolve and convert first: a bad request never queues and never
     // touches the store.
@@ -536,9 +551,10 @@ fn call_start<'a>(
         None => (None, Args::Vals(Vec::new())),
     };
     let pid = env.pid();
-    match InstanceResource::acquire(&this, env, pid) {
+    match InstanceResource::acquire(&this, env, pid, queue) {
         Err(e) => return e.encode(env),
         Ok(Turn::Queued) => return queued().encode(env),
+        Ok(Turn::Taken) => return taken().encode(env),
         Ok(Turn::Go) => {}
     }
     let limits = this.limits.narrow(fuel, timeout, max_memory);
@@ -674,7 +690,8 @@ fn call_dequeue(env: Env, this: ResourceArc<InstanceResource>) -> rustler::Atom 
     ok()
 }
 
-/// Counters: `%{calls, traps: %{kind => n}, recycles, fuel_used, instantiations}`.
+/// Counters: `%{calls, traps: %{kind => n}, recycles, fuel_used,
+/// instantiations, waiting}` (`waiting`: callers queued right now).
 #[cfg_attr(not(test), rustler::nif)]
 fn instance_info(env: Env, this: ResourceArc<InstanceResource>) -> Term {
     let s = &this.stats;
@@ -683,13 +700,23 @@ fn instance_info(env: Env, this: ResourceArc<InstanceResource>) -> Term {
     let trap_vals: Vec<Term> = s.traps.iter().map(|a| get(a).encode(env)).collect();
     let traps_map = Term::map_from_term_arrays(env, &trap_keys, &trap_vals)
         .unwrap_or_else(|_| Term::map_new(env));
-    let keys = [calls(), traps(), recycles(), fuel_used(), instantiations()].map(|a| a.encode(env));
+    let queued_now = lock(&this.control).queue.len();
+    let keys = [
+        calls(),
+        traps(),
+        recycles(),
+        fuel_used(),
+        instantiations(),
+        waiting(),
+    ]
+    .map(|a| a.encode(env));
     let vals = [
         get(&s.calls).encode(env),
         traps_map,
         get(&s.recycles).encode(env),
         get(&s.fuel_used).encode(env),
         get(&s.instantiations).encode(env),
+        queued_now.encode(env),
     ];
     Term::map_from_term_arrays(env, &keys, &vals).unwrap_or_else(|_| make_tuple(env, &[]))
 }

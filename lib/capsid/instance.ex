@@ -88,6 +88,19 @@ defmodule Capsid.Instance do
   end
 
   @doc false
+  # Checks that `opts` would start an instance (options, imports, linking,
+  # instantiation) without starting one; used by `Capsid.Pool` so that a bad
+  # component is an error return in the caller, not an exit in the pool.
+  def check(opts) do
+    config = config!(opts)
+
+    with {:ok, {ref, id}} <- native_new(config),
+         {:ok, nil} <- warm_up(ref, id, config) do
+      :ok
+    end
+  end
+
+  @doc false
   def child_spec(opts) do
     %{
       id: Keyword.get(opts, :name, __MODULE__),
@@ -114,8 +127,7 @@ defmodule Capsid.Instance do
   @doc false
   # The call path of `Capsid.call/4`.
   def call(target, function, args, opts) do
-    with {:ok, pid} <- whereis(target),
-         {:ok, ref, id, timeouts} <- lookup(pid, target) do
+    with {:ok, pid} <- whereis(target) do
       limits =
         case opts do
           [] ->
@@ -131,22 +143,63 @@ defmodule Capsid.Instance do
             Limits.call_values!(opts)
         end
 
-      if Telemetry.enabled?() do
-        observed(pid, function, fn -> run(ref, id, pid, function, args, opts, limits, timeouts) end)
-      else
-        elem(run(ref, id, pid, function, args, opts, limits, timeouts), 0)
+      case Registry.lookup(pid) do
+        {:ok, ref, id, timeouts} when node(pid) == node() ->
+          if Process.alive?(pid) do
+            traced(pid, function, fn ->
+              run(ref, id, pid, function, args, opts, limits, timeouts, true)
+            end)
+          else
+            down(target)
+          end
+
+        {:pool, members} ->
+          traced(pid, function, fn -> pool_call(members, function, args, opts, limits) end)
+
+        _ ->
+          down(target)
       end
+    end
+  end
+
+  defp traced(pid, function, start) do
+    if Telemetry.enabled?(), do: observed(pid, function, start), else: elem(start.(), 0)
+  end
+
+  # A pool member is picked from the caller's scheduler id, so callers on
+  # different schedulers use different members without coordinating. A busy
+  # member is skipped; when all are busy the caller queues on its own one.
+  defp pool_call(members, function, args, opts, limits) do
+    n = tuple_size(members)
+    first = rem(:erlang.system_info(:scheduler_id), n)
+    try_members(members, first, 0, n, function, args, opts, limits)
+  end
+
+  defp try_members(members, first, k, n, function, args, opts, limits) do
+    member = elem(members, rem(first + k, n))
+    queue = k == n - 1
+
+    with {:ok, ref, id, timeouts} <- Registry.lookup(member),
+         result when result != :taken <-
+           run(ref, id, member, function, args, opts, limits, timeouts, queue) do
+      result
+    else
+      _ when k < n - 1 -> try_members(members, first, k + 1, n, function, args, opts, limits)
+      _ -> {down(member), 0}
     end
   end
 
   # The common case, a call finished within its first slice, costs one NIF
   # call and no bookkeeping; anything else gets a context to continue with.
-  defp run(ref, id, pid, function, args, opts, limits, {timeout, queue_timeout}) do
+  defp run(ref, id, pid, function, args, opts, limits, {timeout, queue_timeout}, queue) do
     {fuel, call_timeout, max_memory} = limits
 
-    case Native.call_start(ref, function, args, fuel, call_timeout, max_memory) do
+    case Native.call_start(ref, function, args, fuel, call_timeout, max_memory, queue) do
       {:ok, value, fuel_used} ->
         {{:ok, value}, fuel_used}
+
+      :taken ->
+        :taken
 
       other ->
         step(other, %{
@@ -222,17 +275,7 @@ defmodule Capsid.Instance do
     end
   end
 
-  defp lookup(pid, target) do
-    case Registry.lookup(pid) do
-      {:ok, _, _, _} = found when node(pid) == node() ->
-        if Process.alive?(pid), do: found, else: lookup_failed(target)
-
-      _ ->
-        lookup_failed(target)
-    end
-  end
-
-  defp lookup_failed(target) do
+  defp down(target) do
     {:error, Error.new(:instance_down, "#{inspect(target)} is not a live Capsid instance")}
   end
 
@@ -268,7 +311,7 @@ defmodule Capsid.Instance do
     receive do
       {:capsid_turn, ^id} ->
         {fuel, timeout, max_memory} = ctx.limits
-        step(Native.call_start(ctx.ref, ctx.name, ctx.args, fuel, timeout, max_memory), ctx)
+        step(Native.call_start(ctx.ref, ctx.name, ctx.args, fuel, timeout, max_memory, true), ctx)
     after
       ctx.queue_timeout ->
         Native.call_dequeue(ctx.ref)
@@ -446,7 +489,7 @@ defmodule Capsid.Instance do
       imports: config.imports
     }
 
-    ref |> Native.call_start(nil, [], nil, nil, nil) |> step(ctx) |> elem(0)
+    ref |> Native.call_start(nil, [], nil, nil, nil, true) |> step(ctx) |> elem(0)
   end
 
   ## GenServer

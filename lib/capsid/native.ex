@@ -15,7 +15,7 @@ defmodule Capsid.Native do
   def instance_new(_component, _provided, _limits, _max_queue),
     do: :erlang.nif_error(:nif_not_loaded)
 
-  def call_start(_instance, _name, _args, _fuel, _timeout, _max_memory),
+  def call_start(_instance, _name, _args, _fuel, _timeout, _max_memory, _queue),
     do: :erlang.nif_error(:nif_not_loaded)
 
   def call_resume(_instance, _reply), do: :erlang.nif_error(:nif_not_loaded)

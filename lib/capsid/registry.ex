@@ -26,6 +26,12 @@ defmodule Capsid.Registry do
   end
 
   @doc false
+  # A pool: calls to `pid` go to one of `members` (a tuple of instance pids).
+  def register_pool(pid, members) do
+    :persistent_term.put({__MODULE__, pid}, {:pool, members})
+  end
+
+  @doc false
   def unregister(pid) do
     :ets.delete(@table, pid)
     :persistent_term.erase({__MODULE__, pid})
@@ -34,6 +40,7 @@ defmodule Capsid.Registry do
   @doc false
   def lookup(pid) do
     case :persistent_term.get({__MODULE__, pid}, nil) do
+      {:pool, _} = pool -> pool
       {ref, id, timeouts} -> {:ok, ref, id, timeouts}
       nil -> :error
     end

@@ -1,0 +1,138 @@
+defmodule Capsid.Pool do
+  @moduledoc """
+  N instances of one component behind one name, so callers on every
+  scheduler run in parallel.
+
+      {:ok, pool} = Capsid.Pool.start_link(component: component, size: 4, imports: imports)
+      {:ok, 3} = Capsid.call(pool, "add", [1, 2])
+
+  A call goes to the member picked by the caller's scheduler id, so callers
+  on different schedulers use different members without coordinating; a
+  busy member is skipped, and when all are busy the caller waits in line on
+  its own member. Each member is a `Capsid.Instance` with its own store,
+  limits and guest state (state is not shared between members).
+
+  The pool is one supervisable process that owns its members: a member that
+  crashes is replaced (a member that traps recycles itself and stays).
+
+  ## Options
+
+    * `:size` — number of members (default `System.schedulers_online()`).
+    * `:name` — registers the pool, as for `GenServer`.
+    * every option of `Capsid.Instance.start_link/1` (component, imports,
+      limits), applied to each member.
+  """
+
+  use GenServer
+
+  alias Capsid.{Error, Instance, Registry, Trap}
+
+  @doc """
+  Starts a pool linked to the caller. Errors as for
+  `Capsid.Instance.start_link/1`.
+
+      iex> component = Capsid.Component.load!(Capsid.Guests.path(:faulty))
+      iex> {:ok, pool} = Capsid.Pool.start_link(component: component, size: 2, imports: %{"hook" => & &1})
+      iex> Capsid.call(pool, "ok", [1])
+      {:ok, 2}
+      iex> length(Capsid.Pool.members(pool))
+      2
+  """
+  @spec start_link(keyword()) :: GenServer.on_start() | {:error, Error.t() | Trap.t()}
+  def start_link(opts) do
+    {gen_opts, opts} = Keyword.split(opts, [:name])
+    {size, opts} = Keyword.pop(opts, :size, System.schedulers_online())
+
+    unless is_integer(size) and size > 0 do
+      raise ArgumentError,
+            "invalid value for :size: expected a positive integer, got #{inspect(size)}"
+    end
+
+    with :ok <- Instance.check(opts) do
+      GenServer.start_link(__MODULE__, {size, opts}, gen_opts)
+    end
+  end
+
+  @doc false
+  def child_spec(opts) do
+    %{
+      id: Keyword.get(opts, :name, __MODULE__),
+      start: {__MODULE__, :start_link, [opts]},
+      type: :worker
+    }
+  end
+
+  @doc "The pids of the pool's current members."
+  @spec members(GenServer.server()) :: [pid()]
+  def members(pool), do: GenServer.call(pool, :members)
+
+  @doc """
+  Pool counters: `:size`, `:members`, `:replaced` (members restarted after
+  a crash), and the sum of the members' `Capsid.Instance.info/1` counters
+  `:calls`, `:recycles` and `:fuel_used`.
+  """
+  @spec info(GenServer.server()) :: map()
+  def info(pool) do
+    %{members: members} = state = GenServer.call(pool, :state)
+    infos = Enum.map(members, &Instance.info/1)
+
+    %{
+      size: length(members),
+      members: members,
+      replaced: state.replaced,
+      calls: Enum.sum(Enum.map(infos, & &1.calls)),
+      recycles: Enum.sum(Enum.map(infos, & &1.recycles)),
+      fuel_used: Enum.sum(Enum.map(infos, & &1.fuel_used))
+    }
+  end
+
+  @impl true
+  def init({size, opts}) do
+    Process.flag(:trap_exit, true)
+
+    members =
+      for _ <- 1..size do
+        {:ok, pid} = Instance.start_link(opts)
+        pid
+      end
+
+    publish(members)
+    GenServer.cast(Registry, {:watch, self()})
+    {:ok, %{opts: opts, members: members, replaced: 0}}
+  end
+
+  @impl true
+  def handle_call(:members, _from, state), do: {:reply, state.members, state}
+  def handle_call(:state, _from, state), do: {:reply, state, state}
+
+  @impl true
+  def handle_info({:EXIT, pid, reason}, state) do
+    if pid in state.members do
+      {:ok, new} = Instance.start_link(state.opts)
+      members = Enum.map(state.members, &if(&1 == pid, do: new, else: &1))
+      publish(members)
+      {:noreply, %{state | members: members, replaced: state.replaced + 1}}
+    else
+      # Our parent (or another linked process) exited: go down with it.
+      {:stop, reason, state}
+    end
+  end
+
+  @impl true
+  def terminate(_reason, state) do
+    Registry.unregister(self())
+    # Members would follow their parent anyway; stopping them here makes the
+    # pool's shutdown synchronous.
+    for pid <- state.members do
+      try do
+        GenServer.stop(pid, :shutdown)
+      catch
+        :exit, _ -> :ok
+      end
+    end
+
+    :ok
+  end
+
+  defp publish(members), do: Registry.register_pool(self(), List.to_tuple(members))
+end
