@@ -59,6 +59,10 @@ CallPaths.measure("a process spawned per call", fn -> CallPaths.spawned(pid) end
 
 # The scheduler hop alone: a dirty-CPU NIF that returns at once (the compile
 # NIF rejecting one garbage byte before compiling anything).
-CallPaths.measure("dirty-CPU NIF round trip alone (no guest call at all)", fn ->
-  {:error, _} = Capsid.Native.component_compile(<<1>>)
-end, 100_000)
+CallPaths.measure(
+  "dirty-CPU NIF round trip alone (no guest call at all)",
+  fn ->
+    {:error, _} = Capsid.Native.component_compile(<<1>>, nil)
+  end,
+  100_000
+)

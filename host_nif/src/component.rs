@@ -1,6 +1,7 @@
 //! Compiled components: compilation off the normal schedulers, the table of
 //! exported functions with their WIT types, and function-name resolution.
 
+use crate::cache::{self, Cache};
 use crate::engine::engine;
 use crate::error::{Error, Result, root_message};
 use crate::types::encode_func;
@@ -285,9 +286,24 @@ pub fn check_header(bytes: &[u8]) -> Result<()> {
     }
 }
 
-pub fn compile(bytes: &[u8]) -> Result<ComponentResource> {
+/// Compiles `bytes`, or loads them from `cache` when it holds a verified
+/// artifact for them.
+pub fn compile(bytes: &[u8], cache: Option<&Cache>) -> Result<(ComponentResource, cache::Outcome)> {
     check_header(bytes)?;
     let hash = format!("{:x}", Sha256::digest(bytes));
+    let mut outcome = cache::Outcome::Disabled;
+    if let Some(cache) = cache {
+        match cache.load(&hash) {
+            Ok(Some(component)) => {
+                return Ok((
+                    ComponentResource::new(component, hash)?,
+                    cache::Outcome::Hit,
+                ));
+            }
+            Ok(None) => outcome = cache::Outcome::Miss,
+            Err(()) => outcome = cache::Outcome::Rejected,
+        }
+    }
     let owned = bytes.to_vec();
     let handle = std::thread::Builder::new()
         .name("capsid-compile".into())
@@ -298,7 +314,10 @@ pub fn compile(bytes: &[u8]) -> Result<ComponentResource> {
         .join()
         .map_err(|_| Error::Internal("the compiler panicked".into()))?
         .map_err(|e| Error::InvalidComponent(format!("invalid component: {}", root_message(&e))))?;
-    ComponentResource::new(component, hash)
+    if let Some(cache) = cache {
+        cache.store(&hash, &component);
+    }
+    Ok((ComponentResource::new(component, hash)?, outcome))
 }
 
 fn encode_funcs<'a, 'b>(env: Env<'a>, funcs: impl Iterator<Item = &'b FuncInfo>) -> Term<'a> {
@@ -320,19 +339,46 @@ fn encode_funcs<'a, 'b>(env: Env<'a>, funcs: impl Iterator<Item = &'b FuncInfo>)
     items.encode(env)
 }
 
-/// Compiles a component. Returns `{:ok, {ref, sha256_hex, exports, imports}}`;
-/// each function is `{name, interface | nil, short_name, params, result}`.
+rustler::atoms! {
+    hit,
+    miss,
+    rejected,
+    disabled,
+}
+
+/// Compiles a component, through the cache in `cache_dir` unless nil.
+/// Returns `{:ok, {ref, sha256_hex, exports, imports, cache}}`, each function
+/// as `{name, interface | nil, short_name, params, result}` and `cache` one of
+/// `:hit`, `:miss`, `:rejected` (a corrupt artifact was replaced), `:disabled`.
 #[cfg_attr(not(test), rustler::nif(schedule = "DirtyCpu"))]
-fn component_compile<'a>(env: Env<'a>, bytes: Binary<'a>) -> Term<'a> {
-    match compile(bytes.as_slice()) {
-        Ok(res) => {
+fn component_compile<'a>(env: Env<'a>, bytes: Binary<'a>, cache_dir: Option<String>) -> Term<'a> {
+    let cache = match cache_dir {
+        None => None,
+        Some(dir) => match Cache::open(std::path::Path::new(&dir)) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                return Error::InvalidComponent(format!(
+                    "cannot use the cache directory {dir}: {e}"
+                ))
+                .encode(env);
+            }
+        },
+    };
+    match compile(bytes.as_slice(), cache.as_ref()) {
+        Ok((res, outcome)) => {
             let exports = encode_funcs(env, res.exports.iter().map(|e| &e.info));
             let imports = encode_funcs(env, res.imports.iter());
             let hash = res.hash.clone();
             let resource = ResourceArc::new(res);
+            let outcome = match outcome {
+                cache::Outcome::Hit => hit(),
+                cache::Outcome::Miss => miss(),
+                cache::Outcome::Rejected => rejected(),
+                cache::Outcome::Disabled => disabled(),
+            };
             (
                 rustler::types::atom::ok(),
-                (resource, hash, exports, imports),
+                (resource, hash, exports, imports, outcome),
             )
                 .encode(env)
         }
@@ -357,7 +403,7 @@ mod tests {
 
     #[test]
     fn truncated_components_fail_to_compile() {
-        let err = compile(b"\0asm\x0d\0\x01\0\x01\x05").err().unwrap();
+        let err = compile(b"\0asm\x0d\0\x01\0\x01\x05", None).err().unwrap();
         assert!(matches!(err, Error::InvalidComponent(_)), "{err}");
     }
 

@@ -526,9 +526,7 @@ fn call_start<'a>(
     this: ResourceArc<InstanceResource>,
     name: Option<rustler::Binary<'a>>,
     arguments: Term<'a>,
-    fuel: Option<u64>,
-    timeout: Option<u64>,
-    max_memory: Option<u64>,
+    limits: (Option<u64>, Option<u64>, Option<u64>),
     queue: bool,
 ) -> Term<'a> {
     // Resolve and convert first: a bad request never queues and never
@@ -557,6 +555,7 @@ fn call_start<'a>(
         Ok(Turn::Taken) => return taken().encode(env),
         Ok(Turn::Go) => {}
     }
+    let (fuel, timeout, max_memory) = limits;
     let limits = this.limits.narrow(fuel, timeout, max_memory);
     let mut slot = lock(&this.slot);
     let live = match std::mem::replace(&mut *slot, Slot::Empty) {

@@ -14,7 +14,7 @@ defmodule Capsid.Component do
   alias Capsid.{Error, Native, Types}
 
   @enforce_keys [:ref, :hash, :exports, :imports, :size]
-  defstruct [:ref, :hash, :exports, :imports, :size]
+  defstruct [:ref, :hash, :exports, :imports, :size, cache: :disabled]
 
   @typedoc """
   One function: `name` is what `Capsid.call/4` accepts (`"add"` or
@@ -29,12 +29,21 @@ defmodule Capsid.Component do
           result: Types.t() | nil
         }
 
+  @typedoc """
+  How the compiled code was obtained: `:hit` (loaded from the cache, no
+  compilation), `:miss` (compiled and cached), `:rejected` (a cached artifact
+  failed its integrity check; it was discarded, recompiled and re-cached), or
+  `:disabled`.
+  """
+  @type cache_outcome :: :hit | :miss | :rejected | :disabled
+
   @type t :: %__MODULE__{
           ref: reference(),
           hash: String.t(),
           exports: [function_info()],
           imports: [function_info()],
-          size: non_neg_integer()
+          size: non_neg_integer(),
+          cache: cache_outcome()
         }
 
   @doc """
@@ -45,6 +54,16 @@ defmodule Capsid.Component do
   modules, garbage and truncated input, and `kind: :file_error` when the
   file cannot be read.
 
+  ## Options
+
+    * `:cache` — where compiled code is cached on disk: `true` (the default:
+      the `:cache_dir` application env, else the user cache directory,
+      `~/.cache/capsid` on Linux), a directory, or `false`. The cache is keyed
+      by the component's SHA-256 and the engine's configuration; each artifact
+      is authenticated (HMAC-SHA256, secret key in the cache directory) before
+      it is loaded, so a corrupted or tampered file is discarded and
+      recompiled, never loaded. `component.cache` says what happened.
+
       iex> {:ok, %Capsid.Component{}} = Capsid.Component.load(Capsid.Guests.path(:toolkit))
       iex> {:error, %Capsid.Error{kind: :file_error}} = Capsid.Component.load("/no/such.wasm")
       iex> {:error, %Capsid.Error{kind: :invalid_component}} = Capsid.Component.load(<<0, "asm", 1, 0, 0, 0>>)
@@ -53,18 +72,28 @@ defmodule Capsid.Component do
   def load(path_or_bytes, opts \\ [])
 
   def load(path_or_bytes, opts) when is_binary(path_or_bytes) and is_list(opts) do
-    Capsid.Options.validate!(opts, [], "Capsid.Component.load/2")
+    Capsid.Options.validate!(opts, [:cache], "Capsid.Component.load/2")
+    cache_dir = cache_dir!(Keyword.get(opts, :cache, true))
 
     with {:ok, bytes} <- read(path_or_bytes) do
-      case Native.component_compile(bytes) do
-        {:ok, {ref, hash, exports, imports}} ->
+      t0 = System.monotonic_time()
+
+      case Native.component_compile(bytes, cache_dir) do
+        {:ok, {ref, hash, exports, imports, cache}} ->
+          Capsid.Telemetry.execute(
+            [:capsid, :component, :load],
+            %{duration: System.monotonic_time() - t0, size: byte_size(bytes)},
+            %{hash: hash, cache: cache}
+          )
+
           {:ok,
            %__MODULE__{
              ref: ref,
              hash: hash,
              exports: Enum.map(exports, &function_info/1),
              imports: Enum.map(imports, &function_info/1),
-             size: byte_size(bytes)
+             size: byte_size(bytes),
+             cache: cache
            }}
 
         {:error, {kind, message}} ->
@@ -123,6 +152,25 @@ defmodule Capsid.Component do
   @spec signature(function_info()) :: String.t()
   def signature(%{name: name, params: params, result: result}),
     do: "#{name}: #{Types.signature(params, result)}"
+
+  @doc """
+  The default cache directory: the `:cache_dir` application env, else the
+  user cache directory.
+  """
+  @spec default_cache_dir() :: Path.t()
+  def default_cache_dir do
+    Application.get_env(:capsid, :cache_dir) ||
+      :filename.basedir(:user_cache, "capsid") |> List.to_string()
+  end
+
+  defp cache_dir!(true), do: default_cache_dir()
+  defp cache_dir!(false), do: nil
+  defp cache_dir!(dir) when is_binary(dir), do: dir
+
+  defp cache_dir!(other) do
+    raise ArgumentError,
+          "invalid value for :cache: expected true, false or a directory, got #{inspect(other)}"
+  end
 
   defp function_info({name, interface, function, params, result}) do
     %{name: name, interface: interface, function: function, params: params, result: result}

@@ -192,9 +192,7 @@ defmodule Capsid.Instance do
   # The common case, a call finished within its first slice, costs one NIF
   # call and no bookkeeping; anything else gets a context to continue with.
   defp run(ref, id, pid, function, args, opts, limits, {timeout, queue_timeout}, queue) do
-    {fuel, call_timeout, max_memory} = limits
-
-    case Native.call_start(ref, function, args, fuel, call_timeout, max_memory, queue) do
+    case Native.call_start(ref, function, args, limits, queue) do
       {:ok, value, fuel_used} ->
         {{:ok, value}, fuel_used}
 
@@ -209,7 +207,7 @@ defmodule Capsid.Instance do
           name: function,
           args: args,
           limits: limits,
-          timeout: min(timeout, call_timeout || timeout),
+          timeout: min(timeout, elem(limits, 1) || timeout),
           # Taken after the first slice: waits on imports and timers may
           # overrun by at most one slice (≤ 1 ms).
           started: System.monotonic_time(:millisecond),
@@ -310,8 +308,7 @@ defmodule Capsid.Instance do
   defp step(:queued, %{id: id} = ctx) do
     receive do
       {:capsid_turn, ^id} ->
-        {fuel, timeout, max_memory} = ctx.limits
-        step(Native.call_start(ctx.ref, ctx.name, ctx.args, fuel, timeout, max_memory, true), ctx)
+        step(Native.call_start(ctx.ref, ctx.name, ctx.args, ctx.limits, true), ctx)
     after
       ctx.queue_timeout ->
         Native.call_dequeue(ctx.ref)
@@ -489,7 +486,7 @@ defmodule Capsid.Instance do
       imports: config.imports
     }
 
-    ref |> Native.call_start(nil, [], nil, nil, nil, true) |> step(ctx) |> elem(0)
+    ref |> Native.call_start(nil, [], {nil, nil, nil}, true) |> step(ctx) |> elem(0)
   end
 
   ## GenServer

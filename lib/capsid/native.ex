@@ -10,13 +10,12 @@ defmodule Capsid.Native do
     :erlang.load_nif(path, 0)
   end
 
-  def component_compile(_bytes), do: :erlang.nif_error(:nif_not_loaded)
+  def component_compile(_bytes, _cache_dir), do: :erlang.nif_error(:nif_not_loaded)
 
   def instance_new(_component, _provided, _limits, _max_queue),
     do: :erlang.nif_error(:nif_not_loaded)
 
-  def call_start(_instance, _name, _args, _fuel, _timeout, _max_memory, _queue),
-    do: :erlang.nif_error(:nif_not_loaded)
+  def call_start(_instance, _name, _args, _limits, _queue), do: :erlang.nif_error(:nif_not_loaded)
 
   def call_resume(_instance, _reply), do: :erlang.nif_error(:nif_not_loaded)
   def call_cancel(_instance, _waited_ms), do: :erlang.nif_error(:nif_not_loaded)

@@ -14,6 +14,9 @@ defmodule Capsid.Telemetry do
     * `[:capsid, :call, :exception]` — the call raised (bad options, a
       Capsid bug): measurements `%{duration}`; metadata `%{instance,
       function, kind, reason, stacktrace}`.
+    * `[:capsid, :component, :load]` — measurements `%{duration, size}`;
+      metadata `%{hash, cache}` (`cache`: `:hit`, `:miss`, `:rejected`,
+      `:disabled`).
     * `[:capsid, :instance, :recycle]` — a trap discarded the instance's
       store; the next call starts from a fresh one: measurements
       `%{count: 1}`; metadata `%{instance, reason: trap_kind}`.

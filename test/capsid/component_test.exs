@@ -63,8 +63,12 @@ defmodule Capsid.ComponentTest do
     test "a non-binary is refused, unknown options raise" do
       assert {:error, %Error{kind: :invalid_component}} = Component.load(123)
 
-      assert_raise ArgumentError, ~r/unknown option :cache/, fn ->
-        Component.load(Capsid.Guests.path(:toolkit), cache: true)
+      assert_raise ArgumentError, ~r/unknown option :cahce.*Did you mean :cache/, fn ->
+        Component.load(Capsid.Guests.path(:toolkit), cahce: true)
+      end
+
+      assert_raise ArgumentError, ~r/invalid value for :cache/, fn ->
+        Component.load(Capsid.Guests.path(:toolkit), cache: :yes)
       end
     end
 
