@@ -110,4 +110,70 @@ defmodule Capsid do
       {:error, exception} -> raise exception
     end
   end
+
+  ## Deployments
+
+  @doc """
+  Starts the deployment `name` with the component at `path_or_bytes`, or
+  upgrades it if it runs already. See `Capsid.Deployment` for the steps of an
+  upgrade: the new version is compiled, checked and started before anything
+  changes, and the switch is atomic; on any error the running version keeps
+  serving and the error is returned.
+
+  Options: `:size` (instances, default `System.schedulers_online()`),
+  `:imports` and the limits of `Capsid.Instance.start_link/1`, `:force`
+  (skip the compatibility check), `:cache` (as in `Capsid.Component.load/2`),
+  `:watch` (redeploy when the file changes; polled every `:watch_interval`
+  ms, default 1000). Options given to an upgrade are merged into the
+  deployment's.
+
+      iex> {:ok, info} = Capsid.deploy(:doc_greeter, Capsid.Guests.path(:greeter_v1), size: 1)
+      iex> info.current.version
+      1
+      iex> Capsid.call(:doc_greeter, "hello", ["Ada"])
+      {:ok, "Hello, Ada!"}
+      iex> {:ok, _} = Capsid.deploy(:doc_greeter, Capsid.Guests.path(:greeter_v2))
+      iex> Capsid.call(:doc_greeter, "hello", ["Ada"])
+      {:ok, "Hi Ada, welcome back!"}
+      iex> {:ok, _} = Capsid.rollback(:doc_greeter)
+      iex> Capsid.call(:doc_greeter, "version", [])
+      {:ok, 1}
+      iex> Capsid.undeploy(:doc_greeter)
+      :ok
+  """
+  @spec deploy(atom(), Path.t() | binary(), keyword()) ::
+          {:ok, map()} | {:error, Error.t() | Trap.t()}
+  def deploy(name, path_or_bytes, opts \\ []),
+    do: Capsid.Deployment.deploy(name, path_or_bytes, opts)
+
+  @doc """
+  The current and previous versions of a deployment: version number, SHA-256,
+  load time and source path of each; with `watch: true`, the watched path
+  and the last reload error (`nil` after a successful reload).
+  """
+  @spec versions(atom()) :: {:ok, map()} | {:error, Error.t()}
+  def versions(name), do: Capsid.Deployment.call_server(name, :versions)
+
+  @doc """
+  Swaps back to the previous version (kept compiled in memory), the same way
+  as an upgrade, state handoff included. The version rolled back from
+  becomes the previous one.
+  """
+  @spec rollback(atom()) :: {:ok, map()} | {:error, Error.t() | Trap.t()}
+  def rollback(name), do: Capsid.Deployment.call_server(name, :rollback)
+
+  @doc "Stops a deployment and all its instances."
+  @spec undeploy(atom()) :: :ok | {:error, Error.t()}
+  def undeploy(name) do
+    case Capsid.Deployment.undeploy(name) do
+      :ok ->
+        :ok
+
+      {:error, :not_found} ->
+        {:error, Error.new(:instance_down, "no deployment named #{inspect(name)}")}
+
+      {:error, _} = error ->
+        error
+    end
+  end
 end

@@ -32,6 +32,7 @@ rustler::atoms! {
     wait,
     queued,
     taken,
+    retired,
     capsid_turn,
     waiting,
     calls,
@@ -199,6 +200,9 @@ pub struct InstanceResource {
     slot: Mutex<Slot>,
     control: Mutex<Control>,
     stats: Stats,
+    /// Set by a hot swap: calls already running (and their imports) finish
+    /// here, every call that starts afterwards is turned away.
+    retired: std::sync::atomic::AtomicBool,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -233,6 +237,8 @@ enum Turn {
     Queued,
     /// Busy, and the caller asked not to wait.
     Taken,
+    /// Replaced by a newer version: new calls must go there.
+    Retired,
 }
 
 impl InstanceResource {
@@ -257,6 +263,20 @@ impl InstanceResource {
         queue: bool,
     ) -> Result<Turn, Error> {
         let mut ctl = lock(&this.control);
+        if this.retired.load(Ordering::Acquire) {
+            // Pass a granted turn on, so the waiters behind learn it too.
+            if ctl
+                .owner
+                .as_ref()
+                .is_some_and(|o| o.pid == pid && !o.started)
+            {
+                if let Some(mon) = ctl.owner.take().and_then(|o| o.monitor) {
+                    this.demonitor(Some(env), &mon);
+                }
+                this.grant_next(env, &mut ctl);
+            }
+            return Ok(Turn::Retired);
+        }
         let idle = ctl.queue.is_empty();
         match ctl.owner.as_mut() {
             None if idle => {
@@ -436,6 +456,7 @@ fn instance_new<'a>(
                 slot: Mutex::new(Slot::Empty),
                 control: Mutex::new(Control::default()),
                 stats: Stats::default(),
+                retired: Default::default(),
             };
             let id = res.id;
             (ok(), (ResourceArc::new(res), id)).encode(env)
@@ -553,6 +574,7 @@ fn call_start<'a>(
         Err(e) => return e.encode(env),
         Ok(Turn::Queued) => return queued().encode(env),
         Ok(Turn::Taken) => return taken().encode(env),
+        Ok(Turn::Retired) => return retired().encode(env),
         Ok(Turn::Go) => {}
     }
     let (fuel, timeout, max_memory) = limits;
@@ -656,6 +678,33 @@ fn call_cancel<'a>(env: Env<'a>, this: ResourceArc<InstanceResource>, waited_ms:
     this.stats.recycles.fetch_add(1, Ordering::Relaxed);
     InstanceResource::release(&this, env);
     encode_trap(env, &info, 0)
+}
+
+/// Retires the instance (a hot swap replaced it): new calls answer
+/// `:retired`; the running call and its imports finish normally. Waiters are
+/// woken so they can go to the new version.
+#[cfg_attr(not(test), rustler::nif)]
+fn instance_retire(env: Env, this: ResourceArc<InstanceResource>) -> rustler::Atom {
+    this.retired.store(true, Ordering::Release);
+    let mut ctl = lock(&this.control);
+    // Everyone queued gets a turn message: on it they call again, see
+    // `:retired`, and go to the new version.
+    let waiters: Vec<Waiter> = ctl.queue.drain(..).collect();
+    drop(ctl);
+    for w in waiters {
+        if let Some(mon) = w.monitor {
+            this.demonitor(Some(env), &mon);
+        }
+        let _ = env.send(&w.pid, (capsid_turn(), this.id));
+    }
+    ok()
+}
+
+/// True when no call is running or waiting: a retired instance can stop.
+#[cfg_attr(not(test), rustler::nif)]
+fn instance_idle(this: ResourceArc<InstanceResource>) -> bool {
+    let ctl = lock(&this.control);
+    ctl.owner.is_none() && ctl.queue.is_empty()
 }
 
 /// Leaves the wait queue (the caller gave up waiting for its turn).

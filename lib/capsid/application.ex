@@ -5,6 +5,13 @@ defmodule Capsid.Application do
   @impl true
   def start(_type, _args) do
     Capsid.Telemetry.setup()
-    Supervisor.start_link([Capsid.Registry], strategy: :one_for_one, name: Capsid.Supervisor)
+
+    children = [
+      Capsid.Registry,
+      {Registry, keys: :unique, name: Capsid.Deployments},
+      {DynamicSupervisor, name: Capsid.DeploymentSupervisor, strategy: :one_for_one}
+    ]
+
+    Supervisor.start_link(children, strategy: :one_for_one, name: Capsid.Supervisor)
   end
 end

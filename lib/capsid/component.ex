@@ -160,7 +160,7 @@ defmodule Capsid.Component do
   @spec default_cache_dir() :: Path.t()
   def default_cache_dir do
     Application.get_env(:capsid, :cache_dir) ||
-      :filename.basedir(:user_cache, "capsid") |> List.to_string()
+      :filename.basedir(:user_cache, "capsid")
   end
 
   defp cache_dir!(true), do: default_cache_dir()

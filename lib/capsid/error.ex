@@ -14,6 +14,8 @@ defmodule Capsid.Error do
     * `:file_error` — the component file could not be read.
     * `:link` — the component imports something the host does not provide
       (each missing import is named).
+    * `:incompatible` — an upgrade would remove or change the type of a
+      function the running version exports (each mismatch is named).
     * `:busy` — the instance's wait queue is full, or the caller waited
       longer than `:queue_timeout` for its turn.
     * `:instance_down` — no live instance behind the target.
@@ -34,6 +36,7 @@ defmodule Capsid.Error do
           | :invalid_component
           | :file_error
           | :link
+          | :incompatible
           | :busy
           | :instance_down
           | :internal

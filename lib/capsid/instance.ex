@@ -127,39 +127,83 @@ defmodule Capsid.Instance do
   @doc false
   # The call path of `Capsid.call/4`.
   def call(target, function, args, opts) do
-    with {:ok, pid} <- whereis(target) do
-      limits =
-        case opts do
-          [] ->
-            {nil, nil, nil}
-
-          _ ->
-            Capsid.Options.validate!(
-              opts,
-              [:queue_timeout | Limits.per_call_keys()],
-              "Capsid.call/4"
-            )
-
-            Limits.call_values!(opts)
-        end
-
-      case Registry.lookup(pid) do
-        {:ok, ref, id, timeouts} when node(pid) == node() ->
-          if Process.alive?(pid) do
-            traced(pid, function, fn ->
-              run(ref, id, pid, function, args, opts, limits, timeouts, true)
-            end)
-          else
-            down(target)
-          end
-
-        {:pool, members} ->
-          traced(pid, function, fn -> pool_call(members, function, args, opts, limits) end)
+    limits =
+      case opts do
+        [] ->
+          {nil, nil, nil}
 
         _ ->
-          down(target)
+          Capsid.Options.validate!(
+            opts,
+            [:queue_timeout | Limits.per_call_keys()],
+            "Capsid.call/4"
+          )
+
+          Limits.call_values!(opts)
       end
+
+    case resolve(target) do
+      {:ok, pid, ref, id, timeouts} ->
+        traced(pid, function, fn ->
+          case run(ref, id, pid, function, args, opts, limits, timeouts, true) do
+            :retired ->
+              {{:error, Error.new(:instance_down, "#{inspect(target)} was retired by a hot swap")},
+               0}
+
+            result ->
+              result
+          end
+        end)
+
+      {:pool, pid, members} ->
+        traced(pid, function, fn ->
+          pool_call(target, members, function, args, opts, limits, 5)
+        end)
+
+      {:error, _} = error ->
+        error
     end
+  end
+
+  # A target is a deployment name, a pool, or an instance (pid or name).
+  defp resolve(target) when is_atom(target) do
+    case Registry.lookup_deployment(target) do
+      {:pool, members} -> {:pool, target, members}
+      nil -> resolve_pid(GenServer.whereis(target), target)
+    end
+  end
+
+  defp resolve(target), do: resolve_pid(GenServer.whereis(target), target)
+
+  defp resolve_pid(pid, target) when is_pid(pid) and node(pid) == node() do
+    case Registry.lookup(pid) do
+      {:ok, ref, id, timeouts} ->
+        if Process.alive?(pid), do: {:ok, pid, ref, id, timeouts}, else: down(target)
+
+      {:pool, members} ->
+        {:pool, pid, members}
+
+      :error ->
+        # A name is registered before init/1 runs: the process may still be
+        # starting. A call is served once init/1 is done; then look again.
+        if ready?(pid), do: resolve_pid(pid, target, :ready), else: down(target)
+    end
+  end
+
+  defp resolve_pid(_pid, target), do: down(target)
+
+  defp resolve_pid(pid, target, :ready) do
+    case Registry.lookup(pid) do
+      {:ok, ref, id, timeouts} -> {:ok, pid, ref, id, timeouts}
+      {:pool, members} -> {:pool, pid, members}
+      :error -> down(target)
+    end
+  end
+
+  defp ready?(pid) do
+    Process.alive?(pid) and GenServer.call(pid, :capsid_ready, 1_000) == :ok
+  catch
+    :exit, _ -> false
   end
 
   defp traced(pid, function, start) do
@@ -169,10 +213,26 @@ defmodule Capsid.Instance do
   # A pool member is picked from the caller's scheduler id, so callers on
   # different schedulers use different members without coordinating. A busy
   # member is skipped; when all are busy the caller queues on its own one.
-  defp pool_call(members, function, args, opts, limits) do
+  # A member retired by a hot swap (or gone) sends the call back to resolve
+  # the target again: it then lands on the new version.
+  defp pool_call(target, members, function, args, opts, limits, tries) do
     n = tuple_size(members)
     first = rem(:erlang.system_info(:scheduler_id), n)
-    try_members(members, first, 0, n, function, args, opts, limits)
+
+    case try_members(members, first, 0, n, function, args, opts, limits) do
+      :retry when tries > 0 ->
+        case resolve(target) do
+          {:pool, _, members} -> pool_call(target, members, function, args, opts, limits, tries - 1)
+          {:ok, _, _, _, _} -> {down(target), 0}
+          {:error, _} = error -> {error, 0}
+        end
+
+      :retry ->
+        {down(target), 0}
+
+      result ->
+        result
+    end
   end
 
   defp try_members(members, first, k, n, function, args, opts, limits) do
@@ -180,12 +240,13 @@ defmodule Capsid.Instance do
     queue = k == n - 1
 
     with {:ok, ref, id, timeouts} <- Registry.lookup(member),
-         result when result != :taken <-
+         result when result not in [:taken, :retired] <-
            run(ref, id, member, function, args, opts, limits, timeouts, queue) do
       result
     else
-      _ when k < n - 1 -> try_members(members, first, k + 1, n, function, args, opts, limits)
-      _ -> {down(member), 0}
+      :retired -> :retry
+      :error -> :retry
+      :taken when k < n - 1 -> try_members(members, first, k + 1, n, function, args, opts, limits)
     end
   end
 
@@ -196,8 +257,8 @@ defmodule Capsid.Instance do
       {:ok, value, fuel_used} ->
         {{:ok, value}, fuel_used}
 
-      :taken ->
-        :taken
+      short when short in [:taken, :retired] ->
+        short
 
       other ->
         step(other, %{
@@ -264,15 +325,6 @@ defmodule Capsid.Instance do
     end
   end
 
-  defp whereis(pid) when is_pid(pid), do: {:ok, pid}
-
-  defp whereis(name) do
-    case GenServer.whereis(name) do
-      pid when is_pid(pid) -> {:ok, pid}
-      _ -> {:error, Error.new(:instance_down, "no instance is registered as #{inspect(name)}")}
-    end
-  end
-
   defp down(target) do
     {:error, Error.new(:instance_down, "#{inspect(target)} is not a live Capsid instance")}
   end
@@ -287,6 +339,9 @@ defmodule Capsid.Instance do
   defp step({:error, {kind, message}}, _ctx), do: {{:error, Error.new(kind, message)}, 0}
 
   defp step(:yield, ctx), do: step(Native.call_resume(ctx.ref, nil), ctx)
+
+  # Retired while this caller waited in its queue: go to the new version.
+  defp step(:retired, _ctx), do: :retired
 
   defp step(:wait, %{id: id} = ctx) do
     receive do
@@ -509,6 +564,8 @@ defmodule Capsid.Instance do
   end
 
   @impl true
+  def handle_call(:capsid_ready, _from, state), do: {:reply, :ok, state}
+
   def handle_call(:info, _from, %{ref: ref, config: config} = state) do
     info =
       ref

@@ -21,4 +21,6 @@ defmodule Capsid.Native do
   def call_cancel(_instance, _waited_ms), do: :erlang.nif_error(:nif_not_loaded)
   def call_dequeue(_instance), do: :erlang.nif_error(:nif_not_loaded)
   def instance_info(_instance), do: :erlang.nif_error(:nif_not_loaded)
+  def instance_retire(_instance), do: :erlang.nif_error(:nif_not_loaded)
+  def instance_idle(_instance), do: :erlang.nif_error(:nif_not_loaded)
 end

@@ -102,6 +102,7 @@ defmodule Capsid.Pool do
   end
 
   @impl true
+  def handle_call(:capsid_ready, _from, state), do: {:reply, :ok, state}
   def handle_call(:members, _from, state), do: {:reply, state.members, state}
   def handle_call(:state, _from, state), do: {:reply, state, state}
 
@@ -113,8 +114,9 @@ defmodule Capsid.Pool do
       publish(members)
       {:noreply, %{state | members: members, replaced: state.replaced + 1}}
     else
-      # Our parent (or another linked process) exited: go down with it.
-      {:stop, reason, state}
+      # Not a member (the parent's exit is handled by gen_server itself).
+      _ = reason
+      {:noreply, state}
     end
   end
 

@@ -32,6 +32,21 @@ defmodule Capsid.Registry do
   end
 
   @doc false
+  # A deployment: calls to `name` go to one of `members`. Swapping versions
+  # is one put: atomic for every reader.
+  def register_deployment(name, members) do
+    :persistent_term.put({__MODULE__, {:deployment, name}}, {:pool, members})
+  end
+
+  @doc false
+  def unregister_deployment(name), do: :persistent_term.erase({__MODULE__, {:deployment, name}})
+
+  @doc false
+  def lookup_deployment(name) do
+    :persistent_term.get({__MODULE__, {:deployment, name}}, nil)
+  end
+
+  @doc false
   def unregister(pid) do
     :ets.delete(@table, pid)
     :persistent_term.erase({__MODULE__, pid})

@@ -77,7 +77,7 @@ defmodule Capsid.InstanceTest do
     end
   end
 
-  defp wait_until(fun, tries \\ 100) do
+  defp wait_until(fun, tries \\ 1_000) do
     cond do
       fun.() -> :ok
       tries == 0 -> flunk("condition never became true")

@@ -1,0 +1,244 @@
+defmodule Capsid.DeploymentTest do
+  use ExUnit.Case, async: true
+
+  alias Capsid.Error
+
+  @v1 Capsid.Guests.path(:greeter_v1)
+  @v2 Capsid.Guests.path(:greeter_v2)
+  @bad Capsid.Guests.path(:greeter_bad)
+  @hello %{1 => "Hello, Ada!", 2 => "Hi Ada, welcome back!"}
+
+  doctest Capsid, only: [deploy: 3]
+
+  setup context do
+    name = :"deploy_#{context.line}_#{System.unique_integer([:positive])}"
+    on_exit(fn -> Capsid.undeploy(name) end)
+    %{name: name}
+  end
+
+  test "deploy, call, versions, upgrade, rollback, undeploy", %{name: name} do
+    assert {:ok, %{current: %{version: 1, hash: h1}, previous: nil}} =
+             Capsid.deploy(name, @v1, size: 1)
+
+    assert Capsid.call(name, "hello", ["Ada"]) == {:ok, "Hello, Ada!"}
+
+    assert {:ok, %{current: %{version: 2, hash: h2}, previous: %{version: 1, hash: ^h1}}} =
+             Capsid.deploy(name, @v2)
+
+    assert h1 != h2
+    assert Capsid.call(name, "hello", ["Ada"]) == {:ok, "Hi Ada, welcome back!"}
+    assert {:ok, %{current: %{hash: ^h2, loaded_at: %DateTime{}}}} = Capsid.versions(name)
+
+    assert {:ok, %{current: %{hash: ^h1}, previous: %{hash: ^h2}}} = Capsid.rollback(name)
+    assert Capsid.call(name, "hello", ["Ada"]) == {:ok, "Hello, Ada!"}
+
+    assert Capsid.undeploy(name) == :ok
+    assert {:error, %Error{kind: :instance_down}} = Capsid.call(name, "hello", ["Ada"])
+    assert {:error, %Error{kind: :instance_down}} = Capsid.versions(name)
+  end
+
+  test "an incompatible upgrade is refused, naming each mismatch; the old version keeps serving",
+       %{name: name} do
+    {:ok, _} = Capsid.deploy(name, @v1, size: 1)
+    assert {:error, %Error{kind: :incompatible, message: msg}} = Capsid.deploy(name, @bad)
+    assert msg =~ "acme:greeter/greet@1.0.0#version changed type: func() -> u32 → func() -> string"
+    assert msg =~ "acme:greeter/greet@1.0.0#count is missing"
+    assert Capsid.call(name, "hello", ["Ada"]) == {:ok, "Hello, Ada!"}
+    assert {:ok, %{current: %{version: 1}}} = Capsid.versions(name)
+
+    # force: true deploys it anyway.
+    assert {:ok, %{current: %{version: 2}}} = Capsid.deploy(name, @bad, force: true)
+    assert Capsid.call(name, "version", []) == {:ok, "three"}
+  end
+
+  test "a component that fails to compile or link never disturbs the running version", %{name: name} do
+    {:ok, _} = Capsid.deploy(name, @v1, size: 1)
+    {:ok, 1} = Capsid.call(name, "count", [])
+
+    assert {:error, %Error{kind: :invalid_component}} =
+             Capsid.deploy(name, <<0, "asm", 1, 0, 0, 0>>)
+
+    assert {:error, %Error{kind: :file_error}} = Capsid.deploy(name, "/no/such/file.wasm")
+
+    # The toolkit needs imports this deployment does not provide: a link error.
+    assert {:error, %Error{kind: :link}} =
+             Capsid.deploy(name, Capsid.Guests.path(:toolkit), force: true)
+
+    assert Capsid.call(name, "count", []) == {:ok, 2}, "guest state was disturbed"
+    assert {:ok, %{current: %{version: 1}, previous: nil}} = Capsid.versions(name)
+  end
+
+  test "state moves across a swap and back through capsid:host/lifecycle", %{name: name} do
+    {:ok, _} = Capsid.deploy(name, @v1, size: 1)
+    for n <- 1..3, do: assert(Capsid.call(name, "count", []) == {:ok, n})
+
+    {:ok, _} = Capsid.deploy(name, @v2)
+    assert Capsid.call(name, "version", []) == {:ok, 2}
+    assert Capsid.call(name, "count", []) == {:ok, 4}
+
+    {:ok, _} = Capsid.rollback(name)
+    assert Capsid.call(name, "version", []) == {:ok, 1}
+    assert Capsid.call(name, "count", []) == {:ok, 5}
+  end
+
+  test "without lifecycle on both sides, new instances start fresh", %{name: name} do
+    {:ok, _} = Capsid.deploy(name, @v1, size: 1)
+    {:ok, 1} = Capsid.call(name, "count", [])
+    {:ok, _} = Capsid.deploy(name, @bad, force: true)
+    {:ok, _} = Capsid.deploy(name, @v1, force: true)
+    assert Capsid.call(name, "count", []) == {:ok, 1}
+  end
+
+  test "a second deploy of the same bytes loads from the cache, without compiling", %{name: name} do
+    bytes = File.read!(@v2)
+    {:ok, _} = Capsid.deploy(name, bytes, size: 1)
+    :ok = Capsid.undeploy(name)
+    assert {:ok, %{current: %{cache: :hit}}} = Capsid.deploy(name, bytes, size: 1)
+  end
+
+  test "swap and rollback events carry both hashes", %{name: name} do
+    test = self()
+    id = make_ref()
+
+    for e <- [:swap, :rollback] do
+      :telemetry.attach(
+        {id, e},
+        [:capsid, :deploy, e],
+        fn ev, m, meta, _ -> send(test, {ev, m, meta}) end,
+        nil
+      )
+    end
+
+    on_exit(fn -> for e <- [:swap, :rollback], do: :telemetry.detach({id, e}) end)
+
+    {:ok, %{current: %{hash: h1}}} = Capsid.deploy(name, @v1, size: 1)
+    {:ok, %{current: %{hash: h2}}} = Capsid.deploy(name, @v2)
+
+    assert_receive {[:capsid, :deploy, :swap], %{duration: d},
+                    %{name: ^name, old_hash: ^h1, new_hash: ^h2}}
+
+    assert d > 0
+    {:ok, _} = Capsid.rollback(name)
+    assert_receive {[:capsid, :deploy, :rollback], _, %{name: ^name, old_hash: ^h2, new_hash: ^h1}}
+  end
+
+  test "watch: true redeploys when the file changes", %{name: name} do
+    path = Path.join(System.tmp_dir!(), "capsid-watch-#{System.unique_integer([:positive])}.wasm")
+    on_exit(fn -> File.rm(path) end)
+    File.cp!(@v1, path)
+
+    {:ok, _} = Capsid.deploy(name, path, size: 1, watch: true, watch_interval: 20)
+    assert Capsid.call(name, "version", []) == {:ok, 1}
+
+    ExUnit.CaptureLog.capture_log(fn ->
+      File.cp!(@v2, path)
+      wait_until(fn -> Capsid.call(name, "version", []) == {:ok, 2} end)
+    end)
+
+    # A bad file is logged and skipped; the running version stays.
+    log =
+      ExUnit.CaptureLog.capture_log(fn ->
+        File.cp!(@bad, path)
+
+        wait_until(fn ->
+          match?({:ok, %{watch: %{last_error: %Error{kind: :incompatible}}}}, Capsid.versions(name))
+        end)
+      end)
+
+    assert log =~ "kept the running version"
+    assert Capsid.call(name, "version", []) == {:ok, 2}
+  end
+
+  test "bad arguments raise", %{name: name} do
+    assert_raise ArgumentError, ~r/unknown option :sise.*Did you mean :size/, fn ->
+      Capsid.deploy(name, @v1, sise: 1)
+    end
+
+    assert_raise ArgumentError, ~r/file path to watch/, fn ->
+      Capsid.deploy(name, File.read!(@v1), watch: true)
+    end
+
+    assert_raise ArgumentError, ~r/must be an atom/, fn -> Capsid.deploy("calc", @v1) end
+  end
+
+  @tag timeout: 180_000
+  test "under load, 20 swaps back and forth: no failed call, each reply from one version, " <>
+         "and none from the old version once a swap has returned",
+       %{name: name} do
+    {:ok, _} = Capsid.deploy(name, @v1, size: 2)
+    parent = self()
+    stop = :atomics.new(1, [])
+
+    callers =
+      for _ <- 1..8 do
+        spawn_link(fn ->
+          results =
+            Stream.repeatedly(fn ->
+              t = System.monotonic_time()
+              {t, Capsid.call(name, "hello", ["Ada"])}
+            end)
+            |> Enum.reduce_while([], fn r, acc ->
+              if :atomics.get(stop, 1) == 1, do: {:halt, [r | acc]}, else: {:cont, [r | acc]}
+            end)
+
+          send(parent, {:results, results})
+        end)
+      end
+
+    Process.sleep(50)
+
+    swaps =
+      for i <- 1..20 do
+        {version, path} = if rem(i, 2) == 1, do: {2, @v2}, else: {1, @v1}
+        started = System.monotonic_time()
+        assert {:ok, _} = Capsid.deploy(name, path)
+        returned = System.monotonic_time()
+        Process.sleep(10)
+        {started, returned, version}
+      end
+
+    :atomics.put(stop, 1, 1)
+
+    results =
+      for _ <- callers, reduce: [] do
+        acc ->
+          assert_receive {:results, r}, 30_000
+          r ++ acc
+      end
+
+    assert length(results) > 200, "too few calls under load: #{length(results)}"
+    failed = Enum.reject(results, fn {_, r} -> match?({:ok, _}, r) end)
+    assert failed == [], "failed calls: #{inspect(Enum.take(failed, 5))}"
+
+    texts = Map.values(@hello)
+    assert Enum.all?(results, fn {_, {:ok, text}} -> text in texts end)
+
+    # Between a swap's return and the next swap's start, only that swap's
+    # version may answer.
+    windows =
+      swaps
+      |> Enum.chunk_every(2, 1, [{:infinity, nil, nil}])
+      |> Enum.map(fn [{_, returned, version}, {next_started, _, _}] ->
+        {returned, next_started, version}
+      end)
+
+    wrong =
+      for {t, {:ok, text}} <- results,
+          {from, to, version} <- windows,
+          t >= from and (to == :infinity or t < to),
+          text != @hello[version],
+          do: {t, text, version}
+
+    assert wrong == [],
+           "calls landed on the old version after a swap returned: #{inspect(Enum.take(wrong, 5))}"
+  end
+
+  # Generous: a reload compiles, and CI machines are shared and noisy.
+  defp wait_until(fun, tries \\ 2_000) do
+    cond do
+      fun.() -> :ok
+      tries == 0 -> flunk("condition never became true")
+      true -> Process.sleep(10) && wait_until(fun, tries - 1)
+    end
+  end
+end
