@@ -1,6 +1,6 @@
 # The two commands of README: `make demo` and `make test`. Both install what
 # is missing first (scripts/setup.sh) and build everything through mix.
-.PHONY: demo test lint setup
+.PHONY: demo test setup bench
 
 setup:
 	@bash scripts/setup.sh
@@ -16,3 +16,7 @@ test: setup
 	MIX_ENV=test mix format --check-formatted
 	MIX_ENV=test mix compile --warnings-as-errors --force
 	MIX_ENV=test mix test --include stress
+
+# All benchmarks (not part of `make test`: they need a quiet machine).
+bench: setup
+	bash bench/run.sh

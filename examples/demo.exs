@@ -147,3 +147,70 @@ for {name, pid} <- [fueled: fueled, timed: timed] do
   traps = info.traps |> Enum.reject(fn {_, n} -> n == 0 end) |> Map.new()
   IO.puts("  #{name} info: calls=#{info.calls} recycles=#{info.recycles} traps=#{inspect(traps)}")
 end
+
+section.("Hot swap: v1 -> v2 -> rollback, while 4 processes call without pause")
+v1 = Capsid.Guests.path(:greeter_v1)
+v2 = Capsid.Guests.path(:greeter_v2)
+{:ok, _} = Capsid.deploy(:greeter, v1, size: 2)
+stop = :atomics.new(1, [])
+parent = self()
+
+streams =
+  for _ <- 1..4 do
+    spawn_link(fn ->
+      tally =
+        Stream.repeatedly(fn -> Capsid.call(:greeter, "hello", ["Ada"]) end)
+        |> Enum.reduce_while(%{}, fn result, acc ->
+          acc = Map.update(acc, result, 1, &(&1 + 1))
+          if :atomics.get(stop, 1) == 1, do: {:halt, acc}, else: {:cont, acc}
+        end)
+
+      send(parent, {:tally, tally})
+    end)
+  end
+
+Process.sleep(200)
+
+for {label, action} <- [
+      {"Capsid.deploy(:greeter, v2)", fn -> Capsid.deploy(:greeter, v2) end},
+      {"Capsid.rollback(:greeter)", fn -> Capsid.rollback(:greeter) end}
+    ] do
+  {us, {:ok, info}} = :timer.tc(action)
+
+  IO.puts(
+    "  #{label}  # #{div(us, 1000)} ms, now version #{info.current.version} (sha256 #{String.slice(info.current.hash, 0, 12)}, cache #{info.current.cache})"
+  )
+
+  show.(~s|  Capsid.call(:greeter, "hello", ["Ada"])|, Capsid.call(:greeter, "hello", ["Ada"]))
+  Process.sleep(200)
+end
+
+{:error, error} = Capsid.deploy(:greeter, Capsid.Guests.path(:greeter_bad))
+IO.puts("  Capsid.deploy(:greeter, greeter_bad)  # refused, the running version keeps serving")
+IO.puts("    message: #{Exception.message(error)}")
+Process.sleep(100)
+:atomics.put(stop, 1, 1)
+
+tally =
+  Enum.reduce(streams, %{}, fn _, acc ->
+    receive do
+      {:tally, t} -> Map.merge(acc, t, fn _, a, b -> a + b end)
+    end
+  end)
+
+IO.puts("  the call stream, by reply:")
+
+for {reply, n} <- Enum.sort_by(tally, fn {_, n} -> -n end),
+    do: IO.puts("    #{String.pad_leading(Integer.to_string(n), 7)} x #{inspect(reply)}")
+
+failed =
+  tally |> Enum.reject(fn {r, _} -> match?({:ok, _}, r) end) |> Enum.map(&elem(&1, 1)) |> Enum.sum()
+
+IO.puts("  failed calls: #{failed}")
+{:ok, versions} = Capsid.versions(:greeter)
+
+IO.puts(
+  "  Capsid.versions(:greeter): current v#{versions.current.version}, previous v#{versions.previous.version}"
+)
+
+:ok = Capsid.undeploy(:greeter)
