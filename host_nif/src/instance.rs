@@ -265,16 +265,7 @@ impl InstanceResource {
         let mut ctl = lock(&this.control);
         if this.retired.load(Ordering::Acquire) {
             // Pass a granted turn on, so the waiters behind learn it too.
-            if ctl
-                .owner
-                .as_ref()
-                .is_some_and(|o| o.pid == pid && !o.started)
-            {
-                if let Some(mon) = ctl.owner.take().and_then(|o| o.monitor) {
-                    this.demonitor(Some(env), &mon);
-                }
-                this.grant_next(env, &mut ctl);
-            }
+            Self::leave(this, env, &mut ctl, pid);
             return Ok(Turn::Retired);
         }
         let idle = ctl.queue.is_empty();
@@ -324,6 +315,30 @@ impl InstanceResource {
             this.demonitor(Some(env), &mon);
         }
         this.grant_next(env, &mut ctl);
+    }
+
+    /// Takes `pid` out of the line: out of the queue, or, if its turn was
+    /// granted but not used, passes the turn on. Its monitors go with it.
+    fn leave(this: &ResourceArc<Self>, env: Env, ctl: &mut Control, pid: LocalPid) {
+        ctl.queue.retain(|w| {
+            if w.pid != pid {
+                return true;
+            }
+            if let Some(mon) = &w.monitor {
+                this.demonitor(Some(env), mon);
+            }
+            false
+        });
+        if ctl
+            .owner
+            .as_ref()
+            .is_some_and(|o| o.pid == pid && !o.started)
+        {
+            if let Some(mon) = ctl.owner.take().and_then(|o| o.monitor) {
+                this.demonitor(Some(env), &mon);
+            }
+            this.grant_next(env, ctl);
+        }
     }
 
     /// The owner is about to leave a call suspended between NIF calls: make
@@ -712,29 +727,7 @@ fn instance_idle(this: ResourceArc<InstanceResource>) -> bool {
 fn call_dequeue(env: Env, this: ResourceArc<InstanceResource>) -> rustler::Atom {
     let pid = env.pid();
     let mut ctl = lock(&this.control);
-    let mut removed = Vec::new();
-    ctl.queue.retain(|w| {
-        if w.pid == pid {
-            removed.push(w.monitor);
-            false
-        } else {
-            true
-        }
-    });
-    // If the turn was already granted, hand it straight on.
-    if ctl
-        .owner
-        .as_ref()
-        .is_some_and(|o| o.pid == pid && !o.started)
-    {
-        if let Some(mon) = ctl.owner.take().and_then(|o| o.monitor) {
-            this.demonitor(Some(env), &mon);
-        }
-        this.grant_next(env, &mut ctl);
-    }
-    for mon in removed.into_iter().flatten() {
-        this.demonitor(Some(env), &mon);
-    }
+    InstanceResource::leave(&this, env, &mut ctl, pid);
     ok()
 }
 

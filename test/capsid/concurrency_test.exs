@@ -1,4 +1,5 @@
 defmodule Capsid.ConcurrencyTest do
+  import Capsid.TestHelpers
   use ExUnit.Case, async: true
 
   alias Capsid.{Error, Instance, Pool, Trap}
@@ -7,11 +8,6 @@ defmodule Capsid.ConcurrencyTest do
 
   setup_all do
     %{component: Capsid.Component.load!(Capsid.Guests.path(:faulty))}
-  end
-
-  defp start(component, opts) do
-    opts = Keyword.merge([component: component, imports: %{"hook" => & &1}], opts)
-    start_supervised!(Supervisor.child_spec({Instance, opts}, id: make_ref()))
   end
 
   # Occupies `pid` with a long call from another process; returns its task.
@@ -24,14 +20,6 @@ defmodule Capsid.ConcurrencyTest do
   defp busy?(pid) do
     # A zero-wait probe: a busy instance makes the caller give up at once.
     match?({:error, %Error{kind: :busy}}, Capsid.call(pid, "ok", [0], queue_timeout: 0))
-  end
-
-  defp wait_until(fun, tries \\ 500) do
-    cond do
-      fun.() -> :ok
-      tries == 0 -> flunk("condition never became true")
-      true -> Process.sleep(1) && wait_until(fun, tries - 1)
-    end
   end
 
   test "1,000 concurrent callers: one at a time, in arrival order, no lost or mixed replies",
@@ -48,7 +36,7 @@ defmodule Capsid.ConcurrencyTest do
       end
     end
 
-    pid = start(c, imports: %{"hook" => hook}, timeout: 120_000)
+    pid = start_instance(c, imports: %{"hook" => hook}, timeout: 120_000)
     holder = Task.async(fn -> Capsid.call(pid, "call-hook", [7], queue_timeout: 120_000) end)
     assert_receive {:holding, hook_pid}, 5_000
 
@@ -79,7 +67,7 @@ defmodule Capsid.ConcurrencyTest do
   end
 
   test "a full queue answers :busy at once", %{component: c} do
-    pid = start(c, max_queue: 2, fuel: :infinity, timeout: 60_000)
+    pid = start_instance(c, max_queue: 2, fuel: :infinity, timeout: 60_000)
     holder = occupy(pid)
     waiters = for _ <- 1..2, do: Task.async(fn -> Capsid.call(pid, "ok", [1]) end)
     wait_until(fn -> Instance.info(pid).waiting == 2 end)
@@ -92,7 +80,7 @@ defmodule Capsid.ConcurrencyTest do
   end
 
   test "a caller that waits longer than queue_timeout gives up with :busy", %{component: c} do
-    pid = start(c, fuel: :infinity, timeout: 60_000)
+    pid = start_instance(c, fuel: :infinity, timeout: 60_000)
     holder = occupy(pid)
     {micros, result} = :timer.tc(fn -> Capsid.call(pid, "ok", [1], queue_timeout: 50) end)
     assert {:error, %Error{kind: :busy, message: msg}} = result
@@ -104,7 +92,7 @@ defmodule Capsid.ConcurrencyTest do
   end
 
   test "a caller killed mid-call frees the instance for the next", %{component: c} do
-    pid = start(c, fuel: :infinity, timeout: 60_000)
+    pid = start_instance(c, fuel: :infinity, timeout: 60_000)
     victim = spawn(fn -> Capsid.call(pid, "spin", []) end)
     wait_until(fn -> busy?(pid) end)
     waiter = Task.async(fn -> Capsid.call(pid, "ok", [1], queue_timeout: 10_000) end)
@@ -127,7 +115,7 @@ defmodule Capsid.ConcurrencyTest do
       x
     end
 
-    _pid = start(c, name: :reentrant_capsid, imports: %{"hook" => hook}, timeout: 2_000)
+    _pid = start_instance(c, name: :reentrant_capsid, imports: %{"hook" => hook}, timeout: 2_000)
     assert Capsid.call(:reentrant_capsid, "call-hook", [5]) == {:ok, 5}
     assert_received :in_hook
   end

@@ -1,4 +1,5 @@
 defmodule Capsid.DeploymentTest do
+  import Capsid.TestHelpers
   use ExUnit.Case, async: true
 
   alias Capsid.Error
@@ -231,14 +232,5 @@ defmodule Capsid.DeploymentTest do
 
     assert wrong == [],
            "calls landed on the old version after a swap returned: #{inspect(Enum.take(wrong, 5))}"
-  end
-
-  # Generous: a reload compiles, and CI machines are shared and noisy.
-  defp wait_until(fun, tries \\ 2_000) do
-    cond do
-      fun.() -> :ok
-      tries == 0 -> flunk("condition never became true")
-      true -> Process.sleep(10) && wait_until(fun, tries - 1)
-    end
   end
 end

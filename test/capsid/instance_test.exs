@@ -76,12 +76,4 @@ defmodule Capsid.InstanceTest do
       Capsid.call(pid, "add", [1, 2], fuell: 1)
     end
   end
-
-  defp wait_until(fun, tries \\ 1_000) do
-    cond do
-      fun.() -> :ok
-      tries == 0 -> flunk("condition never became true")
-      true -> Process.sleep(10) && wait_until(fun, tries - 1)
-    end
-  end
 end

@@ -3,6 +3,7 @@ defmodule Capsid.SandboxTest do
   Every faulty guest in guest/faulty gets the right trap within its limit,
   the instance answers the next good call, and other processes keep working.
   """
+  import Capsid.TestHelpers
   use ExUnit.Case, async: true
 
   alias Capsid.{Instance, Trap}
@@ -11,12 +12,6 @@ defmodule Capsid.SandboxTest do
 
   setup_all do
     %{component: Capsid.Component.load!(@faulty)}
-  end
-
-  defp start(component, opts \\ []) do
-    {hook, opts} = Keyword.pop(opts, :hook, fn x -> x * 2 end)
-    opts = Keyword.merge([component: component, imports: %{"hook" => hook}], opts)
-    start_supervised!(Supervisor.child_spec({Instance, opts}, id: make_ref()))
   end
 
   # A process doing plain Elixir work the whole time; returns a function
@@ -64,21 +59,21 @@ defmodule Capsid.SandboxTest do
 
   describe "runaway loops" do
     test "an infinite loop stops on fuel", %{component: c} do
-      pid = start(c, fuel: 50_000_000)
+      pid = start_instance(c, fuel: 50_000_000)
       {trap, _ms} = assert_trap(pid, "spin", [], :out_of_fuel)
       assert trap.message =~ "fuel"
       assert "spin" in trap.backtrace
     end
 
     test "with unlimited fuel it stops on the timeout", %{component: c} do
-      pid = start(c, fuel: :infinity, timeout: 200)
+      pid = start_instance(c, fuel: :infinity, timeout: 200)
       {trap, ms} = assert_trap(pid, "spin", [], :timeout)
       assert trap.message =~ "timeout of 200 ms"
       assert ms >= 200 and ms < 2_000, "stopped after #{ms} ms"
     end
 
     test "a guest that behaves until its N-th call, then loops", %{component: c} do
-      pid = start(c, timeout: 300)
+      pid = start_instance(c, timeout: 300)
       assert Capsid.call(pid, "flaky", [3]) == {:ok, 1}
       assert Capsid.call(pid, "flaky", [3]) == {:ok, 2}
       assert_trap(pid, "flaky", [3], :out_of_fuel, fuel: 100_000_000)
@@ -90,39 +85,39 @@ defmodule Capsid.SandboxTest do
 
   describe "stack" do
     test "unbounded recursion is a stack overflow, under the VM's default flags", %{component: c} do
-      pid = start(c)
+      pid = start_instance(c)
       {trap, _} = assert_trap(pid, "recurse", [18_446_744_073_709_551_615], :stack_overflow)
       assert "faulty::recurse" in trap.backtrace
       assert length(trap.backtrace) > 10
     end
 
     test "recursion with large frames exhausts the shadow stack", %{component: c} do
-      pid = start(c)
+      pid = start_instance(c)
       assert_trap(pid, "recurse-big", [18_446_744_073_709_551_615], :memory_out_of_bounds)
     end
   end
 
   describe "memory" do
     test "an allocation bomb stops at max_memory", %{component: c} do
-      pid = start(c, max_memory: 32 * 1024 * 1024)
+      pid = start_instance(c, max_memory: 32 * 1024 * 1024)
       {trap, _} = assert_trap(pid, "alloc-bomb", [], :memory_limit)
       assert trap.message =~ "the limit is 33554432 bytes (max_memory)"
     end
 
     test "a per-call max_memory narrows the instance's", %{component: c} do
-      pid = start(c, max_memory: 256 * 1024 * 1024)
+      pid = start_instance(c, max_memory: 256 * 1024 * 1024)
       assert_trap(pid, "big-string", [100], :memory_limit, max_memory: 64 * 1024 * 1024)
     end
 
     test "a 100 MB string comes back whole when the limit allows it", %{component: c} do
-      pid = start(c, max_memory: 512 * 1024 * 1024)
+      pid = start_instance(c, max_memory: 512 * 1024 * 1024)
       assert {:ok, s} = Capsid.call(pid, "big-string", [100])
       assert byte_size(s) == 100 * 1024 * 1024
       assert binary_part(s, 0, 3) == "xxx"
     end
 
     test "an out-of-bounds read", %{component: c} do
-      pid = start(c)
+      pid = start_instance(c)
       {trap, _} = assert_trap(pid, "read-oob", [], :memory_out_of_bounds)
       assert trap.message =~ "out of bounds memory access"
     end
@@ -130,7 +125,7 @@ defmodule Capsid.SandboxTest do
 
   describe "faults" do
     test "a panic is :unreachable with its message in stderr", %{component: c} do
-      pid = start(c)
+      pid = start_instance(c)
       {trap, _} = assert_trap(pid, "panic-with", ["the answer is not 41"], :unreachable)
       assert trap.stderr =~ "panicked at"
       assert trap.stderr =~ "the answer is not 41"
@@ -138,20 +133,20 @@ defmodule Capsid.SandboxTest do
     end
 
     test "unreachable", %{component: c} do
-      pid = start(c)
+      pid = start_instance(c)
       {trap, _} = assert_trap(pid, "hit-unreachable", [], :unreachable)
       assert trap.backtrace == ["hit-unreachable"]
     end
 
     test "integer division by zero and overflow are wasm traps", %{component: c} do
-      pid = start(c)
+      pid = start_instance(c)
       assert_trap(pid, "raw-div", [1, 0], :divide_by_zero)
       assert_trap(pid, "raw-div", [-2_147_483_648, -1], :integer_overflow)
       assert Capsid.call(pid, "raw-div", [7, 2]) == {:ok, 3}
     end
 
     test "guest output never reaches the VM's terminal", %{component: c} do
-      pid = start(c)
+      pid = start_instance(c)
 
       output =
         ExUnit.CaptureIO.capture_io(fn ->
@@ -164,7 +159,7 @@ defmodule Capsid.SandboxTest do
 
   describe "imports" do
     test "an import that raises traps as :import_failed with the message", %{component: c} do
-      pid = start(c, hook: fn _ -> raise ArgumentError, "hook refused 7" end)
+      pid = start_instance(c, hook: fn _ -> raise ArgumentError, "hook refused 7" end)
       {trap, _} = assert_trap(pid, "call-hook", [7], :import_failed)
       assert trap.message == "hook refused 7"
     end
@@ -177,7 +172,7 @@ defmodule Capsid.SandboxTest do
         Process.sleep(:infinity)
       end
 
-      pid = start(c, hook: hook, timeout: 300)
+      pid = start_instance(c, hook: hook, timeout: 300)
       {trap, ms} = assert_trap(pid, "call-hook", [1], :timeout)
       assert trap.message =~ "300 ms"
       assert ms >= 300 and ms < 2_000
@@ -186,7 +181,7 @@ defmodule Capsid.SandboxTest do
     end
 
     test "an import runs in its own process, and can call another instance", %{component: c} do
-      other = start(c)
+      other = start_instance(c)
       test = self()
 
       hook = fn x ->
@@ -194,7 +189,7 @@ defmodule Capsid.SandboxTest do
         Capsid.call!(other, "ok", [x])
       end
 
-      pid = start(c, hook: hook)
+      pid = start_instance(c, hook: hook)
       assert Capsid.call(pid, "call-hook", [9]) == {:ok, 10}
       assert_received {:hook_in, hook_pid}
       assert hook_pid != self()
@@ -203,21 +198,21 @@ defmodule Capsid.SandboxTest do
 
   describe "limits" do
     test "a per-call fuel narrows, but never raises, the instance's", %{component: c} do
-      pid = start(c, fuel: 20_000_000)
+      pid = start_instance(c, fuel: 20_000_000)
       assert {:ok, _} = Capsid.call(pid, "burn", [100_000])
       assert_trap(pid, "burn", [100_000], :out_of_fuel, fuel: 1_000)
       assert_trap(pid, "burn", [100_000_000], :out_of_fuel, fuel: :infinity)
     end
 
     test "a per-call timeout never raises the instance's", %{component: c} do
-      pid = start(c, fuel: :infinity, timeout: 100)
+      pid = start_instance(c, fuel: :infinity, timeout: 100)
       {trap, ms} = assert_trap(pid, "spin", [], :timeout, timeout: 60_000)
       assert trap.message =~ "100 ms"
       assert ms < 2_000
     end
 
     test "info counts calls, traps by kind, recycles and fuel", %{component: c} do
-      pid = start(c)
+      pid = start_instance(c)
       assert {:ok, _} = Capsid.call(pid, "burn", [1_000])
       {:error, _} = Capsid.call(pid, "hit-unreachable", [])
       {:error, _} = Capsid.call(pid, "raw-div", [1, 0])
@@ -248,7 +243,7 @@ defmodule Capsid.SandboxTest do
     end
 
     test "stop events carry fuel and duration; traps emit a recycle", %{component: c} do
-      pid = start(c)
+      pid = start_instance(c)
       assert {:ok, _} = Capsid.call(pid, "burn", [10_000])
 
       assert_receive {[:capsid, :call, :stop], %{fuel: fuel, duration: d},

@@ -4,17 +4,13 @@ defmodule Capsid.VMSafetyTest do
   a memory bomb costs the OS process no more than its limit, and recycling
   does not leak. Not async: these measure the whole VM.
   """
+  import Capsid.TestHelpers
   use ExUnit.Case, async: false
 
   alias Capsid.Instance
 
   setup_all do
     %{component: Capsid.Component.load!(Capsid.Guests.path(:faulty))}
-  end
-
-  defp start(component, opts) do
-    opts = Keyword.merge([component: component, imports: %{"hook" => & &1}], opts)
-    start_supervised!(Supervisor.child_spec({Instance, opts}, id: make_ref()))
   end
 
   defp rss_bytes do
@@ -55,7 +51,7 @@ defmodule Capsid.VMSafetyTest do
   @tag timeout: 300_000
   test "CPU-bound guests on every scheduler never hold one for long", %{component: c} do
     n = System.schedulers_online()
-    instances = for _ <- 1..n, do: start(c, fuel: :infinity, timeout: 30_000)
+    instances = for _ <- 1..n, do: start_instance(c, fuel: :infinity, timeout: 30_000)
 
     # long_schedule measures wall time, so on a shared machine the OS
     # preempting a scheduler thread shows up too (measured here: 5-29 ms
@@ -111,7 +107,7 @@ defmodule Capsid.VMSafetyTest do
   @tag timeout: 120_000
   test "a memory bomb costs the OS process at most its max_memory", %{component: c} do
     limit = 64 * 1024 * 1024
-    pid = start(c, max_memory: limit)
+    pid = start_instance(c, max_memory: limit)
     :erlang.garbage_collect()
     baseline = rss_bytes()
     beam_before = :erlang.memory(:total)
@@ -147,7 +143,7 @@ defmodule Capsid.VMSafetyTest do
   @tag :stress
   @tag timeout: 600_000
   test "10,000 trap-and-recycle cycles do not grow resident memory", %{component: c} do
-    pid = start(c, [])
+    pid = start_instance(c, [])
 
     cycle = fn ->
       {:error, %Capsid.Trap{kind: :unreachable}} = Capsid.call(pid, "hit-unreachable", [])

@@ -11,6 +11,38 @@ defmodule Capsid.TestHelpers do
     }
   end
 
+  @doc """
+  Starts a supervised instance of `component` with a `hook` import (the
+  faulty guest's; `opts[:hook]`, by default the identity); returns its pid.
+  """
+  def start_instance(component, opts \\ []) do
+    {hook, opts} = Keyword.pop(opts, :hook, & &1)
+    opts = Keyword.merge([component: component, imports: %{"hook" => hook}], opts)
+    start_supervised!(Supervisor.child_spec({Capsid.Instance, opts}, id: make_ref()))
+  end
+
+  @doc """
+  Polls `fun` every millisecond until it is truthy, for at most `ms`
+  (generous by default: CI machines are shared and noisy).
+  """
+  def wait_until(fun, ms \\ 20_000) do
+    deadline = System.monotonic_time(:millisecond) + ms
+    do_wait(fun, deadline)
+  end
+
+  defp do_wait(fun, deadline) do
+    cond do
+      fun.() ->
+        :ok
+
+      System.monotonic_time(:millisecond) > deadline ->
+        ExUnit.Assertions.flunk("condition never became true")
+
+      true ->
+        Process.sleep(1) && do_wait(fun, deadline)
+    end
+  end
+
   @doc "Starts a supervised toolkit instance; returns its pid."
   def start_toolkit(opts \\ []) do
     opts = Keyword.merge([component: toolkit(), imports: toolkit_imports()], opts)
