@@ -82,6 +82,20 @@ defmodule Capsid.DeploymentTest do
     assert Capsid.call(name, "count", []) == {:ok, 5}
   end
 
+  test "a failing restore aborts the upgrade; the old version keeps serving", %{name: name} do
+    {:ok, _} = Capsid.deploy(name, @v1, size: 1)
+    {:ok, 1} = Capsid.call(name, "count", [])
+
+    assert {:error, %Error{kind: :link, message: msg}} =
+             Capsid.deploy(name, Capsid.Guests.path(:greeter_norestore))
+
+    assert msg =~ "state handoff failed"
+    assert msg =~ "restore refused 8 bytes of state"
+    assert Capsid.call(name, "version", []) == {:ok, 1}
+    assert Capsid.call(name, "count", []) == {:ok, 2}
+    assert {:ok, %{current: %{version: 1}, previous: nil}} = Capsid.versions(name)
+  end
+
   test "without lifecycle on both sides, new instances start fresh", %{name: name} do
     {:ok, _} = Capsid.deploy(name, @v1, size: 1)
     {:ok, 1} = Capsid.call(name, "count", [])
@@ -176,7 +190,8 @@ defmodule Capsid.DeploymentTest do
           results =
             Stream.repeatedly(fn ->
               t = System.monotonic_time()
-              {t, Capsid.call(name, "hello", ["Ada"])}
+              reply = Capsid.call(name, "hello", ["Ada"])
+              {t, System.monotonic_time(), reply}
             end)
             |> Enum.reduce_while([], fn r, acc ->
               if :atomics.get(stop, 1) == 1, do: {:halt, [r | acc]}, else: {:cont, [r | acc]}
@@ -208,14 +223,15 @@ defmodule Capsid.DeploymentTest do
       end
 
     assert length(results) > 200, "too few calls under load: #{length(results)}"
-    failed = Enum.reject(results, fn {_, r} -> match?({:ok, _}, r) end)
+    failed = Enum.reject(results, fn {_, _, r} -> match?({:ok, _}, r) end)
     assert failed == [], "failed calls: #{inspect(Enum.take(failed, 5))}"
 
     texts = Map.values(@hello)
-    assert Enum.all?(results, fn {_, {:ok, text}} -> text in texts end)
+    assert Enum.all?(results, fn {_, _, {:ok, text}} -> text in texts end)
 
-    # Between a swap's return and the next swap's start, only that swap's
-    # version may answer.
+    # A call that started after a swap returned, and ended before the next
+    # swap started, must have been served by that swap's version. (One that
+    # overlaps the next swap may be served by the next version.)
     windows =
       swaps
       |> Enum.chunk_every(2, 1, [{:infinity, nil, nil}])
@@ -224,9 +240,9 @@ defmodule Capsid.DeploymentTest do
       end)
 
     wrong =
-      for {t, {:ok, text}} <- results,
+      for {t, t_end, {:ok, text}} <- results,
           {from, to, version} <- windows,
-          t >= from and (to == :infinity or t < to),
+          t >= from and (to == :infinity or t_end < to),
           text != @hello[version],
           do: {t, text, version}
 
