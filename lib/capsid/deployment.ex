@@ -203,7 +203,7 @@ defmodule Capsid.Deployment do
     case start_members(component, opts) do
       {:ok, members} ->
         version = version(component, members, source, 1)
-        Registry.register_deployment(name, List.to_tuple(members))
+        Registry.register_deployment(name, members)
         {:ok, maybe_watch(%{state | current: version, number: 1})}
 
       {:error, error} ->
@@ -244,7 +244,7 @@ defmodule Capsid.Deployment do
         # A current member crashed: replace it with the same version.
         {:ok, [new]} = start_members(state.current.component, Keyword.put(state.opts, :size, 1))
         members = Enum.map(state.current.members, &if(&1 == pid, do: new, else: &1))
-        Registry.register_deployment(state.name, List.to_tuple(members))
+        Registry.register_deployment(state.name, members)
         {:noreply, put_in(state.current.members, members)}
 
       true ->
@@ -336,7 +336,7 @@ defmodule Capsid.Deployment do
     with :ok <- check(old.component, component, force),
          {:ok, members} <- start_members(component, opts),
          :ok <- hand_over(old, component, members) do
-      Registry.register_deployment(state.name, List.to_tuple(members))
+      Registry.register_deployment(state.name, members)
 
       # After the switch nobody new can pick an old member; the ones that
       # already did are turned away by the retire flag and retry.

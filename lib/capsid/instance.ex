@@ -236,16 +236,16 @@ defmodule Capsid.Instance do
   end
 
   defp try_members(members, first, k, n, function, args, opts, limits) do
-    member = elem(members, rem(first + k, n))
+    {member, ref, id, timeouts} = elem(members, rem(first + k, n))
     queue = k == n - 1
 
-    with {:ok, ref, id, timeouts} <- Registry.lookup(member),
+    with true <- ref != nil,
          result when result not in [:taken, :retired] <-
            run(ref, id, member, function, args, opts, limits, timeouts, queue) do
       result
     else
       :retired -> :retry
-      :error -> :retry
+      false -> :retry
       :taken when k < n - 1 -> try_members(members, first, k + 1, n, function, args, opts, limits)
     end
   end

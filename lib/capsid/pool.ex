@@ -136,5 +136,5 @@ defmodule Capsid.Pool do
     :ok
   end
 
-  defp publish(members), do: Registry.register_pool(self(), List.to_tuple(members))
+  defp publish(members), do: Registry.register_pool(self(), members)
 end

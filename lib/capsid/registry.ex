@@ -26,16 +26,30 @@ defmodule Capsid.Registry do
   end
 
   @doc false
-  # A pool: calls to `pid` go to one of `members` (a tuple of instance pids).
+  # A pool: calls to `pid` go to one of `members`. Each member is stored with
+  # its resource, so a pool call reads one persistent term, not two.
   def register_pool(pid, members) do
-    :persistent_term.put({__MODULE__, pid}, {:pool, members})
+    :persistent_term.put({__MODULE__, pid}, {:pool, entries(members)})
   end
 
   @doc false
   # A deployment: calls to `name` go to one of `members`. Swapping versions
   # is one put: atomic for every reader.
   def register_deployment(name, members) do
-    :persistent_term.put({__MODULE__, {:deployment, name}}, {:pool, members})
+    :persistent_term.put({__MODULE__, {:deployment, name}}, {:pool, entries(members)})
+  end
+
+  # `{pid, ref, id, timeouts}` per member; a member that is already gone is
+  # `{pid, nil, nil, nil}`, which callers treat like a retired one.
+  defp entries(members) do
+    members
+    |> Enum.map(fn pid ->
+      case lookup(pid) do
+        {:ok, ref, id, timeouts} -> {pid, ref, id, timeouts}
+        _ -> {pid, nil, nil, nil}
+      end
+    end)
+    |> List.to_tuple()
   end
 
   @doc false
