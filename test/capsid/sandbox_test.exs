@@ -17,28 +17,10 @@ defmodule Capsid.SandboxTest do
   # A process doing plain Elixir work the whole time; returns a function
   # that stops it and tells how many rounds it completed.
   defp bystander do
-    parent = self()
-
-    pid =
-      spawn_link(fn ->
-        loop = fn loop, n ->
-          receive do
-            :stop -> send(parent, {:bystander, n})
-          after
-            0 ->
-              _ = Enum.sum(1..1_000)
-              loop.(loop, n + 1)
-          end
-        end
-
-        loop.(loop, 0)
-      end)
-
-    fn ->
-      send(pid, :stop)
-      assert_receive {:bystander, n}, 5_000
-      n
-    end
+    in_background(0, 0, fn n ->
+      _ = Enum.sum(1..1_000)
+      n + 1
+    end)
   end
 
   defp assert_trap(pid, function, args, kind, opts \\ []) do

@@ -22,29 +22,15 @@ defmodule Capsid.VMSafetyTest do
 
   # Ticks every `period` ms until told to stop; reports the worst lateness.
   defp heartbeat(period) do
-    parent = self()
-
-    pid =
-      spawn_link(fn ->
-        loop = fn loop, worst ->
-          t0 = System.monotonic_time(:microsecond)
-
-          receive do
-            :stop -> send(parent, {:heartbeat, div(worst, 1000)})
-          after
-            period ->
-              late = System.monotonic_time(:microsecond) - t0 - period * 1000
-              loop.(loop, max(worst, late))
-          end
-        end
-
-        loop.(loop, 0)
+    stop =
+      in_background({0, System.monotonic_time(:microsecond)}, period, fn {worst, last} ->
+        now = System.monotonic_time(:microsecond)
+        {max(worst, now - last - period * 1000), now}
       end)
 
     fn ->
-      send(pid, :stop)
-      assert_receive {:heartbeat, worst_ms}, 5_000
-      worst_ms
+      {worst_us, _} = stop.()
+      div(worst_us, 1000)
     end
   end
 

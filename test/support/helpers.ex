@@ -43,6 +43,39 @@ defmodule Capsid.TestHelpers do
     end
   end
 
+  @doc """
+  Runs `step` in a linked background process, every `every` ms (0: as fast
+  as it can), threading `acc` through it, until stopped. Returns a function
+  that stops the process and returns the final `acc`.
+  """
+  def in_background(acc, every, step) do
+    parent = self()
+    ref = make_ref()
+
+    pid =
+      spawn_link(fn ->
+        loop = fn loop, acc ->
+          receive do
+            :stop -> send(parent, {ref, acc})
+          after
+            every -> loop.(loop, step.(acc))
+          end
+        end
+
+        loop.(loop, acc)
+      end)
+
+    fn ->
+      send(pid, :stop)
+
+      receive do
+        {^ref, acc} -> acc
+      after
+        5_000 -> ExUnit.Assertions.flunk("a background process stopped answering")
+      end
+    end
+  end
+
   @doc "Starts a supervised toolkit instance; returns its pid."
   def start_toolkit(opts \\ []) do
     opts = Keyword.merge([component: toolkit(), imports: toolkit_imports()], opts)
