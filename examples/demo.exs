@@ -178,7 +178,8 @@ for {label, action} <- [
   {us, {:ok, info}} = :timer.tc(action)
 
   IO.puts(
-    "  #{label}  # #{div(us, 1000)} ms, now version #{info.current.version} (sha256 #{String.slice(info.current.hash, 0, 12)}, cache #{info.current.cache})"
+    "  #{label}  # #{div(us, 1000)} ms; now serving sha256 #{String.slice(info.current.hash, 0, 12)}… " <>
+      "(deployment step #{info.current.version})"
   )
 
   show.(~s|  Capsid.call(:greeter, "hello", ["Ada"])|, Capsid.call(:greeter, "hello", ["Ada"]))
@@ -210,7 +211,9 @@ IO.puts("  failed calls: #{failed}")
 {:ok, versions} = Capsid.versions(:greeter)
 
 IO.puts(
-  "  Capsid.versions(:greeter): current v#{versions.current.version}, previous v#{versions.previous.version}"
+  "  Capsid.versions(:greeter): current step #{versions.current.version} " <>
+    "(#{Path.basename(versions.current.source)}), previous step #{versions.previous.version} " <>
+    "(#{Path.basename(versions.previous.source)})"
 )
 
 :ok = Capsid.undeploy(:greeter)
