@@ -25,6 +25,10 @@ defmodule Capsid.Deployment do
   The previous version's compiled component stays in memory for
   `Capsid.rollback/1`, which swaps back the same way.
 
+  Each deployment is a process under Capsid's own supervisor. If it crashes,
+  it is restarted on the version it was serving (with its previous version
+  still available for rollback), not on the one it was first deployed with.
+
   State is snapshotted while the old version still serves: a call that
   completes between the snapshot and the switch is not reflected in the new
   version's state.
@@ -200,15 +204,34 @@ defmodule Capsid.Deployment do
       watch: nil
     }
 
+    # After a crash, the supervisor restarts us with the arguments of the
+    # first deploy: come back on the version that was serving instead.
+    {component, source, opts, number, previous} =
+      case Registry.recall_deployment(name) do
+        %{current: c, previous: p, opts: o} -> {c.component, c.source, o, c.number, p}
+        nil -> {component, source, opts, 1, nil}
+      end
+
     case start_members(component, opts) do
       {:ok, members} ->
-        version = version(component, members, source, 1)
+        version = version(component, members, source, number)
         Registry.register_deployment(name, members)
-        {:ok, maybe_watch(%{state | current: version, number: 1})}
+        state = %{state | opts: opts, current: version, previous: previous, number: number}
+        {:ok, state |> remember() |> maybe_watch()}
 
       {:error, error} ->
         {:stop, error}
     end
+  end
+
+  defp remember(state) do
+    Registry.remember_deployment(state.name, %{
+      current: %{state.current | members: []},
+      previous: state.previous,
+      opts: state.opts
+    })
+
+    state
   end
 
   @impl true
@@ -288,7 +311,13 @@ defmodule Capsid.Deployment do
   def handle_info(_msg, state), do: {:noreply, state}
 
   @impl true
-  def terminate(_reason, state) do
+  def terminate(reason, state) do
+    # A deliberate stop (undeploy) forgets the deployment; a crash keeps it
+    # for the restart.
+    if reason in [:normal, :shutdown] or match?({:shutdown, _}, reason) do
+      Registry.forget_deployment(state.name)
+    end
+
     Registry.unregister_deployment(state.name)
     Enum.each(state.current.members ++ Map.keys(state.retiring), &stop_member/1)
     :ok
@@ -356,14 +385,15 @@ defmodule Capsid.Deployment do
         %{name: state.name, old_hash: old.component.hash, new_hash: component.hash}
       )
 
-      {:ok,
-       %{
-         state
-         | current: version(component, members, source, number),
-           previous: %{old | members: []},
-           number: number,
-           retiring: retiring
-       }}
+      state = %{
+        state
+        | current: version(component, members, source, number),
+          previous: %{old | members: []},
+          number: number,
+          retiring: retiring
+      }
+
+      {:ok, remember(state)}
     end
   end
 

@@ -15,6 +15,10 @@ defmodule Capsid.Registry do
   use GenServer
 
   @table :capsid_instances
+  # name → the deployment's current and previous versions, so that a
+  # deployment process restarted after a crash comes back on the version it
+  # was serving, not the one it was first deployed with.
+  @deployments :capsid_deployments
 
   def start_link(_), do: GenServer.start_link(__MODULE__, nil, name: __MODULE__)
 
@@ -61,6 +65,20 @@ defmodule Capsid.Registry do
   end
 
   @doc false
+  def remember_deployment(name, versions), do: :ets.insert(@deployments, {name, versions})
+
+  @doc false
+  def recall_deployment(name) do
+    case :ets.lookup(@deployments, name) do
+      [{_, versions}] -> versions
+      [] -> nil
+    end
+  end
+
+  @doc false
+  def forget_deployment(name), do: :ets.delete(@deployments, name)
+
+  @doc false
   def unregister(pid) do
     :ets.delete(@table, pid)
     :persistent_term.erase({__MODULE__, pid})
@@ -86,6 +104,7 @@ defmodule Capsid.Registry do
   @impl true
   def init(nil) do
     :ets.new(@table, [:named_table, :public, :set, read_concurrency: true])
+    :ets.new(@deployments, [:named_table, :public, :set])
     {:ok, nil}
   end
 

@@ -96,6 +96,28 @@ defmodule Capsid.DeploymentTest do
     assert {:ok, %{current: %{version: 1}, previous: nil}} = Capsid.versions(name)
   end
 
+  test "a crashed deployment process comes back on the version it was serving", %{name: name} do
+    {:ok, _} = Capsid.deploy(name, @v1, size: 1)
+    {:ok, %{current: %{hash: h2}}} = Capsid.deploy(name, @v2)
+    [{pid, _}] = Registry.lookup(Capsid.Deployments, name)
+    Process.exit(pid, :kill)
+
+    wait_until(fn ->
+      match?([{new, _}] when new != pid, Registry.lookup(Capsid.Deployments, name))
+    end)
+
+    assert {:ok, %{current: %{hash: ^h2, version: 2}, previous: %{version: 1}}} =
+             Capsid.versions(name)
+
+    assert Capsid.call(name, "hello", ["Ada"]) == {:ok, "Hi Ada, welcome back!"}
+    assert {:ok, %{current: %{version: 3}}} = Capsid.rollback(name)
+    assert Capsid.call(name, "hello", ["Ada"]) == {:ok, "Hello, Ada!"}
+
+    # An undeploy forgets it: the next deploy starts from scratch.
+    :ok = Capsid.undeploy(name)
+    assert {:ok, %{current: %{version: 1}, previous: nil}} = Capsid.deploy(name, @v2, size: 1)
+  end
+
   test "without lifecycle on both sides, new instances start fresh", %{name: name} do
     {:ok, _} = Capsid.deploy(name, @v1, size: 1)
     {:ok, 1} = Capsid.call(name, "count", [])
