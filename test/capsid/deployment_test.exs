@@ -3,6 +3,7 @@ defmodule Capsid.DeploymentTest do
   use ExUnit.Case, async: true
 
   alias Capsid.Error
+  require Logger
 
   @v1 Capsid.Guests.path(:greeter_v1)
   @v2 Capsid.Guests.path(:greeter_v2)
@@ -100,10 +101,20 @@ defmodule Capsid.DeploymentTest do
     {:ok, _} = Capsid.deploy(name, @v1, size: 1)
     {:ok, %{current: %{hash: h2}}} = Capsid.deploy(name, @v2)
     [{pid, _}] = Registry.lookup(Capsid.Deployments, name)
-    Process.exit(pid, :kill)
 
-    wait_until(fn ->
-      match?([{new, _}] when new != pid, Registry.lookup(Capsid.Deployments, name))
+    {:pool, entries} = Capsid.Registry.lookup_deployment(name)
+    old_members = for {member, _, _, _} <- Tuple.to_list(entries), do: member
+
+    # Its instances go down with it, and say so in the log: expected here.
+    ExUnit.CaptureLog.capture_log(fn ->
+      Process.exit(pid, :kill)
+
+      wait_until(fn ->
+        match?([{new, _}] when new != pid, Registry.lookup(Capsid.Deployments, name)) and
+          not Enum.any?(old_members, &Process.alive?/1)
+      end)
+
+      Logger.flush()
     end)
 
     assert {:ok, %{current: %{hash: ^h2, version: 2}, previous: %{version: 1}}} =
