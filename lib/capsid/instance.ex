@@ -77,28 +77,30 @@ defmodule Capsid.Instance do
   @spec start_link([option()]) :: GenServer.on_start() | {:error, Error.t() | Trap.t()}
   def start_link(opts) do
     {gen_opts, opts} = Keyword.split(opts, [:name])
-    config = config!(opts)
 
-    # Link and instantiate in the caller, before the process exists, so a
-    # bad component is a plain error return and never an exit signal.
-    with {:ok, {ref, id}} <- native_new(config),
-         {:ok, nil} <- warm_up(ref, id, config) do
-      GenServer.start_link(__MODULE__, {ref, id, config}, gen_opts)
+    with {:ok, prepared} <- prepare(opts) do
+      start_prepared(prepared, gen_opts)
     end
   end
 
   @doc false
-  # Checks that `opts` would start an instance (options, imports, linking,
-  # instantiation) without starting one; used by `Capsid.Pool` so that a bad
-  # component is an error return in the caller, not an exit in the pool.
-  def check(opts) do
+  # Validates the options, links and instantiates, all in the caller and
+  # before any process exists, so that a bad component is a plain error
+  # return and never an exit signal. `Capsid.Pool` prepares its first member
+  # this way to report such errors from its own start_link.
+  def prepare(opts) do
     config = config!(opts)
 
     with {:ok, {ref, id}} <- native_new(config),
          {:ok, nil} <- warm_up(ref, id, config) do
-      :ok
+      {:ok, {ref, id, config}}
     end
   end
+
+  @doc false
+  # Starts the process that owns a prepared instance, linked to the caller.
+  def start_prepared(prepared, gen_opts \\ []),
+    do: GenServer.start_link(__MODULE__, prepared, gen_opts)
 
   @doc false
   def child_spec(opts) do

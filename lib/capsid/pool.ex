@@ -48,8 +48,10 @@ defmodule Capsid.Pool do
             "invalid value for :size: expected a positive integer, got #{inspect(size)}"
     end
 
-    with :ok <- Instance.check(opts) do
-      GenServer.start_link(__MODULE__, {size, opts}, gen_opts)
+    # The first member is prepared here, so a bad component is an error
+    # return from start_link; the pool process then takes it over.
+    with {:ok, first} <- Instance.prepare(opts) do
+      GenServer.start_link(__MODULE__, {size, opts, first}, gen_opts)
     end
   end
 
@@ -87,11 +89,12 @@ defmodule Capsid.Pool do
   end
 
   @impl true
-  def init({size, opts}) do
+  def init({size, opts, first}) do
     Process.flag(:trap_exit, true)
+    {:ok, first} = Instance.start_prepared(first)
 
     members =
-      for _ <- 1..size do
+      for _ <- 2..size//1, into: [first] do
         {:ok, pid} = Instance.start_link(opts)
         pid
       end

@@ -2,6 +2,7 @@ defmodule Capsid.CacheTest do
   use ExUnit.Case, async: true
 
   alias Capsid.Component
+  import Capsid.TestHelpers
 
   setup do
     dir = Path.join(System.tmp_dir!(), "capsid-cache-#{System.unique_integer([:positive])}")
@@ -23,11 +24,7 @@ defmodule Capsid.CacheTest do
     # A cached load maps the artifact; it does not run the compiler.
     assert micros < 1_000_000
 
-    {:ok, pid} =
-      Capsid.Instance.start_link(
-        component: second,
-        imports: %{"log" => fn _, _ -> :ok end, "get-config" => fn _ -> nil end}
-      )
+    pid = start_toolkit(component: second)
 
     assert Capsid.call(pid, "add", [2, 3]) == {:ok, 5}
   end
@@ -44,11 +41,7 @@ defmodule Capsid.CacheTest do
     assert %Component{cache: :rejected} = c = Component.load!(bytes, cache: dir)
     assert %Component{cache: :hit} = Component.load!(bytes, cache: dir)
 
-    {:ok, pid} =
-      Capsid.Instance.start_link(
-        component: c,
-        imports: %{"log" => fn _, _ -> :ok end, "get-config" => fn _ -> nil end}
-      )
+    pid = start_toolkit(component: c)
 
     assert Capsid.call(pid, "add", [2, 3]) == {:ok, 5}
   end
