@@ -93,11 +93,13 @@ defmodule Capsid.Pool do
     Process.flag(:trap_exit, true)
     {:ok, first} = Instance.start_prepared(first)
 
-    members =
-      for _ <- 2..size//1, into: [first] do
+    rest =
+      for _ <- 2..size//1 do
         {:ok, pid} = Instance.start_link(opts)
         pid
       end
+
+    members = [first | rest]
 
     publish(members)
     GenServer.cast(Registry, {:watch, self()})
