@@ -250,7 +250,7 @@ defmodule Capsid.Hostile do
 
     unless File.exists?(file) do
       File.mkdir_p!(Path.dirname(file))
-      tmp = "#{file}.#{System.unique_integer([:positive])}"
+      tmp = "#{file}.#{unique()}"
       File.write!(tmp <> ".wat", wat(name, params))
 
       try do
@@ -269,6 +269,10 @@ defmodule Capsid.Hostile do
 
   defp build(name, params), do: File.read!(path(name, params))
 
+  # Unique across the VMs that may share the cache (unique_integer alone is
+  # unique only within one VM).
+  defp unique, do: "#{System.pid()}-#{System.unique_integer([:positive])}"
+
   defp cache_dir do
     hash = __MODULE__.module_info(:md5) |> Base.encode16(case: :lower) |> binary_part(0, 8)
     Path.join([System.tmp_dir!(), "capsid-hostile", hash])
@@ -280,7 +284,7 @@ defmodule Capsid.Hostile do
   """
   @spec validate(binary()) :: :ok | {:error, String.t()}
   def validate(bytes) when is_binary(bytes) do
-    file = Path.join(System.tmp_dir!(), "capsid-hostile-#{System.unique_integer([:positive])}")
+    file = Path.join(System.tmp_dir!(), "capsid-hostile-#{unique()}.wasm")
     File.write!(file, bytes)
 
     try do
