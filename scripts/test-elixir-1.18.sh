@@ -18,6 +18,7 @@ if [ ! -x "$toolchain" ]; then
   exit 1
 fi
 
+trap 'echo "==> Elixir 1.18 part: ${SECONDS} s"' EXIT
 bin="$("$toolchain")"
 export PATH="$bin:$PATH" MIX_ENV=test MIX_BUILD_ROOT=_build/elixir-1.18
 echo "==> Elixir part of the suite on $(elixir --version | tail -n 1)"
@@ -27,4 +28,3 @@ mix compile --warnings-as-errors --force
 # Without :stress (test_helper.exs): that test measures the NIF's memory over
 # 10,000 recycles, which does not depend on the Elixir version, and costs ~10 s.
 mix test --warnings-as-errors
-echo "==> Elixir 1.18 part done in ${SECONDS} s"
