@@ -233,9 +233,7 @@ defmodule Capsid.FuzzTest do
   defp not_a_list(term), do: term
 
   defp total(pid, name, params, args, opts) do
-    {result, stderr} = ExUnit.CaptureIO.with_io(:stderr, fn -> safe_call(pid, name, args) end)
-
-    assert stderr == "", "the call wrote to stderr: #{inspect(stderr)}"
+    result = quiet_call(pid, name, args)
     assert Process.alive?(pid), "the instance died"
 
     assert match?({:ok, _}, result) or
@@ -244,22 +242,35 @@ defmodule Capsid.FuzzTest do
              Fuzz.show(result)
 
     check_answer(name, params, args, result, opts)
-    assert Capsid.call(pid, "add", [1, 2]) == {:ok, 3}, "the instance stopped answering"
+    assert_answering(pid)
   end
 
-  defp safe_call(pid, name, args) do
-    Capsid.call(pid, name, args)
-  rescue
-    error -> {:raised, error}
-  catch
-    kind, value -> {:caught, kind, value}
+  # The call's result, or what it raised or threw; it must not write to stderr.
+  defp quiet_call(pid, name, args) do
+    {result, stderr} =
+      ExUnit.CaptureIO.with_io(:stderr, fn ->
+        try do
+          Capsid.call(pid, name, args)
+        rescue
+          error -> {:raised, error}
+        catch
+          kind, value -> {:caught, kind, value}
+        end
+      end)
+
+    assert stderr == "", "the call wrote to stderr: #{inspect(stderr)}"
+    result
+  end
+
+  defp assert_answering(pid) do
+    assert Capsid.call(pid, "add", [1, 2]) == {:ok, 3}, "the instance stopped answering"
   end
 
   # Valid by chance: the normal form; otherwise a :bad_argument (unless it
   # is one of the engine's known deviations, tolerated outside strict runs).
   defp check_answer(name, params, args, result, opts) do
     valid? =
-      proper_list?(args) and length(args) == length(params) and
+      Fuzz.proper_list?(args) and length(args) == length(params) and
         Enum.all?(Enum.zip(params, args), fn {t, a} -> Fuzz.conforms?(t, a) end)
 
     deviation = if opts[:strict], do: nil, else: deviation(params, args)
@@ -289,10 +300,6 @@ defmodule Capsid.FuzzTest do
     end
   end
 
-  defp proper_list?([]), do: true
-  defp proper_list?([_ | tail]), do: proper_list?(tail)
-  defp proper_list?(_), do: false
-
   defp wrap_s32(n) do
     n = band(n, 0xFFFF_FFFF)
     if n >= 0x8000_0000, do: n - 0x1_0000_0000, else: n
@@ -302,7 +309,7 @@ defmodule Capsid.FuzzTest do
   # reported; the strict test does not tolerate them): which one, if any,
   # `args` hits.
   defp deviation(params, args) do
-    if proper_list?(args) and length(args) == length(params) do
+    if Fuzz.proper_list?(args) and length(args) == length(params) do
       params |> Enum.zip(args) |> Enum.find_value(fn {t, a} -> Fuzz.deviation(t, a) end)
     end
   end
@@ -337,14 +344,12 @@ defmodule Capsid.FuzzTest do
   end
 
   defp total_name(pid, name) do
-    {result, stderr} = ExUnit.CaptureIO.with_io(:stderr, fn -> safe_call(pid, name, [1]) end)
-    assert stderr == "", "the call wrote to stderr: #{inspect(stderr)}"
-
+    result = quiet_call(pid, name, [1])
     expected = if is_binary(name), do: :unknown_function, else: :bad_argument
 
     assert match?({:error, %Capsid.Error{kind: ^expected}}, result),
            "expected a #{inspect(expected)} error, got #{Fuzz.show(result)}"
 
-    assert Capsid.call(pid, "add", [1, 2]) == {:ok, 3}, "the instance stopped answering"
+    assert_answering(pid)
   end
 end

@@ -629,9 +629,11 @@ defmodule Capsid.Fuzz do
 
   defp first(items, fun), do: Enum.find_value(items, fun)
 
-  defp proper_list?([]), do: true
-  defp proper_list?([_ | tail]), do: proper_list?(tail)
-  defp proper_list?(_), do: false
+  @doc "Whether `term` is a proper list (`[1 | 2]` is not)."
+  @spec proper_list?(term()) :: boolean()
+  def proper_list?([]), do: true
+  def proper_list?([_ | tail]), do: proper_list?(tail)
+  def proper_list?(_), do: false
 
   # ----------------------------------------------------------------- garbage
 
