@@ -1,5 +1,7 @@
 # The two commands of README: `make demo` and `make test`. Both install what
 # is missing first (scripts/setup.sh) and build everything through mix.
+# `make test` ends with the Elixir part of the suite again on Elixir 1.18
+# (scripts/test-elixir-1.18.sh; it finds ../shared, or CAPSID_SHARED).
 .PHONY: demo test setup bench
 
 setup:
@@ -16,6 +18,7 @@ test: setup
 	MIX_ENV=test mix format --check-formatted
 	MIX_ENV=test mix compile --warnings-as-errors --force
 	MIX_ENV=test mix test --include stress
+	bash scripts/test-elixir-1.18.sh
 
 # All benchmarks (not part of `make test`: they need a quiet machine).
 bench: setup

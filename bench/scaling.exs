@@ -134,7 +134,10 @@ rows =
       Report.int(med),
       Report.ratio(med / base, 2),
       "#{Report.int(Enum.min(per_s))}–#{Report.int(Enum.max(per_s))}",
-      if(others == [], do: "n/a", else: Enum.map_join(Enum.reverse(others), " / ", &Report.f(&1, 2)))
+      if(others == [],
+        do: "n/a",
+        else: Enum.map_join(Enum.reverse(others), " / ", &Report.f(&1, 2))
+      )
     ]
   end
 
