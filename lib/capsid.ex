@@ -80,7 +80,7 @@ defmodule Capsid do
   def call(target, function, args, opts \\ [])
 
   def call(target, function, args, opts) when is_binary(function) and is_list(args) do
-    Instance.call(target, function, args, opts)
+    Capsid.Call.call(target, function, args, opts)
   end
 
   def call(_target, function, args, _opts) do
@@ -141,7 +141,7 @@ defmodule Capsid do
       iex> Capsid.undeploy(:doc_greeter)
       :ok
   """
-  @spec deploy(atom(), Path.t() | binary(), keyword()) ::
+  @spec deploy(term(), Path.t() | binary(), keyword()) ::
           {:ok, map()} | {:error, Error.t() | Trap.t()}
   def deploy(name, path_or_bytes, opts \\ []),
     do: Capsid.Deployment.deploy(name, path_or_bytes, opts)
@@ -151,7 +151,7 @@ defmodule Capsid do
   load time and source path of each; with `watch: true`, the watched path
   and the last reload error (`nil` after a successful reload).
   """
-  @spec versions(atom()) :: {:ok, map()} | {:error, Error.t()}
+  @spec versions(term()) :: {:ok, map()} | {:error, Error.t()}
   def versions(name), do: Capsid.Deployment.call_server(name, :versions)
 
   @doc """
@@ -159,11 +159,11 @@ defmodule Capsid do
   as an upgrade, state handoff included. The version rolled back from
   becomes the previous one.
   """
-  @spec rollback(atom()) :: {:ok, map()} | {:error, Error.t() | Trap.t()}
+  @spec rollback(term()) :: {:ok, map()} | {:error, Error.t() | Trap.t()}
   def rollback(name), do: Capsid.Deployment.call_server(name, :rollback)
 
   @doc "Stops a deployment and all its instances."
-  @spec undeploy(atom()) :: :ok | {:error, Error.t()}
+  @spec undeploy(term()) :: :ok | {:error, Error.t()}
   def undeploy(name) do
     case Capsid.Deployment.undeploy(name) do
       :ok ->

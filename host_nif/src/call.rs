@@ -1,298 +1,287 @@
-//! One guest call as a future, polled in time slices by the calling Erlang
-//! process. The guest runs on a wasmtime fiber (its own stack, sized by
-//! `engine::ASYNC_STACK_SIZE`), never on the scheduler's stack; at every epoch
-//! tick it yields, the NIF returns, and the Elixir side polls again. So a
-//! short call costs one NIF call, and a long one never holds a scheduler for
-//! more than about one tick.
+//! The call entry points (`Capsid.Call`): find the target, resolve the
+//! function, convert the arguments, take the turn, drive the call.
+//!
+//! Each entry point has a dirty-scheduler twin. A normal scheduler converts
+//! at most `convert::WORK_BUDGET` of data and polls the guest for at most a
+//! tick; whatever could take longer (huge arguments, a large result, large
+//! import arguments or answers) makes the NIF answer `:dirty_start` or
+//! `{:dirty, ref}`, and the caller repeats the step through the twin.
 
-use crate::component::{Blob, Fast};
-use crate::error::{HostTrap, TrapInfo, TrapKind, classify};
-use crate::imports::Bridge;
-use crate::instance::{Host, Live, Shared};
-use crate::limits::Limits;
-use rustler::{Encoder, LocalPid, OwnedEnv};
-use std::cell::Cell;
-use std::future::Future;
-use std::panic::AssertUnwindSafe;
-use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::task::{Context, Poll, Wake, Waker};
-use wasmtime::Store;
-use wasmtime::component::{ComponentExportIndex, ComponentNamedList, Func, Lift, Lower, Val};
+use crate::component::ComponentResource;
+use crate::convert::{Conv, Path, Work, proper_list, term_to_value};
+use crate::error::{Error, TrapKind};
+use crate::instance::{InstanceResource, Turn};
+use crate::registry::{self, Entry};
+use crate::shape::wit_name;
+use crate::value::Value;
+use rustler::types::tuple::make_tuple;
+use rustler::{Atom, Binary, Encoder, Env, ResourceArc, Term};
 
 rustler::atoms! {
-    capsid_wake,
+    not_found,
+    retired,
+    dirty_start,
+    queued,
+    taken,
+    timeout,
+    cancelled,
 }
 
-/// A call's arguments: dynamic values, or the one binary argument of a
-/// function on the typed path (`component::Fast`).
-pub enum Args {
-    Vals(Vec<Val>),
-    Bytes(Vec<u8>),
-    Str(String),
-}
+/// Per-call limits (`nil` keeps the instance's) and whether the call must
+/// preserve the instance's state even if it traps.
+type Narrow = (Option<u64>, Option<u64>, Option<u64>, bool);
 
-/// A call's result, in the same two shapes.
-pub enum Value {
-    Val(Option<Val>),
-    Bytes(Vec<u8>),
-    Str(String),
-}
-
-/// The export a call runs.
-pub struct Target {
-    /// Index into the component's export table.
-    pub slot: usize,
-    pub index: ComponentExportIndex,
-    pub n_results: usize,
-    pub fast: Option<Fast>,
-}
-
-/// What a finished call leaves: the live instance (unless it trapped, in
-/// which case wasmtime will not enter it again), the outcome, fuel used.
-pub struct Done {
-    pub live: Option<Live>,
-    pub outcome: Result<Value, Box<TrapInfo>>,
-    pub fuel_used: u64,
-    /// Whether this call had to instantiate the component first.
-    pub instantiated: bool,
-}
-
-pub type CallFuture = Pin<Box<dyn Future<Output = Done> + Send>>;
-
-/// Sets fuel and deadline (both start at 0 in a new store) before guest code runs.
-fn arm(store: &mut Store<Host>, limits: &Limits, start_us: u64) {
-    let data = store.data_mut();
-    data.deadline_us = limits.deadline_us(start_us);
-    data.timeout_ms = limits.timeout;
-    data.limiter.call_max_memory = limits.max_memory;
-    // Fuel can only fail to set when fuel is disabled in the engine; it is not.
-    let _ = store.set_fuel(limits.fuel);
-    store.set_epoch_deadline(1);
-}
-
-fn fuel_used(store: &Store<Host>, budget: u64) -> u64 {
-    budget.saturating_sub(store.get_fuel().unwrap_or(0))
-}
-
-fn trap_from(err: &wasmtime::Error, store: Option<&Store<Host>>) -> Box<TrapInfo> {
-    let stderr = store.map(|s| s.data().stderr.take()).unwrap_or_default();
-    Box::new(classify(err, stderr))
-}
-
-async fn typed<P, R>(func: Func, store: &mut Store<Host>, params: P) -> wasmtime::Result<R>
-where
-    P: ComponentNamedList + Lower + Send + Sync + 'static,
-    R: ComponentNamedList + Lift + Send + Sync + 'static,
-{
-    func.typed::<P, R>(&*store)?
-        .call_async(&mut *store, params)
-        .await
-}
-
-/// Runs `func` with `args`, on the typed path when the signature allows.
-async fn invoke(
-    func: Func,
-    store: &mut Store<Host>,
-    args: Args,
-    target: &Target,
-) -> wasmtime::Result<Value> {
-    let result = target.fast.and_then(|f| f.result);
-    match args {
-        Args::Vals(vals) => {
-            let mut results = vec![Val::Bool(false); target.n_results];
-            func.call_async(&mut *store, &vals, &mut results).await?;
-            Ok(Value::Val(results.into_iter().next()))
-        }
-        Args::Bytes(b) => match result {
-            None => typed::<(Vec<u8>,), ()>(func, store, (b,))
-                .await
-                .map(|()| Value::Val(None)),
-            Some(Blob::Bytes) => typed::<(Vec<u8>,), (Vec<u8>,)>(func, store, (b,))
-                .await
-                .map(|(r,)| Value::Bytes(r)),
-            Some(Blob::Str) => typed::<(Vec<u8>,), (String,)>(func, store, (b,))
-                .await
-                .map(|(r,)| Value::Str(r)),
-        },
-        Args::Str(s) => match result {
-            None => typed::<(String,), ()>(func, store, (s,))
-                .await
-                .map(|()| Value::Val(None)),
-            Some(Blob::Bytes) => typed::<(String,), (Vec<u8>,)>(func, store, (s,))
-                .await
-                .map(|(r,)| Value::Bytes(r)),
-            Some(Blob::Str) => typed::<(String,), (String,)>(func, store, (s,))
-                .await
-                .map(|(r,)| Value::Str(r)),
-        },
+fn work(dirty: bool) -> Work {
+    if dirty {
+        Work::unbounded()
+    } else {
+        Work::bounded()
     }
 }
 
-/// Builds the future for one call of `target` (`None`: only make sure the
-/// instance exists). A missing live instance is created first, inside the
-/// same time-sliced future, so instantiation is sliced and limited too.
-pub fn start(
-    bridge: Arc<Bridge>,
-    live: Option<Live>,
-    target: Option<Target>,
-    args: Args,
-    limits: Limits,
-    shared: Arc<Shared>,
-) -> CallFuture {
-    Box::pin(async move {
-        let start = crate::engine::now_us();
-        let instantiated = live.is_none();
-        let mut live = match live {
-            Some(live) => live,
-            None => {
-                let mut store = Host::new_store(limits, &shared);
-                arm(&mut store, &limits, start);
-                match bridge.pre.instantiate_async(&mut store).await {
-                    Ok(instance) => Live::new(store, instance),
-                    Err(e) => {
-                        let fuel_used = fuel_used(&store, limits.fuel);
-                        return Done {
-                            live: None,
-                            outcome: Err(trap_from(&e, Some(&store))),
-                            fuel_used,
-                            instantiated,
-                        };
-                    }
-                }
+/// The export `function` names, and `args` converted for it.
+fn prepare(
+    component: &ComponentResource,
+    function: Binary,
+    args: Term,
+    work: &mut Work,
+) -> Result<(usize, Vec<Value>), Conv> {
+    let Ok(name) = std::str::from_utf8(function.as_slice()) else {
+        return Err(Conv::Bad(Error::UnknownFunction(
+            "function names are UTF-8 strings".into(),
+        )));
+    };
+    let index = component.resolve(name)?;
+    let export = &component.exports[index];
+    let names = &component.names;
+    let signature = || {
+        let ps: Vec<String> = export
+            .info
+            .params
+            .iter()
+            .map(|(n, s)| format!("{n}: {}", wit_name(s, names)))
+            .collect();
+        format!("{}({})", export.info.name, ps.join(", "))
+    };
+    let Some(items) = proper_list(args, work)? else {
+        return Err(Conv::Bad(Error::BadArgument(format!(
+            "arguments must be a proper list; {} takes {}",
+            export.info.name,
+            signature()
+        ))));
+    };
+    if items.len() != export.info.params.len() {
+        return Err(Conv::Bad(Error::BadArgument(format!(
+            "wrong number of arguments: {} takes {} ({}), got {}",
+            export.info.name,
+            export.info.params.len(),
+            signature(),
+            items.len()
+        ))));
+    }
+    let mut values = Vec::with_capacity(items.len());
+    for (i, (item, (_, shape))) in items.into_iter().zip(export.info.params.iter()).enumerate() {
+        values.push(term_to_value(item, shape, names, &mut Path::arg(i), work)?);
+    }
+    Ok((index, values))
+}
+
+fn queued_status<'a>(env: Env<'a>, this: &ResourceArc<InstanceResource>) -> Term<'a> {
+    make_tuple(
+        env,
+        &[
+            queued().encode(env),
+            this.clone().encode(env),
+            this.id.encode(env),
+            this.queue_timeout().encode(env),
+        ],
+    )
+}
+
+/// Takes the turn on `this` (queueing unless `queue` is false) and starts.
+fn go<'a>(
+    env: Env<'a>,
+    this: &ResourceArc<InstanceResource>,
+    index: usize,
+    values: Vec<Value>,
+    narrow: Narrow,
+    queue: bool,
+    dirty: bool,
+) -> Result<Term<'a>, (Atom, Vec<Value>)> {
+    match InstanceResource::acquire(this, env, queue) {
+        Ok(Turn::Go) => {
+            let limits = this.call_limits(narrow);
+            Ok(InstanceResource::begin(
+                this,
+                env,
+                Some(index),
+                values,
+                limits,
+                narrow.3,
+                dirty,
+            ))
+        }
+        Ok(Turn::Queued) => Ok(queued_status(env, this)),
+        Ok(Turn::Taken) => Err((taken(), values)),
+        Ok(Turn::Retired) => Err((retired(), values)),
+        Err(e) => Ok(e.encode(env)),
+    }
+}
+
+fn start<'a>(
+    env: Env<'a>,
+    target: Term<'a>,
+    function: Binary<'a>,
+    args: Term<'a>,
+    narrow: Narrow,
+    dirty: bool,
+) -> Term<'a> {
+    let Some(entry) = registry::resolve(env, target) else {
+        return not_found().encode(env);
+    };
+    match entry {
+        Entry::Instance(this) => {
+            if this.is_retired() {
+                return retired().encode(env);
             }
-        };
-        let Some(target) = target else {
-            return Done {
-                live: Some(live),
-                outcome: Ok(Value::Val(None)),
-                fuel_used: 0,
-                instantiated,
+            let (index, values) = match prepare(&this.component, function, args, &mut work(dirty)) {
+                Ok(p) => p,
+                Err(Conv::Over) => return dirty_start().encode(env),
+                Err(Conv::Bad(e)) => return e.encode(env),
             };
-        };
-        arm(&mut live.store, &limits, start);
-        let func: Func = match live.func(target.slot, &target.index) {
-            Some(f) => f,
-            None => {
-                let e = wasmtime::Error::msg("export vanished from the instance");
-                return Done {
-                    live: None,
-                    outcome: Err(trap_from(&e, Some(&live.store))),
-                    fuel_used: 0,
-                    instantiated,
+            match go(env, &this, index, values, narrow, true, dirty) {
+                Ok(t) => t,
+                Err((status, _)) => status.encode(env),
+            }
+        }
+        Entry::Pool(pool) => {
+            let members = pool.members();
+            if pool.is_retired() || members.is_empty() {
+                return retired().encode(env);
+            }
+            let (index, mut values) =
+                match prepare(&members[0].component, function, args, &mut work(dirty)) {
+                    Ok(p) => p,
+                    Err(Conv::Over) => return dirty_start().encode(env),
+                    Err(Conv::Bad(e)) => return e.encode(env),
                 };
-            }
-        };
-        let result = invoke(func, &mut live.store, args, &target).await;
-        let fuel_used = fuel_used(&live.store, limits.fuel);
-        match result {
-            Ok(value) => {
-                // Output of a successful call is not kept: it would grow
-                // without bound and nobody asked for it.
-                live.store.data().stdout.take();
-                live.store.data().stderr.take();
-                Done {
-                    live: Some(live),
-                    outcome: Ok(value),
-                    fuel_used,
-                    instantiated,
+            // The member of this scheduler first: callers on different
+            // schedulers never share one. Busy members are skipped; the
+            // last one tried queues the caller.
+            let n = members.len();
+            let first = crate::engine::thread_slot() % n;
+            for k in 0..n {
+                let member = &members[(first + k) % n];
+                match go(env, member, index, values, narrow, k == n - 1, dirty) {
+                    Ok(t) => return t,
+                    Err((_, v)) => values = v,
                 }
             }
-            Err(e) => {
-                live.store.data().stdout.take();
-                Done {
-                    outcome: Err(trap_from(&e, Some(&live.store))),
-                    live: None,
-                    fuel_used,
-                    instantiated,
-                }
-            }
-        }
-    })
-}
-
-thread_local! {
-    /// True while this thread is inside `poll_slice`: a wake-up there is
-    /// noticed through the flag, and sending a message would be wrong
-    /// (`send_and_clear` panics on scheduler threads).
-    static IN_POLL: Cell<bool> = const { Cell::new(false) };
-}
-
-/// Wakes a call parked on something outside the guest (a WASI timer): sets a
-/// flag, and from a non-scheduler thread also messages the calling process.
-pub struct CallWaker {
-    woken: AtomicBool,
-    pid: LocalPid,
-    id: u64,
-}
-
-impl CallWaker {
-    pub fn new(pid: LocalPid, id: u64) -> Arc<Self> {
-        Arc::new(CallWaker {
-            woken: AtomicBool::new(false),
-            pid,
-            id,
-        })
-    }
-
-    pub fn take_woken(&self) -> bool {
-        self.woken.swap(false, Ordering::SeqCst)
-    }
-}
-
-impl Wake for CallWaker {
-    fn wake(self: Arc<Self>) {
-        self.wake_by_ref();
-    }
-
-    fn wake_by_ref(self: &Arc<Self>) {
-        self.woken.store(true, Ordering::SeqCst);
-        if !IN_POLL.with(Cell::get) && !rustler::thread::is_scheduler_thread() {
-            let mut env = OwnedEnv::new();
-            let id = self.id;
-            let _ = env.send_and_clear(&self.pid, |env| (capsid_wake(), id).encode(env));
+            retired().encode(env)
         }
     }
 }
 
-struct PollGuard;
-
-impl Drop for PollGuard {
-    fn drop(&mut self) {
-        IN_POLL.with(|f| f.set(false));
-    }
+/// Starts a call of `function` on `target` (a pid, a name, or a resource).
+/// Answers the outcome or how to go on (see `Capsid.Call`).
+#[cfg_attr(not(test), rustler::nif)]
+fn call_start<'a>(
+    env: Env<'a>,
+    target: Term<'a>,
+    function: Binary<'a>,
+    arguments: Term<'a>,
+    narrow: (Option<u64>, Option<u64>, Option<u64>, bool),
+) -> Term<'a> {
+    start(env, target, function, arguments, narrow, false)
 }
 
-/// Polls the call once. A panic inside is caught and reported as a trap
-/// (the future, and with it the store, is then dropped by the caller).
-pub fn poll_slice(fut: &mut CallFuture, waker: &Arc<CallWaker>) -> Poll<Done> {
-    let w = Waker::from(waker.clone());
-    let mut cx = Context::from_waker(&w);
-    IN_POLL.with(|f| f.set(true));
-    let _guard = PollGuard;
-    let polled = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        // WASI timers are tokio timers: give them a runtime to register with.
-        wasmtime_wasi::runtime::with_ambient_tokio_runtime(|| fut.as_mut().poll(&mut cx))
-    }));
-    match polled {
+#[cfg_attr(not(test), rustler::nif(schedule = "DirtyCpu"))]
+fn call_start_dirty<'a>(
+    env: Env<'a>,
+    target: Term<'a>,
+    function: Binary<'a>,
+    arguments: Term<'a>,
+    narrow: (Option<u64>, Option<u64>, Option<u64>, bool),
+) -> Term<'a> {
+    start(env, target, function, arguments, narrow, true)
+}
+
+fn start_on<'a>(
+    env: Env<'a>,
+    this: ResourceArc<InstanceResource>,
+    function: Binary<'a>,
+    args: Term<'a>,
+    narrow: Narrow,
+    dirty: bool,
+) -> Term<'a> {
+    let (index, values) = match prepare(&this.component, function, args, &mut work(dirty)) {
         Ok(p) => p,
-        Err(panic) => {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".into());
-            let err = wasmtime::Error::new(HostTrap {
-                kind: TrapKind::Other,
-                message: format!("host panicked while running the guest: {what}"),
-            });
-            Poll::Ready(Done {
-                live: None,
-                outcome: Err(Box::new(classify(&err, Vec::new()))),
-                fuel_used: 0,
-                instantiated: false,
-            })
+        Err(Conv::Over) => return dirty_start().encode(env),
+        Err(Conv::Bad(e)) => {
+            // The turn may have been granted to us: pass it on.
+            InstanceResource::dequeue(&this, env);
+            return e.encode(env);
         }
+    };
+    match go(env, &this, index, values, narrow, true, dirty) {
+        Ok(t) => t,
+        Err((status, _)) => status.encode(env),
     }
+}
+
+/// Starts the call on the instance whose turn the caller was granted.
+#[cfg_attr(not(test), rustler::nif)]
+fn call_start_on<'a>(
+    env: Env<'a>,
+    this: ResourceArc<InstanceResource>,
+    function: Binary<'a>,
+    arguments: Term<'a>,
+    narrow: (Option<u64>, Option<u64>, Option<u64>, bool),
+) -> Term<'a> {
+    start_on(env, this, function, arguments, narrow, false)
+}
+
+#[cfg_attr(not(test), rustler::nif(schedule = "DirtyCpu"))]
+fn call_start_on_dirty<'a>(
+    env: Env<'a>,
+    this: ResourceArc<InstanceResource>,
+    function: Binary<'a>,
+    arguments: Term<'a>,
+    narrow: (Option<u64>, Option<u64>, Option<u64>, bool),
+) -> Term<'a> {
+    start_on(env, this, function, arguments, narrow, true)
+}
+
+/// Continues a call: `reply` is nil (poll again) or an import's answer.
+#[cfg_attr(not(test), rustler::nif)]
+fn call_resume<'a>(env: Env<'a>, this: ResourceArc<InstanceResource>, reply: Term<'a>) -> Term<'a> {
+    InstanceResource::resume(&this, env, reply, false)
+}
+
+#[cfg_attr(not(test), rustler::nif(schedule = "DirtyCpu"))]
+fn call_resume_dirty<'a>(
+    env: Env<'a>,
+    this: ResourceArc<InstanceResource>,
+    reply: Term<'a>,
+) -> Term<'a> {
+    InstanceResource::resume(&this, env, reply, true)
+}
+
+/// Abandons the caller's call: `:timeout` (its deadline passed while it
+/// waited on the host) or `:cancelled` (the caller gave up).
+#[cfg_attr(not(test), rustler::nif)]
+fn call_cancel<'a>(env: Env<'a>, this: ResourceArc<InstanceResource>, kind: Atom) -> Term<'a> {
+    let kind = if kind == timeout() {
+        TrapKind::Timeout.atom()
+    } else {
+        cancelled()
+    };
+    InstanceResource::cancel(&this, env, kind)
+}
+
+/// Leaves the wait queue (the caller gave up waiting for its turn).
+#[cfg_attr(not(test), rustler::nif)]
+fn call_dequeue(env: Env, this: ResourceArc<InstanceResource>) -> Atom {
+    InstanceResource::dequeue(&this, env);
+    rustler::types::atom::ok()
 }

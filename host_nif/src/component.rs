@@ -1,16 +1,20 @@
-//! Compiled components: compilation off the normal schedulers, the table of
-//! exported functions with their WIT types, and function-name resolution.
+//! Compiled components: compilation off the normal schedulers and within
+//! limits, the table of exported and imported functions with their compiled
+//! types, function-name resolution, and the per-import-set link cache.
 
+use crate::abi::{MAX_FLAT_PARAMS, shape_flat_count};
 use crate::cache::{self, Cache};
 use crate::engine::engine;
 use crate::error::{Error, Result, root_message};
-use crate::types::encode_func;
-use rustler::types::tuple::make_tuple;
-use rustler::{Binary, Encoder, Env, Resource, ResourceArc, Term};
+use crate::host::Host;
+use crate::shape::{Budget, Builder, Names, Shape, snake_to_kebab};
+use rustler::{Env, Resource};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
-use wasmtime::component::types::{ComponentFunc, ComponentItem, Type};
-use wasmtime::component::{Component, ComponentExportIndex};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use wasmtime::component::types::{ComponentFunc, ComponentItem};
+use wasmtime::component::{Component, ComponentExportIndex, InstancePre};
 
 /// Native stack for compiling: parsing and validating deeply nested input
 /// must not depend on the size of a dirty scheduler's stack.
@@ -24,71 +28,71 @@ pub struct FuncInfo {
     pub interface: Option<String>,
     /// The function's own name, `"add"`.
     pub short: String,
-    pub ty: ComponentFunc,
+    pub params: Vec<(String, Shape)>,
+    pub result: Option<Shape>,
+}
+
+impl FuncInfo {
+    fn new(
+        builder: &mut Builder,
+        name: String,
+        interface: Option<String>,
+        short: String,
+        ty: &ComponentFunc,
+    ) -> Result<Self> {
+        builder.node()?;
+        let mut params = Vec::new();
+        for (pname, t) in ty.params() {
+            params.push((pname.to_string(), builder.shape(&t)?));
+        }
+        let result = match ty.results().next() {
+            Some(t) => Some(builder.shape(&t)?),
+            None => None,
+        };
+        Ok(FuncInfo {
+            name,
+            interface,
+            short,
+            params,
+            result,
+        })
+    }
+
+    /// Core values the parameters flatten to: the `N` of `abi::Lowered<N>`
+    /// (1, a pointer, when they go through memory).
+    pub fn flat_params(&self) -> usize {
+        let n: usize = self.params.iter().map(|(_, s)| shape_flat_count(s)).sum();
+        if n > MAX_FLAT_PARAMS { 1 } else { n }
+    }
+
+    pub fn heavy_params(&self) -> bool {
+        self.params.iter().any(|(_, s)| s.is_heavy())
+    }
 }
 
 pub struct Export {
     pub info: FuncInfo,
     pub index: ComponentExportIndex,
-    /// Parameter types and the result type, resolved once at load (deriving
-    /// them per call costs more than a trivial call itself).
-    pub params: Vec<Type>,
-    pub result: Option<Type>,
-    /// Set when the function can take wasmtime's typed path (see `Fast`).
-    pub fast: Option<Fast>,
+    pub flat_params: usize,
+    pub heavy_result: bool,
 }
 
-/// A binary-like WIT type with a typed, memcpy-based representation.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Blob {
-    /// `list<u8>`
-    Bytes,
-    /// `string`
-    Str,
+/// An import implemented in Elixir: which component import it is and which
+/// key of the user's `imports:` map implements it.
+pub struct Bound {
+    pub key: String,
+    /// Index into `ComponentResource::imports`.
+    pub import: usize,
 }
 
-/// Signature of a unary binary function, `(list<u8> | string) -> (list<u8> |
-/// string)?`. wasmtime's dynamic `Val` API moves a `list<u8>` one `Val` per
-/// byte (measured: ~60 ns per byte); its typed API copies the bytes in one
-/// go. These signatures are the ones that move bulk data, so they take the
-/// typed path; everything else goes through `Val`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Fast {
-    pub arg: Blob,
-    pub result: Option<Blob>,
-}
-
-fn blob(ty: &Type) -> Option<Blob> {
-    match ty {
-        Type::String => Some(Blob::Str),
-        Type::List(l) if matches!(l.ty(), Type::U8) => Some(Blob::Bytes),
-        _ => None,
-    }
-}
-
-impl Export {
-    fn new(info: FuncInfo, index: ComponentExportIndex) -> Self {
-        let params: Vec<Type> = info.ty.params().map(|(_, t)| t).collect();
-        let result = info.ty.results().next();
-        let fast = match (params.as_slice(), &result) {
-            ([p], None) => blob(p).map(|arg| Fast { arg, result: None }),
-            ([p], Some(r)) => match (blob(p), blob(r)) {
-                (Some(arg), Some(r)) => Some(Fast {
-                    arg,
-                    result: Some(r),
-                }),
-                _ => None,
-            },
-            _ => None,
-        };
-        Export {
-            info,
-            index,
-            params,
-            result,
-            fast,
-        }
-    }
+/// The component linked with one set of Elixir imports (plus WASI),
+/// pre-instantiated: shared by every instance started with that set.
+pub struct Link {
+    pub pre: InstancePre<Host>,
+    pub bound: Vec<Bound>,
+    /// Some Elixir import takes a list or a string: lifting its arguments
+    /// may take long, so guests pause before host calls.
+    pub heavy_imports: bool,
 }
 
 enum Lookup {
@@ -102,6 +106,8 @@ pub struct ComponentResource {
     pub exports: Vec<Export>,
     lookup: HashMap<String, Lookup>,
     pub imports: Vec<FuncInfo>,
+    pub names: Names,
+    pub links: Mutex<HashMap<Vec<String>, Arc<Link>>>,
 }
 
 #[cfg_attr(not(test), rustler::resource_impl)]
@@ -115,9 +121,10 @@ pub fn strip_version(interface: &str) -> &str {
 }
 
 impl ComponentResource {
-    pub fn new(component: Component, hash: String) -> Result<Self> {
+    pub fn new(env: Env, component: Component, hash: String, budget: Budget) -> Result<Self> {
         let engine = engine();
         let ty = component.component_type();
+        let mut builder = Builder::new(budget);
         let mut exports = Vec::new();
         for (name, item) in ty.exports(engine) {
             match item.ty {
@@ -125,15 +132,14 @@ impl ComponentResource {
                     let index = component
                         .get_export_index(None, name)
                         .ok_or_else(|| Error::Internal(format!("export {name} has no index")))?;
-                    exports.push(Export::new(
-                        FuncInfo {
-                            name: name.to_string(),
-                            interface: None,
-                            short: name.to_string(),
-                            ty: func,
-                        },
-                        index,
-                    ));
+                    let info = FuncInfo::new(
+                        &mut builder,
+                        name.to_string(),
+                        None,
+                        name.to_string(),
+                        &func,
+                    )?;
+                    exports.push(export(info, index));
                 }
                 ComponentItem::ComponentInstance(inst) => {
                     let Some(inst_index) = component.get_export_index(None, name) else {
@@ -145,15 +151,14 @@ impl ComponentResource {
                             else {
                                 continue;
                             };
-                            exports.push(Export::new(
-                                FuncInfo {
-                                    name: format!("{name}#{fname}"),
-                                    interface: Some(name.to_string()),
-                                    short: fname.to_string(),
-                                    ty: func,
-                                },
-                                index,
-                            ));
+                            let info = FuncInfo::new(
+                                &mut builder,
+                                format!("{name}#{fname}"),
+                                Some(name.to_string()),
+                                fname.to_string(),
+                                &func,
+                            )?;
+                            exports.push(export(info, index));
                         }
                     }
                 }
@@ -164,21 +169,25 @@ impl ComponentResource {
         let mut imports = Vec::new();
         for (name, item) in ty.imports(engine) {
             match item.ty {
-                ComponentItem::ComponentFunc(func) => imports.push(FuncInfo {
-                    name: name.to_string(),
-                    interface: None,
-                    short: name.to_string(),
-                    ty: func,
-                }),
+                ComponentItem::ComponentFunc(func) => {
+                    imports.push(FuncInfo::new(
+                        &mut builder,
+                        name.to_string(),
+                        None,
+                        name.to_string(),
+                        &func,
+                    )?);
+                }
                 ComponentItem::ComponentInstance(inst) => {
                     for (fname, fitem) in inst.exports(engine) {
                         if let ComponentItem::ComponentFunc(func) = fitem.ty {
-                            imports.push(FuncInfo {
-                                name: format!("{name}#{fname}"),
-                                interface: Some(name.to_string()),
-                                short: fname.to_string(),
-                                ty: func,
-                            });
+                            imports.push(FuncInfo::new(
+                                &mut builder,
+                                format!("{name}#{fname}"),
+                                Some(name.to_string()),
+                                fname.to_string(),
+                                &func,
+                            )?);
                         }
                     }
                 }
@@ -186,6 +195,7 @@ impl ComponentResource {
             }
         }
 
+        let names = builder.finish(env)?;
         let lookup = build_lookup(&exports);
         Ok(ComponentResource {
             component,
@@ -193,13 +203,21 @@ impl ComponentResource {
             exports,
             lookup,
             imports,
+            names,
+            links: Mutex::new(HashMap::new()),
         })
     }
 
     /// Finds an export by root name, unique short name, or qualified name
-    /// with or without the interface version.
+    /// with or without the interface version; snake_case spellings of
+    /// kebab-case names are accepted.
     pub fn resolve(&self, name: &str) -> Result<usize> {
-        match self.lookup.get(name) {
+        let found = self.lookup.get(name).or_else(|| {
+            name.contains('_')
+                .then(|| self.lookup.get(&snake_to_kebab(name)))
+                .flatten()
+        });
+        match found {
             Some(Lookup::One(i)) => Ok(*i),
             Some(Lookup::Ambiguous(candidates)) => {
                 let names: Vec<&str> = candidates
@@ -211,19 +229,100 @@ impl ComponentResource {
                     names.join(", ")
                 )))
             }
-            None => {
-                let names: Vec<&str> = self.exports.iter().map(|e| e.info.name.as_str()).collect();
-                Err(Error::UnknownFunction(format!(
-                    "no exported function {name:?}; the component exports: {}",
-                    if names.is_empty() {
-                        "nothing".into()
-                    } else {
-                        names.join(", ")
-                    }
-                )))
-            }
+            None => Err(Error::UnknownFunction(self.unknown(name))),
         }
     }
+
+    /// "no exported function ...; did you mean ...?" with a short list.
+    fn unknown(&self, name: &str) -> String {
+        if self.exports.is_empty() {
+            return format!("no exported function {name:?}; the component exports no functions");
+        }
+        let wanted = snake_to_kebab(name);
+        let mut scored: Vec<(f64, &str)> = self
+            .lookup
+            .keys()
+            .map(|k| (similarity(&wanted, k), k.as_str()))
+            .filter(|(s, _)| *s > 0.7)
+            .collect();
+        scored.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.len().cmp(&b.1.len())));
+        let mut suggestions: Vec<&str> = Vec::new();
+        for (_, k) in scored {
+            if !suggestions.contains(&k) {
+                suggestions.push(k);
+            }
+            if suggestions.len() == 2 {
+                break;
+            }
+        }
+        let mut listed: Vec<&str> = self.exports.iter().map(|e| e.info.name.as_str()).collect();
+        let total = listed.len();
+        listed.truncate(20);
+        let more = if total > 20 {
+            format!(" and {} more", total - 20)
+        } else {
+            String::new()
+        };
+        let hint = match suggestions.as_slice() {
+            [] => String::new(),
+            [one] => format!("; did you mean {one:?}"),
+            [a, b, ..] => format!("; did you mean {a:?} or {b:?}"),
+        };
+        format!(
+            "no exported function {name:?}{hint}; the component exports: {}{more}",
+            listed.join(", ")
+        )
+    }
+}
+
+fn export(info: FuncInfo, index: ComponentExportIndex) -> Export {
+    let flat_params = info.flat_params();
+    let heavy_result = info.result.as_ref().is_some_and(Shape::is_heavy);
+    Export {
+        info,
+        index,
+        flat_params,
+        heavy_result,
+    }
+}
+
+/// Jaro-Winkler similarity in 0..=1, for "did you mean".
+fn similarity(a: &str, b: &str) -> f64 {
+    let a: Vec<char> = a.chars().collect();
+    let b: Vec<char> = b.chars().collect();
+    if a.is_empty() || b.is_empty() {
+        return 0.0;
+    }
+    let window = (a.len().max(b.len()) / 2).saturating_sub(1);
+    let mut b_used = vec![false; b.len()];
+    let mut a_matches = Vec::new();
+    for (i, ca) in a.iter().enumerate() {
+        let lo = i.saturating_sub(window);
+        let hi = (i + window + 1).min(b.len());
+        if let Some(j) = (lo..hi).find(|&j| !b_used[j] && b[j] == *ca) {
+            b_used[j] = true;
+            a_matches.push(*ca);
+        }
+    }
+    let m = a_matches.len() as f64;
+    if m == 0.0 {
+        return 0.0;
+    }
+    let b_matches: Vec<char> = b
+        .iter()
+        .zip(&b_used)
+        .filter(|(_, u)| **u)
+        .map(|(c, _)| *c)
+        .collect();
+    let transpositions = a_matches
+        .iter()
+        .zip(&b_matches)
+        .filter(|(x, y)| x != y)
+        .count() as f64
+        / 2.0;
+    let jaro = (m / a.len() as f64 + m / b.len() as f64 + (m - transpositions) / m) / 3.0;
+    let prefix = a.iter().zip(&b).take(4).take_while(|(x, y)| x == y).count() as f64;
+    jaro + prefix * 0.1 * (1.0 - jaro)
 }
 
 fn build_lookup(exports: &[Export]) -> HashMap<String, Lookup> {
@@ -286,17 +385,73 @@ pub fn check_header(bytes: &[u8]) -> Result<()> {
     }
 }
 
+/// Limits on compilation: the component's size and how many compile at once.
+#[derive(Clone, Copy, Debug)]
+pub struct CompileLimits {
+    pub max_bytes: usize,
+    pub max_concurrent: usize,
+}
+
+static COMPILING: AtomicUsize = AtomicUsize::new(0);
+
+/// A slot among the compilations allowed at once, released on drop.
+struct Slot;
+
+impl Slot {
+    fn take(max: usize) -> Option<Slot> {
+        COMPILING
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Slot)
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        COMPILING.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// What `compile` can answer besides a component.
+pub enum Refusal {
+    Error(Error),
+    /// All compile slots are taken: try again shortly.
+    Saturated,
+}
+
+impl From<Error> for Refusal {
+    fn from(e: Error) -> Self {
+        Refusal::Error(e)
+    }
+}
+
 /// Compiles `bytes`, or loads them from `cache` when it holds a verified
 /// artifact for them.
-pub fn compile(bytes: &[u8], cache: Option<&Cache>) -> Result<(ComponentResource, cache::Outcome)> {
+pub fn compile(
+    env: Env,
+    bytes: &[u8],
+    cache: Option<&Cache>,
+    limits: CompileLimits,
+    budget: Budget,
+) -> std::result::Result<(ComponentResource, cache::Outcome), Refusal> {
+    if bytes.len() > limits.max_bytes {
+        return Err(Error::ResourceLimit(format!(
+            "the component is {} bytes, the limit is {} bytes (config :capsid, :max_component_bytes)",
+            bytes.len(),
+            limits.max_bytes
+        ))
+        .into());
+    }
     check_header(bytes)?;
     let hash = format!("{:x}", Sha256::digest(bytes));
     let mut outcome = cache::Outcome::Disabled;
     if let Some(cache) = cache {
-        match cache.load(&hash) {
+        match cache.load(&hash, limits.max_bytes) {
             Ok(Some(component)) => {
                 return Ok((
-                    ComponentResource::new(component, hash)?,
+                    ComponentResource::new(env, component, hash, budget)?,
                     cache::Outcome::Hit,
                 ));
             }
@@ -304,6 +459,9 @@ pub fn compile(bytes: &[u8], cache: Option<&Cache>) -> Result<(ComponentResource
             Err(()) => outcome = cache::Outcome::Rejected,
         }
     }
+    let Some(slot) = Slot::take(limits.max_concurrent.max(1)) else {
+        return Err(Refusal::Saturated);
+    };
     let owned = bytes.to_vec();
     let handle = std::thread::Builder::new()
         .name("capsid-compile".into())
@@ -314,29 +472,12 @@ pub fn compile(bytes: &[u8], cache: Option<&Cache>) -> Result<(ComponentResource
         .join()
         .map_err(|_| Error::Internal("the compiler panicked".into()))?
         .map_err(|e| Error::InvalidComponent(format!("invalid component: {}", root_message(&e))))?;
+    drop(slot);
+    let resource = ComponentResource::new(env, component, hash, budget)?;
     if let Some(cache) = cache {
-        cache.store(&hash, &component);
+        cache.store(&resource.hash, &resource.component);
     }
-    Ok((ComponentResource::new(component, hash)?, outcome))
-}
-
-fn encode_funcs<'a, 'b>(env: Env<'a>, funcs: impl Iterator<Item = &'b FuncInfo>) -> Term<'a> {
-    let items: Vec<Term> = funcs
-        .map(|f| {
-            let (params, result) = encode_func(env, &f.ty);
-            make_tuple(
-                env,
-                &[
-                    f.name.encode(env),
-                    f.interface.encode(env),
-                    f.short.encode(env),
-                    params,
-                    result,
-                ],
-            )
-        })
-        .collect();
-    items.encode(env)
+    Ok((resource, outcome))
 }
 
 rustler::atoms! {
@@ -344,45 +485,62 @@ rustler::atoms! {
     miss,
     rejected,
     disabled,
+    saturated,
 }
 
-/// Compiles a component, through the cache in `cache_dir` unless nil.
-/// Returns `{:ok, {ref, sha256_hex, exports, imports, cache}}`, each function
-/// as `{name, interface | nil, short_name, params, result}` and `cache` one of
-/// `:hit`, `:miss`, `:rejected` (a corrupt artifact was replaced), `:disabled`.
+/// Compiles a component, through the cache in `cache` (`{dir, max_bytes}`)
+/// unless nil. Returns `{:ok, {ref, sha256_hex, exports, imports, cache,
+/// warning}}`, each function as `{name, interface | nil, short_name, params,
+/// result}`, `cache` one of `:hit`, `:miss`, `:rejected` (a corrupt artifact
+/// was replaced), `:disabled`, and `warning` nil or why the cache directory
+/// could not be used; `:saturated` when all compile slots are taken.
 #[cfg_attr(not(test), rustler::nif(schedule = "DirtyCpu"))]
-fn component_compile<'a>(env: Env<'a>, bytes: Binary<'a>, cache_dir: Option<String>) -> Term<'a> {
-    let cache = match cache_dir {
-        None => None,
-        Some(dir) => match Cache::open(std::path::Path::new(&dir)) {
-            Ok(c) => Some(c),
-            Err(e) => {
-                return Error::InvalidComponent(format!(
-                    "cannot use the cache directory {dir}: {e}"
-                ))
-                .encode(env);
-            }
+fn component_compile<'a>(
+    env: Env<'a>,
+    bytes: rustler::Binary<'a>,
+    cache: Option<(String, u64)>,
+    limits: (usize, usize),
+    budget: (usize, usize, usize, usize),
+) -> rustler::Term<'a> {
+    use rustler::{Encoder, ResourceArc};
+    let (cache, warning) = match cache {
+        None => (None, None),
+        Some((dir, max_bytes)) => match Cache::open(std::path::Path::new(&dir), max_bytes) {
+            Ok(c) => (Some(c), None),
+            Err(why) => (None, Some(why)),
         },
     };
-    match compile(bytes.as_slice(), cache.as_ref()) {
+    let limits = CompileLimits {
+        max_bytes: limits.0,
+        max_concurrent: limits.1,
+    };
+    let budget = Budget {
+        atoms_per_component: budget.0,
+        atoms_total: budget.1,
+        vm_headroom: budget.2,
+        type_nodes: budget.3,
+    };
+    match compile(env, bytes.as_slice(), cache.as_ref(), limits, budget) {
         Ok((res, outcome)) => {
-            let exports = encode_funcs(env, res.exports.iter().map(|e| &e.info));
-            let imports = encode_funcs(env, res.imports.iter());
+            let exports =
+                crate::types::encode_funcs(env, res.exports.iter().map(|e| &e.info), &res.names);
+            let imports = crate::types::encode_funcs(env, res.imports.iter(), &res.names);
             let hash = res.hash.clone();
-            let resource = ResourceArc::new(res);
             let outcome = match outcome {
                 cache::Outcome::Hit => hit(),
                 cache::Outcome::Miss => miss(),
                 cache::Outcome::Rejected => rejected(),
                 cache::Outcome::Disabled => disabled(),
             };
+            let resource = ResourceArc::new(res);
             (
                 rustler::types::atom::ok(),
-                (resource, hash, exports, imports, outcome),
+                (resource, hash, exports, imports, outcome, warning),
             )
                 .encode(env)
         }
-        Err(e) => e.encode(env),
+        Err(Refusal::Error(e)) => e.encode(env),
+        Err(Refusal::Saturated) => saturated().encode(env),
     }
 }
 
@@ -402,14 +560,23 @@ mod tests {
     }
 
     #[test]
-    fn truncated_components_fail_to_compile() {
-        let err = compile(b"\0asm\x0d\0\x01\0\x01\x05", None).err().unwrap();
-        assert!(matches!(err, Error::InvalidComponent(_)), "{err}");
-    }
-
-    #[test]
     fn versions_are_stripped_from_interface_names() {
         assert_eq!(strip_version("acme:calc/math@1.0.0"), "acme:calc/math");
         assert_eq!(strip_version("acme:calc/math"), "acme:calc/math");
+    }
+
+    #[test]
+    fn similarity_prefers_close_names() {
+        assert!(similarity("evaluate-batch", "evaluate-batches") > 0.9);
+        assert!(similarity("slugfy", "slugify") > 0.9);
+        assert!(similarity("add", "word-frequencies") < 0.7);
+    }
+
+    #[test]
+    fn compile_slots_are_bounded_and_released() {
+        let a = Slot::take(1).expect("a free slot");
+        assert!(Slot::take(1).is_none());
+        drop(a);
+        assert!(Slot::take(1).is_some());
     }
 }

@@ -1,19 +1,23 @@
-//! Elixir terms ↔ `wasmtime::component::Val`, walking the function's WIT
-//! types (DESIGN.md section 2). Argument errors name the path to the offending
-//! value and the expected WIT type, e.g. `args[0].points[2].x: expected f64, got "a"`.
+//! Elixir terms ↔ `Value`s, walking a function's compiled types (`Shape`,
+//! DESIGN.md section 2). Argument errors name the path to the offending value
+//! and the expected WIT type, e.g. `args[0].points[2].x: expected f64, got "a"`.
 //!
-//! Naming rule, both ways: WIT kebab-case ↔ Elixir snake_case (`longest-word`
-//! ↔ `:longest_word`). WIT identifiers never contain `_`, so the rule is a
-//! bijection. Atoms are only made from names in the component's type
-//! information, never from guest data.
+//! Every term from a caller is hostile: lists may be improper (checked cell
+//! by cell, never with rustler's list iterator, which panics on them), maps
+//! and tuples may be anything, integers may be bignums. No atom is ever
+//! created here: names were made atoms when the component was loaded.
+//!
+//! Conversions are bounded by a work budget: a normal scheduler converts at
+//! most `WORK_BUDGET` units (about a millisecond) and then gives up with
+//! `Conv::Over`, so that the caller redoes the work on a dirty scheduler.
 
-use crate::error::{Error, Result};
+use crate::error::Error;
+use crate::shape::{Names, Shape, kebab_to_snake, wit_name};
+use crate::value::Value;
 use rustler::types::map::MapIterator;
 use rustler::types::tuple::{get_tuple, make_tuple};
 use rustler::{Atom, Binary, Encoder, Env, NewBinary, Term, TermType};
 use std::fmt::Write;
-use wasmtime::component::Val;
-use wasmtime::component::types::Type;
 
 rustler::atoms! {
     nil,
@@ -25,18 +29,51 @@ rustler::atoms! {
     neg_infinity,
     __struct__,
     map,
+    r#true = "true",
+    r#false = "false",
     // Elixir's MapSet module name, accepted for flags.
     mapset = "Elixir.MapSet",
 }
 
-/// `longest-word` → `longest_word`.
-pub fn kebab_to_snake(name: &str) -> String {
-    name.replace('-', "_")
+/// Units of conversion work a normal scheduler may do in one NIF call:
+/// about a millisecond (a unit is one term node, or 256 bytes copied).
+pub const WORK_BUDGET: u64 = 20_000;
+
+/// Why a conversion stopped.
+#[derive(Debug)]
+pub enum Conv {
+    Bad(Error),
+    /// The budget ran out: redo it where time does not matter.
+    Over,
 }
 
-/// `longest_word` → `longest-word`.
-pub fn snake_to_kebab(name: &str) -> String {
-    name.replace('_', "-")
+impl From<Error> for Conv {
+    fn from(e: Error) -> Self {
+        Conv::Bad(e)
+    }
+}
+
+pub type ConvResult<T> = std::result::Result<T, Conv>;
+
+/// Remaining work units (`u64::MAX`: unbounded, on a dirty scheduler).
+pub struct Work(pub u64);
+
+impl Work {
+    pub fn bounded() -> Self {
+        Work(WORK_BUDGET)
+    }
+
+    pub fn unbounded() -> Self {
+        Work(u64::MAX)
+    }
+
+    pub fn spend(&mut self, units: u64) -> ConvResult<()> {
+        if units > self.0 {
+            return Err(Conv::Over);
+        }
+        self.0 -= units;
+        Ok(())
+    }
 }
 
 /// One step of the path from `args` to the value being converted.
@@ -84,75 +121,39 @@ impl Path {
         out
     }
 
-    fn error(&self, expected: impl std::fmt::Display, got: Term) -> Error {
-        Error::BadArgument(format!(
+    fn error(&self, expected: impl std::fmt::Display, got: Term) -> Conv {
+        Conv::Bad(Error::BadArgument(format!(
             "{}: expected {expected}, got {}",
             self.render(),
             render_term(got)
-        ))
+        )))
     }
 
-    fn fail(&self, message: impl std::fmt::Display) -> Error {
-        Error::BadArgument(format!("{}: {message}", self.render()))
-    }
-}
-
-/// A WIT type as written in WIT source, for error messages.
-pub fn wit_name(ty: &Type) -> String {
-    match ty {
-        Type::Bool => "bool".into(),
-        Type::S8 => "s8".into(),
-        Type::U8 => "u8".into(),
-        Type::S16 => "s16".into(),
-        Type::U16 => "u16".into(),
-        Type::S32 => "s32".into(),
-        Type::U32 => "u32".into(),
-        Type::S64 => "s64".into(),
-        Type::U64 => "u64".into(),
-        Type::Float32 => "f32".into(),
-        Type::Float64 => "f64".into(),
-        Type::Char => "char".into(),
-        Type::String => "string".into(),
-        Type::List(l) => format!("list<{}>", wit_name(&l.ty())),
-        Type::Tuple(t) => {
-            let inner: Vec<String> = t.types().map(|t| wit_name(&t)).collect();
-            format!("tuple<{}>", inner.join(", "))
-        }
-        Type::Record(r) => {
-            let fields: Vec<String> = r.fields().map(|f| kebab_to_snake(f.name)).collect();
-            format!("record with keys {}", atoms_list(&fields))
-        }
-        Type::Variant(v) => {
-            let cases: Vec<String> = v.cases().map(|c| kebab_to_snake(c.name)).collect();
-            format!("variant of {}", atoms_list(&cases))
-        }
-        Type::Enum(e) => {
-            let cases: Vec<String> = e.names().map(kebab_to_snake).collect();
-            format!("enum of {}", atoms_list(&cases))
-        }
-        Type::Flags(f) => {
-            let names: Vec<String> = f.names().map(kebab_to_snake).collect();
-            format!("flags of {}", atoms_list(&names))
-        }
-        Type::Option(o) => format!("option<{}>", wit_name(&o.ty())),
-        Type::Result(r) => {
-            let ok = r.ok().map_or("_".into(), |t| wit_name(&t));
-            let err = r.err().map_or("_".into(), |t| wit_name(&t));
-            format!("result<{ok}, {err}>")
-        }
-        Type::Own(_) => "own<resource>".into(),
-        Type::Borrow(_) => "borrow<resource>".into(),
-        Type::Map(_) => "map".into(),
-        Type::Future(_) => "future".into(),
-        Type::Stream(_) => "stream".into(),
-        Type::ErrorContext => "error-context".into(),
-        Type::FixedLengthList(_) => "fixed-length list".into(),
+    fn fail(&self, message: impl std::fmt::Display) -> Conv {
+        Conv::Bad(Error::BadArgument(format!("{}: {message}", self.render())))
     }
 }
 
-fn atoms_list(names: &[String]) -> String {
-    let items: Vec<String> = names.iter().map(|n| format!(":{n}")).collect();
-    items.join(", ")
+// ------------------------------------------------------------- list cells
+
+/// The elements of a proper list, or `None` (not a list, or improper).
+/// Costs one unit per element.
+pub fn proper_list<'a>(term: Term<'a>, work: &mut Work) -> ConvResult<Option<Vec<Term<'a>>>> {
+    let mut items = Vec::new();
+    let mut rest = term;
+    loop {
+        if rest.is_empty_list() {
+            return Ok(Some(items));
+        }
+        match rest.list_get_cell() {
+            Ok((head, tail)) => {
+                work.spend(1)?;
+                items.push(head);
+                rest = tail;
+            }
+            Err(_) => return Ok(None),
+        }
+    }
 }
 
 /// An `inspect`-like rendering of a term, bounded in size, for error messages.
@@ -184,18 +185,21 @@ fn render_into(term: Term, out: &mut String, depth: usize) {
                 let _ = write!(out, ":{name}");
             }
         }
-        TermType::Integer => match term.decode::<i128>() {
-            Ok(i) => {
+        TermType::Integer => match int_wide(term) {
+            Some(i) => {
                 let _ = write!(out, "{i}");
             }
-            Err(_) => out.push_str("<big integer>"),
+            None => out.push_str("<big integer>"),
         },
         TermType::Float => {
             let _ = write!(out, "{:?}", term.decode::<f64>().unwrap_or(f64::NAN));
         }
         TermType::Binary => {
-            let bin = Binary::from_term(term).map(|b| b.as_slice()).unwrap_or(&[]);
-            match std::str::from_utf8(bin) {
+            let Ok(bin) = Binary::from_term(term).map(|b| b.as_slice()) else {
+                out.push_str("<<bitstring>>");
+                return;
+            };
+            match std::str::from_utf8(&bin[..bin.len().min(200)]) {
                 Ok(s) => {
                     let _ = write!(out, "{s:?}");
                 }
@@ -208,27 +212,46 @@ fn render_into(term: Term, out: &mut String, depth: usize) {
         }
         TermType::List => {
             out.push('[');
-            if let Ok(iter) = term.into_list_iterator() {
-                for (i, item) in iter.enumerate() {
-                    if i > 0 {
-                        out.push_str(", ");
+            let mut rest = term;
+            let mut i = 0;
+            loop {
+                if rest.is_empty_list() {
+                    break;
+                }
+                match rest.list_get_cell() {
+                    Ok((head, tail)) => {
+                        if i > 0 {
+                            out.push_str(", ");
+                        }
+                        if i == 8 {
+                            out.push_str("...");
+                            break;
+                        }
+                        render_into(head, out, depth - 1);
+                        rest = tail;
+                        i += 1;
                     }
-                    if i == 8 {
-                        out.push_str("...");
+                    Err(_) => {
+                        out.push_str(" | ");
+                        render_into(rest, out, depth - 1);
                         break;
                     }
-                    render_into(item, out, depth - 1);
                 }
             }
             out.push(']');
         }
         TermType::Tuple => {
             out.push('{');
-            for (i, item) in get_tuple(term).unwrap_or_default().into_iter().enumerate() {
+            let items = get_tuple(term).unwrap_or_default();
+            for (i, item) in items.iter().enumerate() {
                 if i > 0 {
                     out.push_str(", ");
                 }
-                render_into(item, out, depth - 1);
+                if i == 8 {
+                    out.push_str("...");
+                    break;
+                }
+                render_into(*item, out, depth - 1);
             }
             out.push('}');
         }
@@ -258,222 +281,281 @@ fn render_into(term: Term, out: &mut String, depth: usize) {
     }
 }
 
-// ---------------------------------------------------------------- term → Val
+// ---------------------------------------------------------------- term → Value
 
-/// Checks that `value` fits the integer type `ty` and builds the `Val`.
-pub fn int_val(ty: &Type, value: i128) -> std::result::Result<Val, String> {
-    fn fit<T>(v: i128, name: &str) -> std::result::Result<T, String>
-    where
-        T: TryFrom<i128> + num_bounds::Bounds,
-    {
-        T::try_from(v).map_err(|_| format!("expected {name} ({}..{}), got {v}", T::MIN_S, T::MAX_S))
+/// An integer term's value when it fits 64 bits (signed or unsigned).
+/// rustler's own 128-bit decoding is not used: it silently changes the
+/// value of some bignums.
+fn int_of(term: Term) -> Option<i128> {
+    if term.get_type() != TermType::Integer {
+        return None;
     }
-    Ok(match ty {
-        Type::S8 => Val::S8(fit(value, "s8")?),
-        Type::U8 => Val::U8(fit(value, "u8")?),
-        Type::S16 => Val::S16(fit(value, "s16")?),
-        Type::U16 => Val::U16(fit(value, "u16")?),
-        Type::S32 => Val::S32(fit(value, "s32")?),
-        Type::U32 => Val::U32(fit(value, "u32")?),
-        Type::S64 => Val::S64(fit(value, "s64")?),
-        Type::U64 => Val::U64(fit(value, "u64")?),
-        _ => return Err(format!("{} is not an integer type", wit_name(ty))),
-    })
+    if let Ok(i) = term.decode::<i64>() {
+        return Some(i128::from(i));
+    }
+    term.decode::<u64>().ok().map(i128::from)
 }
 
-mod num_bounds {
-    /// Printable bounds of each integer width, for range errors.
-    pub trait Bounds {
-        const MIN_S: &'static str;
-        const MAX_S: &'static str;
+/// A bignum's sign and little-endian magnitude bytes, read from the
+/// external term format (SMALL_BIG_EXT or LARGE_BIG_EXT).
+fn big_digits(term: Term) -> Option<(bool, Vec<u8>)> {
+    let bin = term.to_binary();
+    let bytes = bin.as_slice();
+    let (n, rest) = match bytes {
+        [131, 110, n, rest @ ..] => (usize::from(*n), rest),
+        [131, 111, a, b, c, d, rest @ ..] => (u32::from_be_bytes([*a, *b, *c, *d]) as usize, rest),
+        _ => return None,
+    };
+    let (sign, digits) = rest.split_first()?;
+    Some((*sign != 0, digits.get(..n)?.to_vec()))
+}
+
+/// Any integer term that fits 128 bits, for messages (exactly, unlike
+/// rustler's 128-bit decoding).
+fn int_wide(term: Term) -> Option<i128> {
+    if let Some(i) = int_of(term) {
+        return Some(i);
     }
-    macro_rules! bounds {
-        ($($t:ty => $min:expr, $max:expr;)*) => {
-            $(impl Bounds for $t { const MIN_S: &'static str = $min; const MAX_S: &'static str = $max; })*
-        };
+    let (negative, digits) = big_digits(term)?;
+    if digits.len() > 16 {
+        return None;
     }
-    bounds! {
-        i8 => "-128", "127";
-        u8 => "0", "255";
-        i16 => "-32768", "32767";
-        u16 => "0", "65535";
-        i32 => "-2147483648", "2147483647";
-        u32 => "0", "4294967295";
-        i64 => "-9223372036854775808", "9223372036854775807";
-        u64 => "0", "18446744073709551615";
+    let magnitude = digits
+        .iter()
+        .rev()
+        .fold(0u128, |acc, d| (acc << 8) | u128::from(*d));
+    if negative {
+        0i128.checked_sub_unsigned(magnitude)
+    } else {
+        i128::try_from(magnitude).ok()
     }
 }
 
-/// A Unicode scalar value from a code point; surrogates and values past
-/// U+10FFFF are refused.
-pub fn char_val(code_point: i128) -> std::result::Result<char, String> {
-    u32::try_from(code_point)
-        .ok()
-        .and_then(char::from_u32)
-        .ok_or_else(|| format!("expected char (a Unicode scalar value), got {code_point}"))
+/// Any integer term as the nearest float, bignums included.
+fn int_to_f64(term: Term) -> Option<f64> {
+    if let Some(i) = int_of(term) {
+        return Some(i as f64);
+    }
+    let (negative, digits) = big_digits(term)?;
+    let magnitude = digits
+        .iter()
+        .rev()
+        .fold(0.0f64, |acc, d| acc * 256.0 + f64::from(*d));
+    Some(if negative { -magnitude } else { magnitude })
+}
+
+fn is_atom(term: Term, atom: Atom) -> bool {
+    term.as_c_arg() == atom.as_c_arg()
+}
+
+fn int_range(shape: &Shape) -> (i128, i128) {
+    match shape {
+        Shape::S8 => (i8::MIN.into(), i8::MAX.into()),
+        Shape::U8 => (0, u8::MAX.into()),
+        Shape::S16 => (i16::MIN.into(), i16::MAX.into()),
+        Shape::U16 => (0, u16::MAX.into()),
+        Shape::S32 => (i32::MIN.into(), i32::MAX.into()),
+        Shape::U32 => (0, u32::MAX.into()),
+        Shape::S64 => (i64::MIN.into(), i64::MAX.into()),
+        _ => (0, u64::MAX.into()),
+    }
 }
 
 /// The float named by one of the special atoms.
-pub fn special_float(name: &str) -> Option<f64> {
-    match name {
-        "nan" => Some(f64::NAN),
-        "infinity" => Some(f64::INFINITY),
-        "neg_infinity" => Some(f64::NEG_INFINITY),
-        _ => None,
-    }
-}
-
-fn atom_name(term: Term) -> Option<String> {
-    if term.get_type() == TermType::Atom {
-        term.atom_to_string().ok()
+fn special_float(term: Term) -> Option<f64> {
+    if is_atom(term, nan()) {
+        Some(f64::NAN)
+    } else if is_atom(term, infinity()) {
+        Some(f64::INFINITY)
+    } else if is_atom(term, neg_infinity()) {
+        Some(f64::NEG_INFINITY)
     } else {
         None
     }
 }
 
-fn float_of(term: Term, ty: &Type, path: &Path) -> Result<f64> {
+fn float_of(term: Term, name: &str, path: &Path) -> ConvResult<f64> {
     match term.get_type() {
         TermType::Float => Ok(term.decode::<f64>().unwrap_or(f64::NAN)),
-        TermType::Integer => term
-            .decode::<i128>()
-            .map(|i| i as f64)
-            .map_err(|_| path.error(wit_name(ty), term)),
-        TermType::Atom => atom_name(term)
-            .and_then(|n| special_float(&n))
-            .ok_or_else(|| {
-                path.error(
-                    format!(
-                        "{} (a number, :nan, :infinity or :neg_infinity)",
-                        wit_name(ty)
-                    ),
-                    term,
-                )
-            }),
-        _ => Err(path.error(wit_name(ty), term)),
+        TermType::Integer => int_to_f64(term)
+            .ok_or_else(|| path.fail(format!("expected {name}, got an integer out of range"))),
+        TermType::Atom => special_float(term).ok_or_else(|| {
+            path.error(
+                format!("{name} (a number, :nan, :infinity or :neg_infinity)"),
+                term,
+            )
+        }),
+        _ => Err(path.error(name, term)),
     }
 }
 
-/// Converts an Elixir argument to a `Val` of type `ty`.
-pub fn term_to_val(term: Term, ty: &Type, path: &mut Path) -> Result<Val> {
-    match ty {
-        Type::Bool => match atom_name(term).as_deref() {
-            Some("true") => Ok(Val::Bool(true)),
-            Some("false") => Ok(Val::Bool(false)),
-            _ => Err(path.error("bool", term)),
-        },
-        Type::S8
-        | Type::U8
-        | Type::S16
-        | Type::U16
-        | Type::S32
-        | Type::U32
-        | Type::S64
-        | Type::U64 => {
-            if term.get_type() != TermType::Integer {
-                return Err(path.error(wit_name(ty), term));
+fn case_of(
+    names: &Names,
+    ids: impl Iterator<Item = crate::shape::NameId>,
+    atom: Term,
+) -> Option<u32> {
+    let id = names.of_atom(Atom::from_term(atom).ok()?)?;
+    ids.enumerate()
+        .find(|(_, c)| *c == id)
+        .map(|(i, _)| i as u32)
+}
+
+/// Converts an Elixir value to a `Value` of the type `shape`.
+pub fn term_to_value(
+    term: Term,
+    shape: &Shape,
+    names: &Names,
+    path: &mut Path,
+    work: &mut Work,
+) -> ConvResult<Value> {
+    work.spend(1)?;
+    match shape {
+        Shape::Bool => {
+            if is_atom(term, r#true()) {
+                Ok(Value::Bool(true))
+            } else if is_atom(term, r#false()) {
+                Ok(Value::Bool(false))
+            } else {
+                Err(path.error("bool", term))
             }
-            let value = term.decode::<i128>().map_err(|_| {
-                path.fail(format!(
-                    "expected {}, got an integer out of range",
-                    wit_name(ty)
-                ))
-            })?;
-            int_val(ty, value).map_err(|m| path.fail(m))
         }
-        Type::Float32 => Ok(Val::Float32(float_of(term, ty, path)? as f32)),
-        Type::Float64 => Ok(Val::Float64(float_of(term, ty, path)?)),
-        Type::Char => {
+        Shape::S8
+        | Shape::U8
+        | Shape::S16
+        | Shape::U16
+        | Shape::S32
+        | Shape::U32
+        | Shape::S64
+        | Shape::U64 => {
+            let name = wit_name(shape, names);
+            if term.get_type() != TermType::Integer {
+                return Err(path.error(&name, term));
+            }
+            let (lo, hi) = int_range(shape);
+            let v = match int_wide(term).ok_or(()) {
+                Ok(v) if v >= lo && v <= hi => v,
+                Ok(v) => return Err(path.fail(format!("expected {name} ({lo}..{hi}), got {v}"))),
+                Err(_) => {
+                    return Err(path.fail(format!(
+                        "expected {name}, got an integer out of range ({lo}..{hi})"
+                    )));
+                }
+            };
+            // In range, so the casts are exact.
+            Ok(match shape {
+                Shape::S8 => Value::S8(v as i8),
+                Shape::U8 => Value::U8(v as u8),
+                Shape::S16 => Value::S16(v as i16),
+                Shape::U16 => Value::U16(v as u16),
+                Shape::S32 => Value::S32(v as i32),
+                Shape::U32 => Value::U32(v as u32),
+                Shape::S64 => Value::S64(v as i64),
+                _ => Value::U64(v as u64),
+            })
+        }
+        Shape::F32 => {
+            let f = float_of(term, "f32", path)?;
+            let narrowed = f as f32;
+            if f.is_finite() && !narrowed.is_finite() {
+                return Err(path.fail(format!(
+                    "expected f32, got {f:?}, which is out of the range of f32 (±{:e})",
+                    f32::MAX
+                )));
+            }
+            Ok(Value::F32(narrowed))
+        }
+        Shape::F64 => Ok(Value::F64(float_of(term, "f64", path)?)),
+        Shape::Char => {
             if term.get_type() != TermType::Integer {
                 return Err(path.error("char (an integer code point such as ?a)", term));
             }
-            let cp = term.decode::<i128>().unwrap_or(-1);
-            char_val(cp).map(Val::Char).map_err(|m| path.fail(m))
+            let cp = int_of(term)
+                .and_then(|i| i64::try_from(i).ok())
+                .unwrap_or(-1);
+            u32::try_from(cp)
+                .ok()
+                .and_then(char::from_u32)
+                .map(Value::Char)
+                .ok_or_else(|| {
+                    path.fail(format!("expected char (a Unicode scalar value), got {cp}"))
+                })
         }
-        Type::String => {
-            let bin = match term.get_type() {
-                TermType::Binary => {
-                    Binary::from_term(term).map_err(|_| path.error("string", term))?
-                }
-                _ => return Err(path.error("string (a UTF-8 binary)", term)),
-            };
+        Shape::String => {
+            if term.get_type() != TermType::Binary {
+                return Err(path.error("string (a UTF-8 binary)", term));
+            }
+            let bin = Binary::from_term(term).map_err(|_| path.error("string", term))?;
+            work.spend(bin.len() as u64 >> 8)?;
             match std::str::from_utf8(bin.as_slice()) {
-                Ok(s) => Ok(Val::String(s.to_string())),
+                Ok(s) => Ok(Value::String(s.to_string())),
                 Err(e) => Err(path.fail(format!(
                     "expected string, got a binary that is not valid UTF-8 (invalid byte at offset {})",
                     e.valid_up_to()
                 ))),
             }
         }
-        Type::List(list) => {
-            let elem = list.ty();
-            if matches!(elem, Type::U8) && term.get_type() == TermType::Binary {
+        Shape::Bytes => {
+            if term.get_type() == TermType::Binary {
                 let bin = Binary::from_term(term).map_err(|_| path.error("list<u8>", term))?;
-                return Ok(Val::List(
-                    bin.as_slice().iter().map(|b| Val::U8(*b)).collect(),
-                ));
+                work.spend(bin.len() as u64 >> 8)?;
+                return Ok(Value::Bytes(bin.as_slice().to_vec()));
             }
-            let iter = match term.get_type() {
-                TermType::List => term
-                    .into_list_iterator()
-                    .map_err(|_| path.error(wit_name(ty), term))?,
-                _ => {
-                    let hint = if matches!(elem, Type::U8) {
-                        " (a binary or a list of bytes)"
-                    } else {
-                        " (a list)"
-                    };
-                    return Err(path.error(format!("{}{hint}", wit_name(ty)), term));
-                }
+            let Some(items) = proper_list(term, work)? else {
+                return Err(path.error("list<u8> (a binary or a list of bytes)", term));
             };
-            let mut out = Vec::new();
-            for (i, item) in iter.enumerate() {
-                out.push(path.with(Seg::Index(i), |p| term_to_val(item, &elem, p))?);
+            let mut bytes = Vec::with_capacity(items.len());
+            for (i, item) in items.into_iter().enumerate() {
+                match int_of(item).and_then(|v| u8::try_from(v).ok()) {
+                    Some(b) => bytes.push(b),
+                    None => {
+                        return Err(path.with(Seg::Index(i), |p| p.error("u8 (0..255)", item)));
+                    }
+                }
             }
-            Ok(Val::List(out))
+            Ok(Value::Bytes(bytes))
         }
-        Type::Tuple(tuple) => {
-            let types: Vec<Type> = tuple.types().collect();
-            let items = match term.get_type() {
-                TermType::Tuple => get_tuple(term).map_err(|_| path.error(wit_name(ty), term))?,
-                _ => {
-                    return Err(path.error(
-                        format!("{} (a tuple of {})", wit_name(ty), types.len()),
-                        term,
-                    ));
-                }
+        Shape::List(elem) => {
+            let Some(items) = proper_list(term, work)? else {
+                return Err(path.error(format!("{} (a proper list)", wit_name(shape, names)), term));
             };
-            if items.len() != types.len() {
+            let mut out = Vec::with_capacity(items.len());
+            for (i, item) in items.into_iter().enumerate() {
+                out.push(path.with(Seg::Index(i), |p| term_to_value(item, elem, names, p, work))?);
+            }
+            Ok(Value::List(out))
+        }
+        Shape::Tuple(types) => {
+            let items = match term.get_type() {
+                TermType::Tuple => get_tuple(term).unwrap_or_default(),
+                _ => Vec::new(),
+            };
+            if term.get_type() != TermType::Tuple || items.len() != types.len() {
                 return Err(path.error(
-                    format!("{} (a tuple of {})", wit_name(ty), types.len()),
+                    format!("{} (a tuple of {})", wit_name(shape, names), types.len()),
                     term,
                 ));
             }
             let mut out = Vec::with_capacity(types.len());
             for (i, (item, t)) in items.into_iter().zip(types.iter()).enumerate() {
-                out.push(path.with(Seg::Elem(i), |p| term_to_val(item, t, p))?);
+                out.push(path.with(Seg::Elem(i), |p| term_to_value(item, t, names, p, work))?);
             }
-            Ok(Val::Tuple(out))
+            Ok(Value::Fields(out))
         }
-        Type::Record(record) => {
+        Shape::Record(fields) => {
             if term.get_type() != TermType::Map {
-                return Err(path.error(format!("a map ({})", wit_name(ty)), term));
+                return Err(path.error(format!("a map ({})", wit_name(shape, names)), term));
             }
-            let fields: Vec<(String, Type)> = record
-                .fields()
-                .map(|f| (f.name.to_string(), f.ty))
-                .collect();
-            let snake: Vec<String> = fields.iter().map(|(n, _)| kebab_to_snake(n)).collect();
-            let size = term.map_size().unwrap_or(0);
             let mut out = Vec::with_capacity(fields.len());
             let mut missing = Vec::new();
-            for ((name, fty), key) in fields.iter().zip(snake.iter()) {
-                let atom = Atom::from_str(term.get_env(), key).map_err(|_| path.fail("bad key"))?;
-                match term.map_get(atom) {
-                    Ok(v) => out.push((
-                        name.clone(),
-                        path.with(Seg::Field(key.clone()), |p| term_to_val(v, fty, p))?,
-                    )),
-                    Err(_) => missing.push(format!(":{key}")),
+            for (id, fshape) in fields.iter() {
+                match term.map_get(names.atom(*id)) {
+                    Ok(v) => {
+                        let key = kebab_to_snake(names.wit(*id));
+                        out.push(path.with(Seg::Field(key), |p| {
+                            term_to_value(v, fshape, names, p, work)
+                        })?);
+                    }
+                    Err(_) => missing.push(format!(":{}", kebab_to_snake(names.wit(*id)))),
                 }
             }
             if !missing.is_empty() {
@@ -481,193 +563,198 @@ pub fn term_to_val(term: Term, ty: &Type, path: &mut Path) -> Result<Val> {
                     "missing key{} {} (expected {})",
                     if missing.len() > 1 { "s" } else { "" },
                     missing.join(", "),
-                    wit_name(ty)
+                    wit_name(shape, names)
                 )));
             }
-            if size != fields.len() {
+            if term.map_size().unwrap_or(0) != fields.len() {
+                let known: Vec<rustler::sys::ErlNifTerm> = fields
+                    .iter()
+                    .map(|(id, _)| names.atom(*id).as_c_arg())
+                    .collect();
                 let unknown: Vec<String> = MapIterator::new(term)
                     .into_iter()
                     .flatten()
-                    .filter(|(k, _)| atom_name(*k).is_none_or(|n| !snake.contains(&n)))
+                    .filter(|(k, _)| !known.contains(&k.as_c_arg()))
+                    .take(5)
                     .map(|(k, _)| render_term(k))
                     .collect();
                 return Err(path.fail(format!(
                     "unknown key{} {} (expected {})",
                     if unknown.len() > 1 { "s" } else { "" },
                     unknown.join(", "),
-                    wit_name(ty)
+                    wit_name(shape, names)
                 )));
             }
-            Ok(Val::Record(out))
+            Ok(Value::Fields(out))
         }
-        Type::Variant(variant) => {
-            let (name, payload) = match term.get_type() {
-                TermType::Atom => (atom_name(term), None),
+        Shape::Variant(cases) => {
+            let (tag, payload) = match term.get_type() {
+                TermType::Atom => (Some(term), None),
                 TermType::Tuple => match get_tuple(term).ok().as_deref() {
-                    Some([tag, payload]) => (atom_name(*tag), Some(*payload)),
+                    Some([tag, payload]) if tag.get_type() == TermType::Atom => {
+                        (Some(*tag), Some(*payload))
+                    }
                     _ => (None, None),
                 },
                 _ => (None, None),
             };
-            let Some(name) = name else {
+            let Some(tag) = tag else {
                 return Err(path.error(
-                    format!("{} as :case or {{:case, payload}}", wit_name(ty)),
+                    format!("{} as :case or {{:case, payload}}", wit_name(shape, names)),
                     term,
                 ));
             };
-            let wit = snake_to_kebab(&name);
-            let Some(case) = variant.cases().find(|c| c.name == wit) else {
-                return Err(path.fail(format!("unknown case :{name} (expected {})", wit_name(ty))));
+            let Some(index) = case_of(names, cases.iter().map(|(id, _)| *id), tag) else {
+                return Err(path.fail(format!(
+                    "unknown case {} (expected {})",
+                    render_term(tag),
+                    wit_name(shape, names)
+                )));
             };
-            let case_ty = case.ty.clone();
-            match (case_ty, payload) {
-                (None, None) => Ok(Val::Variant(wit, None)),
-                (Some(t), Some(p)) => {
-                    let v = path.with(Seg::Case(name.clone()), |path| term_to_val(p, &t, path))?;
-                    Ok(Val::Variant(wit, Some(Box::new(v))))
+            let (id, case_shape) = &cases[index as usize];
+            let case = kebab_to_snake(names.wit(*id));
+            match (case_shape, payload) {
+                (None, None) => Ok(Value::Case(index, None)),
+                (Some(s), Some(p)) => {
+                    let v = path.with(Seg::Case(case), |path| {
+                        term_to_value(p, s, names, path, work)
+                    })?;
+                    Ok(Value::Case(index, Some(Box::new(v))))
                 }
                 (None, Some(_)) => Err(path.fail(format!(
-                    "case :{name} has no payload; pass the atom :{name}"
+                    "case :{case} has no payload; pass the atom :{case}"
                 ))),
-                (Some(t), None) => Err(path.fail(format!(
-                    "case :{name} carries a {}; pass {{:{name}, value}}",
-                    wit_name(&t)
+                (Some(s), None) => Err(path.fail(format!(
+                    "case :{case} carries a {}; pass {{:{case}, value}}",
+                    wit_name(s, names)
                 ))),
             }
         }
-        Type::Enum(en) => {
-            let Some(name) = atom_name(term) else {
-                return Err(path.error(wit_name(ty), term));
-            };
-            let wit = snake_to_kebab(&name);
-            if en.names().any(|n| n == wit) {
-                Ok(Val::Enum(wit))
-            } else {
-                Err(path.fail(format!("unknown case :{name} (expected {})", wit_name(ty))))
+        Shape::Enum(cases) => {
+            if term.get_type() != TermType::Atom {
+                return Err(path.error(wit_name(shape, names), term));
             }
+            case_of(names, cases.iter().copied(), term)
+                .map(Value::Enum)
+                .ok_or_else(|| {
+                    path.fail(format!(
+                        "unknown case {} (expected {})",
+                        render_term(term),
+                        wit_name(shape, names)
+                    ))
+                })
         }
-        Type::Flags(flags) => {
-            let items: Vec<Term> = match term.get_type() {
-                TermType::List => term
-                    .into_list_iterator()
-                    .map(|i| i.collect())
-                    .unwrap_or_default(),
+        Shape::Flags(flags) => {
+            let items = match term.get_type() {
+                TermType::List => proper_list(term, work)?,
                 TermType::Map if is_mapset(term) => term
                     .map_get(map())
                     .ok()
                     .and_then(MapIterator::new)
-                    .map(|it| it.map(|(k, _)| k).collect())
-                    .unwrap_or_default(),
-                _ => {
-                    return Err(path.error(
-                        format!("{} (a list of atoms or a MapSet)", wit_name(ty)),
-                        term,
-                    ));
-                }
+                    .map(|it| it.map(|(k, _)| k).collect()),
+                _ => None,
             };
-            let mut set = Vec::new();
+            let Some(items) = items else {
+                return Err(path.error(
+                    format!("{} (a list of atoms or a MapSet)", wit_name(shape, names)),
+                    term,
+                ));
+            };
+            let mut words = vec![0u32; flags.len().div_ceil(32)];
             for item in items {
-                let Some(name) = atom_name(item) else {
-                    return Err(path.error(wit_name(ty), item));
-                };
-                let wit = snake_to_kebab(&name);
-                if !flags.names().any(|n| n == wit) {
-                    return Err(
-                        path.fail(format!("unknown flag :{name} (expected {})", wit_name(ty)))
-                    );
-                }
-                if !set.contains(&wit) {
-                    set.push(wit);
-                }
-            }
-            Ok(Val::Flags(set))
-        }
-        Type::Option(opt) => {
-            let inner = opt.ty();
-            if atom_name(term).as_deref() == Some("nil") {
-                return Ok(Val::Option(None));
-            }
-            let value = if matches!(inner, Type::Option(_)) {
-                // `option<option<T>>`: the outer `some` must be explicit so
-                // that `some(none)` and `none` stay distinguishable.
-                match get_tuple(term).ok().as_deref() {
-                    Some([tag, v]) if atom_name(*tag).as_deref() == Some("some") => *v,
+                work.spend(1)?;
+                match case_of(names, flags.iter().copied(), item) {
+                    Some(i) if item.get_type() == TermType::Atom => {
+                        words[i as usize / 32] |= 1 << (i % 32)
+                    }
                     _ => {
-                        return Err(path
-                            .error(format!("{} as nil or {{:some, value}}", wit_name(ty)), term));
+                        return Err(path.fail(format!(
+                            "unknown flag {} (expected {})",
+                            render_term(item),
+                            wit_name(shape, names)
+                        )));
+                    }
+                }
+            }
+            Ok(Value::Flags(words))
+        }
+        Shape::Option(inner) => {
+            if is_atom(term, nil()) {
+                return Ok(Value::Case(0, None));
+            }
+            let value = if inner.can_be_nil(names) {
+                // `nil` alone would be ambiguous: the outer `some` is explicit.
+                match get_tuple(term).ok().as_deref() {
+                    Some([tag, v]) if is_atom(*tag, some()) => *v,
+                    _ => {
+                        return Err(path.error(
+                            format!("{} as nil or {{:some, value}}", wit_name(shape, names)),
+                            term,
+                        ));
                     }
                 }
             } else {
                 term
             };
-            let v = term_to_val(value, &inner, path)?;
-            Ok(Val::Option(Some(Box::new(v))))
+            let v = term_to_value(value, inner, names, path, work)?;
+            Ok(Value::Case(1, Some(Box::new(v))))
         }
-        Type::Result(res) => {
+        Shape::Result(ok_shape, err_shape) => {
             let expected = || {
-                let ok = if res.ok().is_some() {
+                let ok = if ok_shape.is_some() {
                     "{:ok, value}"
                 } else {
                     ":ok"
                 };
-                let err = if res.err().is_some() {
+                let err = if err_shape.is_some() {
                     "{:error, value}"
                 } else {
                     ":error"
                 };
-                format!("{} as {ok} or {err}", wit_name(ty))
+                format!("{} as {ok} or {err}", wit_name(shape, names))
             };
             let (tag, payload) = match term.get_type() {
-                TermType::Atom => (atom_name(term), None),
+                TermType::Atom => (term, None),
                 TermType::Tuple => match get_tuple(term).ok().as_deref() {
-                    Some([t, p]) => (atom_name(*t), Some(*p)),
-                    _ => (None, None),
+                    Some([t, p]) => (*t, Some(*p)),
+                    _ => return Err(path.error(expected(), term)),
                 },
-                _ => (None, None),
-            };
-            let (is_ok, slot_ty) = match tag.as_deref() {
-                Some("ok") => (true, res.ok()),
-                Some("error") => (false, res.err()),
                 _ => return Err(path.error(expected(), term)),
             };
-            let label = if is_ok { "ok" } else { "error" };
-            let inner = match (slot_ty, payload) {
-                (None, None) => None,
-                (Some(t), Some(p)) => {
-                    Some(Box::new(path.with(Seg::Case(label.into()), |path| {
-                        term_to_val(p, &t, path)
-                    })?))
+            let (index, label, slot) = if is_atom(tag, ok()) {
+                (0, "ok", ok_shape)
+            } else if is_atom(tag, error()) {
+                (1, "error", err_shape)
+            } else {
+                return Err(path.error(expected(), term));
+            };
+            match (slot, payload) {
+                (None, None) => Ok(Value::Case(index, None)),
+                (Some(s), Some(p)) => {
+                    let v = path.with(Seg::Case(label.into()), |path| {
+                        term_to_value(p, s, names, path, work)
+                    })?;
+                    Ok(Value::Case(index, Some(Box::new(v))))
                 }
-                _ => return Err(path.error(expected(), term)),
-            };
-            Ok(Val::Result(if is_ok { Ok(inner) } else { Err(inner) }))
+                _ => Err(path.error(expected(), term)),
+            }
         }
-        Type::Own(_) | Type::Borrow(_) => {
+        Shape::Own | Shape::Borrow => {
             Err(path.fail("resource handles are not supported by Capsid yet"))
         }
-        _ => Err(path.fail(format!(
-            "{} values are not supported by Capsid yet",
-            wit_name(ty)
-        ))),
+        Shape::Unsupported(what) => {
+            Err(path.fail(format!("{what} values are not supported by Capsid yet")))
+        }
     }
 }
 
 fn is_mapset(term: Term) -> bool {
     term.map_get(__struct__())
         .ok()
-        .and_then(|v| v.decode::<Atom>().ok())
-        == Some(mapset())
+        .is_some_and(|v| is_atom(v, mapset()))
 }
 
-// ---------------------------------------------------------------- Val → term
-
-fn name_atom<'a>(env: Env<'a>, wit: &str) -> Term<'a> {
-    // Names come from the component's type information (wasmtime lifts
-    // enum/variant/flags values by index into it), never from guest data.
-    Atom::from_str(env, &kebab_to_snake(wit))
-        .map(|a| a.encode(env))
-        .unwrap_or_else(|_| nil().encode(env))
-}
+// ---------------------------------------------------------------- Value → term
 
 fn float_term(env: Env, f: f64) -> Term {
     if f.is_nan() {
@@ -681,156 +768,126 @@ fn float_term(env: Env, f: f64) -> Term {
     }
 }
 
+fn binary<'a>(env: Env<'a>, bytes: &[u8]) -> Term<'a> {
+    let mut bin = NewBinary::new(env, bytes.len());
+    bin.as_mut_slice().copy_from_slice(bytes);
+    bin.into()
+}
+
 /// Converts a guest value to an Elixir term, shaped by its WIT type.
-pub fn val_to_term<'a>(env: Env<'a>, val: &Val, ty: &Type) -> Term<'a> {
-    match (val, ty) {
-        (Val::Bool(b), _) => b.encode(env),
-        (Val::S8(i), _) => i.encode(env),
-        (Val::U8(i), _) => i.encode(env),
-        (Val::S16(i), _) => i.encode(env),
-        (Val::U16(i), _) => i.encode(env),
-        (Val::S32(i), _) => i.encode(env),
-        (Val::U32(i), _) => i.encode(env),
-        (Val::S64(i), _) => i.encode(env),
-        (Val::U64(i), _) => i.encode(env),
-        (Val::Float32(f), _) => float_term(env, f64::from(*f)),
-        (Val::Float64(f), _) => float_term(env, *f),
-        (Val::Char(c), _) => (*c as u32).encode(env),
-        (Val::String(s), _) => s.as_str().encode(env),
-        (Val::List(items), Type::List(list)) => {
-            let elem = list.ty();
-            if matches!(elem, Type::U8) {
-                let mut bin = NewBinary::new(env, items.len());
-                for (slot, item) in bin.as_mut_slice().iter_mut().zip(items) {
-                    if let Val::U8(b) = item {
-                        *slot = *b;
-                    }
-                }
-                return bin.into();
+pub fn value_to_term<'a>(
+    env: Env<'a>,
+    value: &Value,
+    shape: &Shape,
+    names: &Names,
+    work: &mut Work,
+) -> ConvResult<Term<'a>> {
+    work.spend(1)?;
+    Ok(match (value, shape) {
+        (Value::Bool(b), _) => b.encode(env),
+        (Value::S8(i), _) => i.encode(env),
+        (Value::U8(i), _) => i.encode(env),
+        (Value::S16(i), _) => i.encode(env),
+        (Value::U16(i), _) => i.encode(env),
+        (Value::S32(i), _) => i.encode(env),
+        (Value::U32(i), _) => i.encode(env),
+        (Value::S64(i), _) => i.encode(env),
+        (Value::U64(i), _) => i.encode(env),
+        (Value::F32(f), _) => float_term(env, f64::from(*f)),
+        (Value::F64(f), _) => float_term(env, *f),
+        (Value::Char(c), _) => (*c as u32).encode(env),
+        (Value::String(s), _) => {
+            work.spend(s.len() as u64 >> 8)?;
+            binary(env, s.as_bytes())
+        }
+        (Value::Bytes(b), _) => {
+            work.spend(b.len() as u64 >> 8)?;
+            binary(env, b)
+        }
+        (Value::List(items), Shape::List(elem)) => {
+            let mut terms = Vec::with_capacity(items.len());
+            for item in items {
+                terms.push(value_to_term(env, item, elem, names, work)?);
             }
-            let terms: Vec<Term> = items.iter().map(|v| val_to_term(env, v, &elem)).collect();
             terms.encode(env)
         }
-        (Val::Tuple(items), Type::Tuple(tuple)) => {
-            let terms: Vec<Term> = items
-                .iter()
-                .zip(tuple.types())
-                .map(|(v, t)| val_to_term(env, v, &t))
-                .collect();
+        (Value::Fields(items), Shape::Tuple(types)) => {
+            let mut terms = Vec::with_capacity(items.len());
+            for (item, t) in items.iter().zip(types.iter()) {
+                terms.push(value_to_term(env, item, t, names, work)?);
+            }
             make_tuple(env, &terms)
         }
-        (Val::Record(fields), Type::Record(record)) => {
-            let mut keys = Vec::with_capacity(fields.len());
-            let mut values = Vec::with_capacity(fields.len());
-            for ((name, v), f) in fields.iter().zip(record.fields()) {
-                keys.push(name_atom(env, name));
-                values.push(val_to_term(env, v, &f.ty));
+        (Value::Fields(items), Shape::Record(fields)) => {
+            let mut keys = Vec::with_capacity(items.len());
+            let mut values = Vec::with_capacity(items.len());
+            for (item, (id, fshape)) in items.iter().zip(fields.iter()) {
+                keys.push(names.atom(*id).encode(env));
+                values.push(value_to_term(env, item, fshape, names, work)?);
             }
             Term::map_from_term_arrays(env, &keys, &values).unwrap_or_else(|_| Term::map_new(env))
         }
-        (Val::Variant(name, payload), Type::Variant(variant)) => {
-            let tag = name_atom(env, name);
-            match payload {
-                None => tag,
-                Some(p) => {
-                    let case_ty = variant.cases().find(|c| c.name == name).and_then(|c| c.ty);
-                    let inner = match case_ty {
-                        Some(t) => val_to_term(env, p, &t),
-                        None => nil().encode(env),
-                    };
-                    make_tuple(env, &[tag, inner])
-                }
-            }
-        }
-        (Val::Enum(name), _) => name_atom(env, name),
-        (Val::Flags(set), Type::Flags(flags)) => {
-            // Declaration order, whatever order the guest produced.
-            let terms: Vec<Term> = flags
-                .names()
-                .filter(|n| set.iter().any(|s| s == n))
-                .map(|n| name_atom(env, n))
-                .collect();
-            terms.encode(env)
-        }
-        (Val::Option(None), _) => nil().encode(env),
-        (Val::Option(Some(v)), Type::Option(opt)) => {
-            let inner_ty = opt.ty();
-            let inner = val_to_term(env, v, &inner_ty);
-            if matches!(inner_ty, Type::Option(_)) {
-                make_tuple(env, &[some().encode(env), inner])
-            } else {
-                inner
-            }
-        }
-        (Val::Result(r), Type::Result(res)) => {
-            let (tag, payload, slot_ty) = match r {
-                Ok(p) => (ok().encode(env), p, res.ok()),
-                Err(p) => (error().encode(env), p, res.err()),
+        (Value::Case(i, payload), Shape::Variant(cases)) => {
+            let Some((id, case_shape)) = cases.get(*i as usize) else {
+                return Err(Conv::Bad(Error::Internal(
+                    "variant case out of range".into(),
+                )));
             };
-            match (payload, slot_ty) {
-                (Some(p), Some(t)) => make_tuple(env, &[tag, val_to_term(env, p, &t)]),
+            let tag = names.atom(*id).encode(env);
+            match (payload, case_shape) {
+                (Some(p), Some(s)) => {
+                    make_tuple(env, &[tag, value_to_term(env, p, s, names, work)?])
+                }
                 _ => tag,
             }
         }
-        // Shapes that wasmtime never produces for a well-typed value.
-        _ => nil().encode(env),
-    }
+        (Value::Enum(i), Shape::Enum(cases)) => match cases.get(*i as usize) {
+            Some(id) => names.atom(*id).encode(env),
+            None => return Err(Conv::Bad(Error::Internal("enum case out of range".into()))),
+        },
+        (Value::Flags(words), Shape::Flags(flags)) => {
+            let set: Vec<Term> = flags
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| words.get(i / 32).is_some_and(|w| w & (1 << (i % 32)) != 0))
+                .map(|(_, id)| names.atom(*id).encode(env))
+                .collect();
+            set.encode(env)
+        }
+        (Value::Case(0, _), Shape::Option(_)) => nil().encode(env),
+        (Value::Case(_, Some(v)), Shape::Option(inner)) => {
+            let term = value_to_term(env, v, inner, names, work)?;
+            if inner.can_be_nil(names) {
+                make_tuple(env, &[some().encode(env), term])
+            } else {
+                term
+            }
+        }
+        (Value::Case(i, payload), Shape::Result(ok_shape, err_shape)) => {
+            let (tag, slot) = if *i == 0 {
+                (ok().encode(env), ok_shape)
+            } else {
+                (error().encode(env), err_shape)
+            };
+            match (payload, slot) {
+                (Some(p), Some(s)) => {
+                    make_tuple(env, &[tag, value_to_term(env, p, s, names, work)?])
+                }
+                _ => tag,
+            }
+        }
+        _ => {
+            return Err(Conv::Bad(Error::Internal(format!(
+                "a guest value does not match its type ({})",
+                wit_name(shape, names)
+            ))));
+        }
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn names_convert_both_ways() {
-        assert_eq!(kebab_to_snake("longest-word"), "longest_word");
-        assert_eq!(snake_to_kebab("longest_word"), "longest-word");
-        assert_eq!(kebab_to_snake("dark-slate-gray"), "dark_slate_gray");
-        assert_eq!(snake_to_kebab(&kebab_to_snake("a-b-c1")), "a-b-c1");
-    }
-
-    #[test]
-    fn integers_are_range_checked_with_the_bounds_in_the_message() {
-        assert!(matches!(int_val(&Type::U8, 255), Ok(Val::U8(255))));
-        assert_eq!(
-            int_val(&Type::U8, 256).unwrap_err(),
-            "expected u8 (0..255), got 256"
-        );
-        assert_eq!(
-            int_val(&Type::U8, -1).unwrap_err(),
-            "expected u8 (0..255), got -1"
-        );
-        assert!(matches!(int_val(&Type::S8, -128), Ok(Val::S8(-128))));
-        assert!(int_val(&Type::S8, 128).is_err());
-        assert!(matches!(
-            int_val(&Type::U64, u64::MAX as i128),
-            Ok(Val::U64(u64::MAX))
-        ));
-        assert!(int_val(&Type::U64, u64::MAX as i128 + 1).is_err());
-        assert!(matches!(
-            int_val(&Type::S64, i64::MIN as i128),
-            Ok(Val::S64(i64::MIN))
-        ));
-        assert!(int_val(&Type::S64, i64::MIN as i128 - 1).is_err());
-        assert!(int_val(&Type::Bool, 1).is_err());
-    }
-
-    #[test]
-    fn chars_reject_surrogates_and_out_of_range() {
-        assert_eq!(char_val('a' as i128), Ok('a'));
-        assert_eq!(char_val(0x1F600), Ok('😀'));
-        assert!(char_val(0xD800).is_err());
-        assert!(char_val(0x110000).is_err());
-        assert!(char_val(-1).is_err());
-    }
-
-    #[test]
-    fn special_floats() {
-        assert!(special_float("nan").unwrap().is_nan());
-        assert_eq!(special_float("infinity"), Some(f64::INFINITY));
-        assert_eq!(special_float("neg_infinity"), Some(f64::NEG_INFINITY));
-        assert_eq!(special_float("inf"), None);
-    }
 
     #[test]
     fn paths_render_like_elixir_access() {
@@ -844,5 +901,13 @@ mod tests {
         p.0.push(Seg::Elem(1));
         assert_eq!(p.render(), "args[1](polygon).1");
         assert_eq!(Path::root("result").render(), "result");
+    }
+
+    #[test]
+    fn work_runs_out() {
+        let mut w = Work(3);
+        assert!(w.spend(2).is_ok());
+        assert!(matches!(w.spend(2), Err(Conv::Over)));
+        assert!(Work::unbounded().spend(u64::MAX).is_ok());
     }
 }

@@ -5,6 +5,13 @@
 
 use rustler::{Encoder, Env, Term};
 use std::fmt;
+use std::sync::{Mutex, MutexGuard};
+
+/// Locks a mutex, ignoring poisoning: a panic while holding one of Capsid's
+/// locks is caught and turned into a trap, and the data stays consistent.
+pub fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
 
 rustler::atoms! {
     bad_argument,
@@ -13,6 +20,7 @@ rustler::atoms! {
     link,
     busy,
     internal,
+    resource_limit,
     out_of_fuel,
     timeout,
     memory_limit,
@@ -95,6 +103,9 @@ pub enum Error {
     InvalidComponent(String),
     Link(String),
     Busy(String),
+    /// A host resource limit was reached (atoms, address space, compile
+    /// size...); the message names the limit and how to raise it.
+    ResourceLimit(String),
     Internal(String),
 }
 
@@ -108,6 +119,7 @@ impl fmt::Display for Error {
             | Error::InvalidComponent(m)
             | Error::Link(m)
             | Error::Busy(m)
+            | Error::ResourceLimit(m)
             | Error::Internal(m) => f.write_str(m),
         }
     }
@@ -121,6 +133,7 @@ impl Encoder for Error {
             Error::InvalidComponent(m) => (invalid_component(), m),
             Error::Link(m) => (link(), m),
             Error::Busy(m) => (busy(), m),
+            Error::ResourceLimit(m) => (resource_limit(), m),
             Error::Internal(m) => (internal(), m),
         };
         (rustler::types::atom::error(), (kind, message.as_str())).encode(env)
@@ -143,6 +156,41 @@ impl fmt::Display for HostTrap {
 }
 
 impl std::error::Error for HostTrap {}
+
+/// What ended a call that did not return: the guest faulted, or the host
+/// refused to go on (a resource limit of the node, not of the guest).
+#[derive(Debug, Clone)]
+pub enum Failure {
+    Trap(TrapInfo),
+    Refused(Error),
+}
+
+/// Errors that are the node's limits rather than the guest's fault: an
+/// exhausted arena (address space, mappings).
+pub fn refusal(err: &wasmtime::Error) -> Option<Error> {
+    if let Some(e) = err.downcast_ref::<crate::arena::Exhausted>() {
+        return Some(Error::ResourceLimit(e.0.clone()));
+    }
+    let message = root_message(err);
+    if message.contains(crate::arena::MARKER) {
+        return Some(Error::ResourceLimit(
+            message.replace(crate::arena::MARKER, ""),
+        ));
+    }
+    // wasmtime's own count limits, set from the instance's options.
+    for (what, option) in [
+        ("instance", "max_instances"),
+        ("memory", "max_memories"),
+        ("table", "max_tables"),
+    ] {
+        if message.contains(&format!("resource limit exceeded: {what} count too high")) {
+            return Some(Error::ResourceLimit(format!(
+                "the component creates more core {what} objects than the instance allows ({option}): {message}"
+            )));
+        }
+    }
+    None
+}
 
 /// Turns a failed guest call into a classified trap.
 pub fn classify(err: &wasmtime::Error, stderr: Vec<u8>) -> TrapInfo {
@@ -168,6 +216,17 @@ pub fn classify(err: &wasmtime::Error, stderr: Vec<u8>) -> TrapInfo {
             stderr,
         };
     }
+    let root = root_message(err);
+    if root.contains("store handle limit exceeded") {
+        return TrapInfo {
+            kind: TrapKind::MemoryLimit,
+            message: format!(
+                "the guest holds more resource handles than the instance allows (max_handles): {root}"
+            ),
+            backtrace,
+            stderr,
+        };
+    }
     let (kind, message) = match err.downcast_ref::<Trap>() {
         Some(trap) => {
             let kind = match trap {
@@ -182,7 +241,7 @@ pub fn classify(err: &wasmtime::Error, stderr: Vec<u8>) -> TrapInfo {
             };
             (kind, trap.to_string())
         }
-        None => (TrapKind::Other, root_message(err)),
+        None => (TrapKind::Other, root),
     };
     TrapInfo {
         kind,

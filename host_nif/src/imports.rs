@@ -3,86 +3,24 @@
 //! the guest (its fiber stays suspended) until the calling Erlang process has
 //! run the Elixir function and handed the answer back through `call_resume`.
 //! No thread blocks and nothing waits on a scheduler.
+//!
+//! A link (linker + pre-instantiation) depends only on the component and on
+//! which imports Elixir provides, so it is made once per such pair and shared
+//! by every instance: starting an instance does no linking.
 
-use crate::component::{ComponentResource, FuncInfo, strip_version};
+use crate::abi::{Lifted, Lowered, MAX_FLAT_PARAMS, MAX_FLAT_RESULTS, shape_flat_count};
+use crate::component::{Bound, ComponentResource, FuncInfo, Link, strip_version};
 use crate::engine::engine;
+use crate::error::lock;
 use crate::error::{Error, HostTrap, Result, TrapKind, root_message};
-use crate::instance::Host;
-use std::collections::BTreeMap;
-use std::future::poll_fn;
-use std::sync::{Arc, Mutex};
-use std::task::Poll;
-use wasmtime::component::types::ComponentFunc;
-use wasmtime::component::{InstancePre, Linker, Val};
-
-/// One pending call from the guest into Elixir.
-pub struct ImportCall {
-    /// Index into `Bridge::bound`.
-    pub import: usize,
-    pub args: Vec<Val>,
-}
-
-#[derive(Default)]
-enum Exchange {
-    #[default]
-    Idle,
-    /// The guest asked; the NIF has not yet handed the request to Elixir.
-    Requested(ImportCall),
-    /// Elixir is running the import.
-    Running,
-    /// Elixir answered: the result value, or why the import failed.
-    Answered(std::result::Result<Option<Val>, String>),
-}
-
-/// Where a guest's import request meets Elixir's answer. One per store.
-#[derive(Default)]
-pub struct ImportChannel(Mutex<Exchange>);
-
-impl ImportChannel {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Exchange> {
-        self.0.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The request the guest is parked on, if it has not been handed out yet.
-    pub fn take_request(&self) -> Option<ImportCall> {
-        let mut ex = self.lock();
-        match std::mem::take(&mut *ex) {
-            Exchange::Requested(call) => {
-                *ex = Exchange::Running;
-                Some(call)
-            }
-            other => {
-                *ex = other;
-                None
-            }
-        }
-    }
-
-    pub fn answer(&self, answer: std::result::Result<Option<Val>, String>) {
-        *self.lock() = Exchange::Answered(answer);
-    }
-
-    pub fn reset(&self) {
-        *self.lock() = Exchange::Idle;
-    }
-}
-
-/// An import implemented in Elixir: which component import it is and which
-/// key of the user's `imports:` map implements it.
-pub struct Bound {
-    pub key: String,
-    pub ty: ComponentFunc,
-}
-
-/// What an instance needs to run calls: the pre-instantiated component and
-/// the Elixir-implemented imports it was linked with.
-pub struct Bridge {
-    pub pre: InstancePre<Host>,
-    pub bound: Vec<Bound>,
-}
+use crate::host::{Host, ImportCall};
+use crate::value::Value;
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use wasmtime::component::{Linker, LinkerInstance};
 
 /// The user's key for `import`: exact name, or the version-less qualified name.
-fn provided_key(import: &FuncInfo, provided: &[String]) -> Option<String> {
+fn provided_key(import: &FuncInfo, provided: &HashSet<&str>) -> Option<String> {
     let candidates = [
         Some(import.name.clone()),
         import
@@ -93,131 +31,144 @@ fn provided_key(import: &FuncInfo, provided: &[String]) -> Option<String> {
     candidates
         .into_iter()
         .flatten()
-        .find(|c| provided.contains(c))
+        .find(|c| provided.contains(c.as_str()))
 }
 
-fn is_wasi(interface: &str) -> bool {
-    interface.starts_with("wasi:")
+/// At most `n` items of a list for an error message, and how many more.
+fn some_of(items: &[String], n: usize) -> String {
+    let mut out = items.iter().take(n).cloned().collect::<Vec<_>>().join(", ");
+    if items.len() > n {
+        out.push_str(&format!(" and {} more", items.len() - n));
+    }
+    out
 }
 
-/// Builds the linker for `component` with the Elixir imports named in
-/// `provided`, and pre-instantiates. Missing imports are a `:link` error that
-/// names every one of them.
-pub fn link(component: &ComponentResource, provided: &[String]) -> Result<Bridge> {
+fn is_wasi(import: &FuncInfo) -> bool {
+    import
+        .interface
+        .as_deref()
+        .is_some_and(|i| i.starts_with("wasi:"))
+}
+
+/// The link of `component` with the Elixir imports named in `provided`
+/// (sorted, deduplicated by the caller), made on first use. Missing imports
+/// are a `:link` error that names every one of them.
+pub fn link(component: &ComponentResource, provided: &[String]) -> Result<Arc<Link>> {
+    if let Some(link) = lock(&component.links).get(provided) {
+        return Ok(link.clone());
+    }
+    let link = Arc::new(make_link(component, provided)?);
+    lock(&component.links).insert(provided.to_vec(), link.clone());
+    Ok(link)
+}
+
+fn make_link(component: &ComponentResource, provided: &[String]) -> Result<Link> {
     let mut linker: Linker<Host> = Linker::new(engine());
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)
         .map_err(|e| Error::Internal(format!("linking WASI: {}", root_message(&e))))?;
 
+    let provided: HashSet<&str> = provided.iter().map(String::as_str).collect();
     let mut bound = Vec::new();
     let mut missing = Vec::new();
-    let mut by_interface: BTreeMap<Option<&str>, Vec<(usize, &FuncInfo)>> = BTreeMap::new();
-    for import in &component.imports {
-        if import.interface.as_deref().is_some_and(is_wasi) {
+    let mut by_interface: BTreeMap<Option<&str>, Vec<usize>> = BTreeMap::new();
+    for (i, import) in component.imports.iter().enumerate() {
+        if is_wasi(import) {
             continue;
         }
-        match provided_key(import, provided) {
+        match provided_key(import, &provided) {
             Some(key) => {
                 by_interface
                     .entry(import.interface.as_deref())
                     .or_default()
-                    .push((bound.len(), import));
-                bound.push(Bound {
-                    key,
-                    ty: import.ty.clone(),
-                });
+                    .push(bound.len());
+                bound.push(Bound { key, import: i });
             }
             None => missing.push(import.name.clone()),
         }
     }
     if !missing.is_empty() {
+        let hints: Vec<String> = missing
+            .iter()
+            .map(|m| format!("{m:?} => fn ... end"))
+            .collect();
         return Err(Error::Link(format!(
             "the component imports {} that the host does not provide; pass {} in `imports:`",
-            missing.join(", "),
-            missing
-                .iter()
-                .map(|m| format!("{m:?} => fn ... end"))
-                .collect::<Vec<_>>()
-                .join(", ")
+            some_of(&missing, 10),
+            some_of(&hints, 3)
         )));
     }
 
-    for (interface, funcs) in by_interface {
+    for (interface, slots) in by_interface {
         let mut inst = match interface {
             None => linker.root(),
             Some(name) => linker
                 .instance(name)
                 .map_err(|e| Error::Link(format!("import {name}: {}", root_message(&e))))?,
         };
-        for (index, info) in funcs {
-            inst.func_new_async(&info.short, move |store, _ty, params, results| {
-                Box::new(call_elixir(store, index, params, results))
-            })
-            .map_err(|e| Error::Link(format!("import {}: {}", info.name, root_message(&e))))?;
+        for slot in slots {
+            let info = &component.imports[bound[slot].import];
+            define(&mut inst, info, slot)
+                .map_err(|e| Error::Link(format!("import {}: {}", info.name, root_message(&e))))?;
         }
     }
 
+    let heavy_imports = bound
+        .iter()
+        .any(|b| component.imports[b.import].heavy_params());
     let pre = linker
         .instantiate_pre(&component.component)
         .map_err(|e| Error::Link(format!("cannot link the component: {}", root_message(&e))))?;
-    Ok(Bridge { pre, bound })
+    Ok(Link {
+        pre,
+        bound,
+        heavy_imports,
+    })
+}
+
+/// Defines the host function for Elixir import number `slot`, typed by its
+/// parameters' and results' flat counts (see `abi`).
+fn define(
+    inst: &mut LinkerInstance<'_, Host>,
+    info: &FuncInfo,
+    slot: usize,
+) -> wasmtime::Result<()> {
+    let n: usize = info.params.iter().map(|(_, s)| shape_flat_count(s)).sum();
+    let n = if n > MAX_FLAT_PARAMS { 1 } else { n };
+    let m = match &info.result {
+        Some(s) if shape_flat_count(s) <= MAX_FLAT_RESULTS => shape_flat_count(s),
+        _ => 0,
+    };
+    macro_rules! arms {
+        ($($n:literal)*) => {
+            match (n, m) {
+                $(
+                    ($n, 0) => inst.func_wrap_async(&info.short, move |store, params: Lifted<$n>| {
+                        Box::new(call_elixir::<0>(store, slot, params.0))
+                    }),
+                    ($n, 1) => inst.func_wrap_async(&info.short, move |store, params: Lifted<$n>| {
+                        Box::new(call_elixir::<1>(store, slot, params.0))
+                    }),
+                )*
+                _ => Err(wasmtime::Error::msg("unsupported import signature")),
+            }
+        };
+    }
+    arms!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16)
 }
 
 /// The body of every Elixir-implemented import: post the request, park until
 /// the answer arrives, then hand the result to the guest.
-async fn call_elixir(
+async fn call_elixir<const M: usize>(
     store: wasmtime::StoreContextMut<'_, Host>,
-    index: usize,
-    params: &[Val],
-    results: &mut [Val],
-) -> wasmtime::Result<()> {
-    let channel: Arc<ImportChannel> = store.data().imports.clone();
-    *channel.lock() = Exchange::Requested(ImportCall {
-        import: index,
-        args: params.to_vec(),
-    });
-    // Woken by nobody: the NIF polls again when Elixir answers.
-    let answer = poll_fn(|_| {
-        let mut ex = channel.lock();
-        match std::mem::take(&mut *ex) {
-            Exchange::Answered(a) => Poll::Ready(a),
-            other => {
-                *ex = other;
-                Poll::Pending
-            }
-        }
-    })
-    .await;
-    match answer {
-        Ok(value) => {
-            if let (Some(slot), Some(v)) = (results.first_mut(), value) {
-                *slot = v;
-            }
-            Ok(())
-        }
+    slot: usize,
+    args: Vec<Value>,
+) -> wasmtime::Result<Lowered<M>> {
+    let shared = store.data().shared.clone();
+    match shared.imports.ask(ImportCall { import: slot, args }).await {
+        Ok(value) => Ok(Lowered(value.into_iter().collect())),
         Err(message) => Err(wasmtime::Error::new(HostTrap {
             kind: TrapKind::ImportFailed,
             message,
         })),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn the_channel_hands_each_request_out_once() {
-        let ch = ImportChannel::default();
-        assert!(ch.take_request().is_none());
-        *ch.lock() = Exchange::Requested(ImportCall {
-            import: 3,
-            args: vec![Val::U32(7)],
-        });
-        let call = ch.take_request().unwrap();
-        assert_eq!(call.import, 3);
-        assert!(matches!(*ch.lock(), Exchange::Running));
-        assert!(ch.take_request().is_none());
-        ch.answer(Ok(None));
-        assert!(matches!(*ch.lock(), Exchange::Answered(Ok(None))));
     }
 }

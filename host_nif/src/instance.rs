@@ -1,27 +1,29 @@
 //! A live instance: one wasm store at a time, its limits, who is calling it
 //! (one caller at a time, the others queued in arrival order), recycling
 //! after traps, and counters. The calls themselves run in the *caller's*
-//! process (see `call.rs`); the owning `Capsid.Instance` process only keeps
-//! the resource alive and supervised.
+//! process (`call.rs` resolves the target and converts; `run.rs` is the
+//! guest call itself); the owning `Capsid.Instance` process only keeps the
+//! resource alive and supervised.
 
-use crate::call::{self, Args, CallFuture, CallWaker, Done, Target, Value, poll_slice};
-use crate::component::Blob;
-use crate::component::ComponentResource;
-use crate::convert::{Path, term_to_val, val_to_term, wit_name};
-use crate::engine::engine;
-use crate::error::{Error, TrapInfo, TrapKind};
-use crate::imports::{Bridge, ImportChannel, link};
-use crate::limits::{Limiter, Limits};
-use crate::stdio::Capture;
-use rustler::types::tuple::make_tuple;
-use rustler::{Encoder, Env, LocalPid, Monitor, Resource, ResourceArc, Term, TermType};
+use crate::component::{ComponentResource, Link};
+use crate::convert::{Conv, Path, Work, term_to_value, value_to_term};
+use crate::error::lock;
+use crate::error::{Error, Failure, TrapInfo, TrapKind};
+use crate::host::Shared;
+use crate::imports;
+use crate::limits::Limits;
+use crate::run::{self, CallFuture, CallWaker, Done, Live, Target, poll_slice};
+use crate::value::Value;
+use rustler::env::SavedTerm;
+use rustler::types::tuple::{get_tuple, make_tuple};
+use rustler::{
+    Atom, Encoder, Env, LocalPid, Monitor, OwnedEnv, Resource, ResourceArc, Term, TermType,
+};
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::Poll;
-use wasmtime::component::{ComponentExportIndex, Func, Instance, ResourceTable, Val};
-use wasmtime::{Store, UpdateDeadline};
-use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use std::time::{Duration, Instant};
 
 rustler::atoms! {
     ok,
@@ -33,6 +35,7 @@ rustler::atoms! {
     queued,
     taken,
     retired,
+    go_dirty = "dirty",
     capsid_turn,
     waiting,
     calls,
@@ -40,120 +43,7 @@ rustler::atoms! {
     recycles,
     fuel_used,
     instantiations,
-    limits,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A panic while holding one of these locks is caught and turned into a
-    // trap; the data is still consistent, so poisoning is not fatal.
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Store data: WASI state, limits, output capture, and the call's deadline.
-pub struct Host {
-    wasi: WasiCtx,
-    table: ResourceTable,
-    pub limiter: Limiter,
-    pub stdout: Capture,
-    pub stderr: Capture,
-    pub imports: Arc<ImportChannel>,
-    /// When the running call must stop, on the coarse clock (`engine::now_us`).
-    pub deadline_us: u64,
-    pub timeout_ms: u64,
-}
-
-impl WasiView for Host {
-    fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
-    }
-}
-
-/// What every store of one instance shares, so the NIF can reach it while
-/// the store itself is inside a suspended call.
-#[derive(Clone, Default)]
-pub struct Shared {
-    pub imports: Arc<ImportChannel>,
-    pub stdout: Capture,
-    pub stderr: Capture,
-}
-
-impl Host {
-    pub fn new_store(limits: Limits, shared: &Shared) -> Store<Host> {
-        // Deny by default: no args, no env, no preopened dirs, no network;
-        // stdin closed, stdout/stderr captured.
-        let wasi = WasiCtx::builder()
-            .stdout(shared.stdout.clone())
-            .stderr(shared.stderr.clone())
-            .allow_tcp(false)
-            .allow_udp(false)
-            .allow_ip_name_lookup(false)
-            .build();
-        let host = Host {
-            wasi,
-            table: ResourceTable::new(),
-            limiter: Limiter::new(limits),
-            stdout: shared.stdout.clone(),
-            stderr: shared.stderr.clone(),
-            imports: shared.imports.clone(),
-            deadline_us: 0,
-            timeout_ms: limits.timeout,
-        };
-        let mut store = Store::new(engine(), host);
-        store.limiter(|h| &mut h.limiter);
-        // Only fails when fuel is disabled in the engine; it is not.
-        let _ = store.fuel_async_yield_interval(Some(crate::engine::YIELD_FUEL));
-        store.epoch_deadline_callback(|ctx| {
-            let host = ctx.data();
-            if crate::engine::now_us() >= host.deadline_us {
-                return Err(wasmtime::Error::new(crate::error::HostTrap {
-                    kind: TrapKind::Timeout,
-                    message: format!("the call exceeded its timeout of {} ms", host.timeout_ms),
-                }));
-            }
-            // Give the scheduler back at every tick; the caller polls again.
-            Ok(UpdateDeadline::Yield(1))
-        });
-        store
-    }
-}
-
-/// An instantiated component in its store, with export handles cached.
-pub struct Live {
-    pub store: Store<Host>,
-    instance: Instance,
-    funcs: Vec<Option<Func>>,
-}
-
-impl Live {
-    pub fn new(store: Store<Host>, instance: Instance) -> Self {
-        Live {
-            store,
-            instance,
-            funcs: Vec::new(),
-        }
-    }
-
-    pub fn func(&mut self, slot: usize, index: &ComponentExportIndex) -> Option<Func> {
-        if self.funcs.len() <= slot {
-            self.funcs.resize(slot + 1, None);
-        }
-        if self.funcs[slot].is_none() {
-            self.funcs[slot] = self.instance.get_func(&mut self.store, index);
-        }
-        self.funcs[slot]
-    }
-}
-
-struct Running {
-    fut: CallFuture,
-    waker: Arc<CallWaker>,
-    /// The export being called (for the result type), `None` when warming up.
-    export: Option<usize>,
-    /// The import Elixir is running right now, if any.
-    import: Option<usize>,
+    infinity,
 }
 
 enum Slot {
@@ -161,6 +51,44 @@ enum Slot {
     Empty,
     Ready(Live),
     Running(Box<Running>),
+}
+
+struct Running {
+    fut: CallFuture,
+    waker: Arc<CallWaker>,
+    /// The export being called (for the result type), `None` when warming up.
+    export: Option<usize>,
+    /// The import Elixir is running right now (index into the link's bound).
+    import: Option<usize>,
+    /// A finished call whose result is too large to convert on a normal
+    /// scheduler: converted by the next (dirty) resume.
+    finished: Option<Done>,
+    limits: Limits,
+    /// When waits on Elixir (imports, timers) must end; set at the first
+    /// wait, so never earlier than the timeout after the call started.
+    deadline: Option<Instant>,
+    /// The instance's memories as they were before this call, kept when the
+    /// call must not lose the instance's state even if it traps.
+    checkpoint: Option<Arc<Vec<Vec<u8>>>>,
+}
+
+impl Running {
+    /// Milliseconds left for a wait, rounded up; `:infinity` past 2^32-1.
+    fn remaining<'a>(&mut self, env: Env<'a>) -> Term<'a> {
+        let timeout = self.limits.timeout;
+        let now = Instant::now();
+        let deadline = *self.deadline.get_or_insert_with(|| {
+            now.checked_add(Duration::from_millis(timeout))
+                .unwrap_or(now + Duration::from_secs(100 * 365 * 86_400))
+        });
+        let left = deadline.saturating_duration_since(now);
+        let ms = left.as_micros().div_ceil(1000);
+        if ms >= u128::from(u32::MAX) {
+            infinity().encode(env)
+        } else {
+            (ms as u64).encode(env)
+        }
+    }
 }
 
 struct Owner {
@@ -190,19 +118,37 @@ struct Stats {
     instantiations: AtomicU64,
 }
 
+/// The Elixir functions implementing the link's bound imports, in order.
+struct Funs {
+    env: OwnedEnv,
+    funs: Vec<SavedTerm>,
+}
+
+impl Funs {
+    /// Import `i`'s function, copied into `env`.
+    fn get<'a>(&self, i: usize, env: Env<'a>) -> Term<'a> {
+        self.env.run(|own| self.funs[i].load(own).in_env(env))
+    }
+}
+
 pub struct InstanceResource {
-    id: u64,
-    component: ResourceArc<ComponentResource>,
-    bridge: Arc<Bridge>,
-    limits: Limits,
+    pub id: u64,
+    pub component: ResourceArc<ComponentResource>,
+    link: Arc<Link>,
+    funs: Mutex<Funs>,
+    pub limits: Limits,
     max_queue: usize,
-    shared: Arc<Shared>,
+    queue_timeout: u64,
+    pub shared: Arc<Shared>,
     slot: Mutex<Slot>,
     control: Mutex<Control>,
     stats: Stats,
-    /// Set by a hot swap: calls already running (and their imports) finish
-    /// here, every call that starts afterwards is turned away.
-    retired: std::sync::atomic::AtomicBool,
+    /// Set by a hot swap or when the owning process stops: calls already
+    /// running (and their imports) finish here, every call that starts
+    /// afterwards is turned away.
+    retired: AtomicBool,
+    /// Memories to put back into the next store (a preserving call trapped).
+    transplant: Mutex<Option<Arc<Vec<Vec<u8>>>>>,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -212,7 +158,7 @@ impl Resource for InstanceResource {
     const IMPLEMENTS_DOWN: bool = true;
 
     /// A caller died while owning or waiting for the instance: drop its
-    /// call (the store goes with it) and pass the turn on.
+    /// call (the store goes with it), drain what it wrote, pass the turn on.
     fn down<'a>(&'a self, env: Env<'a>, pid: LocalPid, _monitor: Monitor) {
         let mut ctl = lock(&self.control);
         if ctl.owner.as_ref().is_some_and(|o| o.pid == pid) {
@@ -221,6 +167,8 @@ impl Resource for InstanceResource {
             if matches!(*slot, Slot::Running(_)) {
                 *slot = Slot::Empty;
                 self.shared.imports.reset();
+                self.shared.drain_output();
+                self.stats.calls.fetch_add(1, Ordering::Relaxed);
                 self.stats.recycles.fetch_add(1, Ordering::Relaxed);
                 self.stats.traps[TrapKind::Cancelled.index()].fetch_add(1, Ordering::Relaxed);
             }
@@ -232,16 +180,21 @@ impl Resource for InstanceResource {
     }
 }
 
-enum Turn {
+/// Whether the caller may go ahead.
+pub enum Turn {
     Go,
     Queued,
     /// Busy, and the caller asked not to wait.
     Taken,
-    /// Replaced by a newer version: new calls must go there.
+    /// Replaced by a newer version, or stopped: new calls must go elsewhere.
     Retired,
 }
 
 impl InstanceResource {
+    pub fn is_retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+
     /// Hands the instance to the first live waiter, telling it so.
     fn grant_next(&self, env: Env, ctl: &mut Control) {
         while let Some(next) = ctl.queue.pop_front() {
@@ -256,14 +209,10 @@ impl InstanceResource {
         }
     }
 
-    fn acquire(
-        this: &ResourceArc<Self>,
-        env: Env,
-        pid: LocalPid,
-        queue: bool,
-    ) -> Result<Turn, Error> {
+    pub fn acquire(this: &ResourceArc<Self>, env: Env, queue: bool) -> Result<Turn, Error> {
+        let pid = env.pid();
         let mut ctl = lock(&this.control);
-        if this.retired.load(Ordering::Acquire) {
+        if this.is_retired() {
             // Pass a granted turn on, so the waiters behind learn it too.
             Self::leave(this, env, &mut ctl, pid);
             return Ok(Turn::Retired);
@@ -369,349 +318,445 @@ impl InstanceResource {
         self.stats
             .fuel_used
             .fetch_add(done.fuel_used, Ordering::Relaxed);
-        if let Err(t) = &done.outcome {
+        if let Err(Failure::Trap(t)) = &done.outcome {
             self.stats.traps[t.kind.index()].fetch_add(1, Ordering::Relaxed);
             self.stats.recycles.fetch_add(1, Ordering::Relaxed);
         }
     }
+
+    fn allowance(limits: &Limits) -> u64 {
+        (limits.max_memory / 8).max(1 << 16)
+    }
+
+    /// Starts a call of export `export` (`None`: only make sure the instance
+    /// is instantiated) with converted `args`, once the turn is had. With
+    /// `preserve`, a trap does not lose the instance's state: its memories
+    /// are copied first and put back into the next store.
+    #[allow(clippy::too_many_arguments)]
+    pub fn begin<'a>(
+        this: &ResourceArc<Self>,
+        env: Env<'a>,
+        export: Option<usize>,
+        args: Vec<Value>,
+        limits: Limits,
+        preserve: bool,
+        dirty: bool,
+    ) -> Term<'a> {
+        let mut slot = lock(&this.slot);
+        let live = match std::mem::replace(&mut *slot, Slot::Empty) {
+            Slot::Ready(live) => Some(live),
+            Slot::Empty => None,
+            Slot::Running(r) => {
+                // Cannot happen while ownership is respected; never lose a call.
+                *slot = Slot::Running(r);
+                drop(slot);
+                Self::release(this, env);
+                return Error::Internal("instance already running a call".into()).encode(env);
+            }
+        };
+        let target = export.map(|slot| {
+            let e = &this.component.exports[slot];
+            Target {
+                slot,
+                index: e.index,
+                flat_params: e.flat_params,
+                has_result: e.info.result.is_some(),
+                heavy_result: e.heavy_result,
+            }
+        });
+        let checkpoint = match &live {
+            Some(live) if preserve => Some(Arc::new(live.checkpoint())),
+            _ => None,
+        };
+        let transplant = if live.is_none() {
+            lock(&this.transplant).take()
+        } else {
+            None
+        };
+        let pre = live.is_none().then(|| this.link.pre.clone());
+        let fut = run::start(
+            pre,
+            live,
+            transplant,
+            target,
+            args,
+            limits,
+            this.shared.clone(),
+            this.link.heavy_imports,
+        );
+        *slot = Slot::Running(Box::new(Running {
+            fut,
+            waker: CallWaker::new(env.pid(), this.id),
+            export,
+            import: None,
+            finished: None,
+            limits,
+            deadline: None,
+            checkpoint,
+        }));
+        Self::drive(this, env, &mut slot, dirty)
+    }
+
+    /// Polls the running call once and reports where it stands.
+    fn drive<'a>(
+        this: &ResourceArc<Self>,
+        env: Env<'a>,
+        slot: &mut MutexGuard<Slot>,
+        dirty: bool,
+    ) -> Term<'a> {
+        let Slot::Running(running) = &mut **slot else {
+            return Error::Internal("no call in progress".into()).encode(env);
+        };
+        if let Some(done) = running.finished.take() {
+            return Self::finish(this, env, slot, done, dirty);
+        }
+        let shared = &this.shared;
+        shared.on_dirty.store(dirty, Ordering::Relaxed);
+        shared.wants_dirty.store(false, Ordering::Relaxed);
+        let polled = poll_slice(
+            &mut running.fut,
+            &running.waker,
+            Self::allowance(&running.limits),
+        );
+        match polled {
+            Poll::Ready(done) => {
+                if !dirty && running.waker.take_woken() {
+                    // It ran up to a tick before finishing: account for it.
+                    rustler::schedule::consume_timeslice(env, 50);
+                }
+                Self::finish(this, env, slot, done, dirty)
+            }
+            Poll::Pending => {
+                Self::watch_owner(this, env);
+                let me = this.clone().encode(env);
+                if shared.wants_dirty.swap(false, Ordering::Relaxed) {
+                    return (go_dirty(), me).encode(env);
+                }
+                if let Some(call) = shared.imports.take_request() {
+                    let info = &this.component.imports[this.link.bound[call.import].import];
+                    let mut work = if dirty {
+                        Work::unbounded()
+                    } else {
+                        Work::bounded()
+                    };
+                    let mut args = Vec::with_capacity(call.args.len());
+                    for (v, (_, shape)) in call.args.iter().zip(info.params.iter()) {
+                        match value_to_term(env, v, shape, &this.component.names, &mut work) {
+                            Ok(t) => args.push(t),
+                            Err(Conv::Over) => {
+                                shared.imports.restore_request(call);
+                                return (go_dirty(), me).encode(env);
+                            }
+                            Err(Conv::Bad(e)) => {
+                                // The guest's data does not fit the import's type:
+                                // fail the import, the guest traps.
+                                shared.imports.answer(Err(format!(
+                                    "import {:?} got arguments Capsid cannot convert: {e}",
+                                    info.name
+                                )));
+                                return (r#yield(), me).encode(env);
+                            }
+                        }
+                    }
+                    running.import = Some(call.import);
+                    let fun = lock(&this.funs).get(call.import, env);
+                    let remaining = running.remaining(env);
+                    return make_tuple(
+                        env,
+                        &[import().encode(env), me, fun, args.encode(env), remaining],
+                    );
+                }
+                if running.waker.take_woken() {
+                    if !dirty {
+                        rustler::schedule::consume_timeslice(env, 50);
+                    }
+                    (r#yield(), me).encode(env)
+                } else {
+                    let remaining = running.remaining(env);
+                    make_tuple(
+                        env,
+                        &[wait().encode(env), me, this.id.encode(env), remaining],
+                    )
+                }
+            }
+        }
+    }
+
+    /// Reports a finished call, converting its result (on a dirty
+    /// scheduler when it is too large for a normal one).
+    fn finish<'a>(
+        this: &ResourceArc<Self>,
+        env: Env<'a>,
+        slot: &mut MutexGuard<Slot>,
+        done: Done,
+        dirty: bool,
+    ) -> Term<'a> {
+        let export = match &**slot {
+            Slot::Running(r) => r.export,
+            _ => None,
+        };
+        let term = match (&done.outcome, export) {
+            (Ok(Some(value)), Some(i)) => {
+                let Some(shape) = &this.component.exports[i].info.result else {
+                    return Error::Internal("a result for a function without one".into())
+                        .encode(env);
+                };
+                let mut work = if dirty {
+                    Work::unbounded()
+                } else {
+                    Work::bounded()
+                };
+                match value_to_term(env, value, shape, &this.component.names, &mut work) {
+                    Ok(t) => Ok(t),
+                    Err(Conv::Over) => {
+                        if let Slot::Running(r) = &mut **slot {
+                            r.finished = Some(done);
+                        }
+                        Self::watch_owner(this, env);
+                        return (go_dirty(), this.clone().encode(env)).encode(env);
+                    }
+                    Err(Conv::Bad(e)) => Err(e),
+                }
+            }
+            _ => Ok(rustler::types::atom::nil().encode(env)),
+        };
+        this.record(&done, export.is_some());
+        if let (Err(Failure::Trap(_)), Slot::Running(r)) = (&done.outcome, &mut **slot)
+            && let Some(checkpoint) = r.checkpoint.take()
+        {
+            *lock(&this.transplant) = Some(checkpoint);
+        }
+        let fuel = done.fuel_used;
+        **slot = match done.live {
+            Some(live) => Slot::Ready(live),
+            None => Slot::Empty,
+        };
+        Self::release(this, env);
+        match (done.outcome, term) {
+            (Ok(_), Ok(t)) => (ok(), t, fuel).encode(env),
+            (Ok(_), Err(e)) => e.encode(env),
+            (Err(Failure::Trap(t)), _) => encode_trap(env, &t, fuel),
+            (Err(Failure::Refused(e)), _) => e.encode(env),
+        }
+    }
+
+    /// Continues a call: `reply` is `nil` (just poll), or the Elixir
+    /// import's answer, `{:ok, value}` or `{:error, message}`.
+    pub fn resume<'a>(
+        this: &ResourceArc<Self>,
+        env: Env<'a>,
+        reply: Term<'a>,
+        dirty: bool,
+    ) -> Term<'a> {
+        if !this.is_owner(env.pid()) {
+            return Error::Internal("this process has no call in progress on this instance".into())
+                .encode(env);
+        }
+        let mut slot = lock(&this.slot);
+        if let Slot::Running(running) = &mut *slot
+            && let Some(index) = running.import
+        {
+            let info = &this.component.imports[this.link.bound[index].import];
+            let answer = match get_tuple(reply).ok().as_deref() {
+                Some([tag, value]) if tag.as_c_arg() == ok().as_c_arg() => match &info.result {
+                    None => Ok(None),
+                    Some(shape) => {
+                        let mut work = if dirty {
+                            Work::unbounded()
+                        } else {
+                            Work::bounded()
+                        };
+                        match term_to_value(
+                            *value,
+                            shape,
+                            &this.component.names,
+                            &mut Path::root("result"),
+                            &mut work,
+                        ) {
+                            Ok(v) => Ok(Some(v)),
+                            Err(Conv::Over) => {
+                                drop(slot);
+                                return (go_dirty(), this.clone().encode(env)).encode(env);
+                            }
+                            Err(Conv::Bad(e)) => {
+                                Err(format!("import {:?} returned a bad value: {e}", info.name))
+                            }
+                        }
+                    }
+                },
+                Some([_, message]) if message.get_type() == TermType::Binary => Err(message
+                    .decode::<String>()
+                    .unwrap_or_else(|_| format!("import {:?} failed", info.name))),
+                _ => Err(format!("import {:?} failed", info.name)),
+            };
+            running.import = None;
+            this.shared.imports.answer(answer);
+        }
+        Self::drive(this, env, &mut slot, dirty)
+    }
+
+    /// Abandons the caller's call: its deadline passed while it waited on
+    /// the host (`:timeout`), or the caller gave up (`:cancelled`). The
+    /// store is dropped; the next call gets a fresh one.
+    pub fn cancel<'a>(this: &ResourceArc<Self>, env: Env<'a>, kind: Atom) -> Term<'a> {
+        if !this.is_owner(env.pid()) {
+            // Not (or no longer) in a call: just leave the line.
+            let mut ctl = lock(&this.control);
+            Self::leave(this, env, &mut ctl, env.pid());
+            return ok().encode(env);
+        }
+        let mut slot = lock(&this.slot);
+        let running = match std::mem::replace(&mut *slot, Slot::Empty) {
+            Slot::Running(r) => r,
+            other => {
+                *slot = other;
+                drop(slot);
+                Self::release(this, env);
+                return ok().encode(env);
+            }
+        };
+        let timeout_ms = running.limits.timeout;
+        drop(running);
+        drop(slot);
+        this.shared.imports.reset();
+        this.shared.stdout.take();
+        let stderr = this.shared.stderr.take();
+        let info = if kind.as_c_arg() == crate::error::TrapKind::Timeout.atom().as_c_arg() {
+            run::trap(
+                TrapKind::Timeout,
+                format!(
+                    "the call exceeded its timeout of {timeout_ms} ms while waiting on the host"
+                ),
+                stderr,
+            )
+        } else {
+            run::trap(
+                TrapKind::Cancelled,
+                "the caller abandoned the call".into(),
+                stderr,
+            )
+        };
+        this.stats.calls.fetch_add(1, Ordering::Relaxed);
+        this.stats.traps[info.kind.index()].fetch_add(1, Ordering::Relaxed);
+        this.stats.recycles.fetch_add(1, Ordering::Relaxed);
+        Self::release(this, env);
+        encode_trap(env, &info, 0)
+    }
+
+    /// Leaves the wait queue (the caller gave up waiting for its turn).
+    pub fn dequeue(this: &ResourceArc<Self>, env: Env) {
+        let mut ctl = lock(&this.control);
+        Self::leave(this, env, &mut ctl, env.pid());
+    }
+
+    /// Retires the instance: new calls answer `:retired`; the running call
+    /// and its imports finish normally. Waiters are woken so they can go
+    /// elsewhere. `env` is the calling process's, or a resource callback's
+    /// (`process: false`), where monitors cannot be removed: those of the
+    /// woken waiters then stay until the waiters exit, and are harmless.
+    pub fn retire(this: &ResourceArc<Self>, env: Env, process: bool) {
+        this.retired.store(true, Ordering::Release);
+        let waiters: Vec<Waiter> = lock(&this.control).queue.drain(..).collect();
+        for w in waiters {
+            if process && let Some(mon) = w.monitor {
+                this.demonitor(Some(env), &mon);
+            }
+            let _ = env.send(&w.pid, (capsid_turn(), this.id));
+        }
+    }
+
+    /// The instance's limits narrowed by per-call options (`None` keeps the
+    /// instance's value).
+    pub fn call_limits(&self, narrow: (Option<u64>, Option<u64>, Option<u64>, bool)) -> Limits {
+        self.limits.narrow(narrow.0, narrow.1, narrow.2)
+    }
+
+    pub fn queue_timeout(&self) -> u64 {
+        self.queue_timeout
+    }
 }
 
-fn encode_trap<'a>(env: Env<'a>, t: &TrapInfo, fuel: u64) -> Term<'a> {
+pub fn encode_trap<'a>(env: Env<'a>, t: &TrapInfo, fuel: u64) -> Term<'a> {
     let stderr = String::from_utf8_lossy(&t.stderr).into_owned();
     let info = (t.kind.atom(), t.message.as_str(), &t.backtrace, stderr);
     (trap(), info, fuel).encode(env)
 }
 
-/// Polls the running call once and reports where it stands.
-fn drive<'a>(
-    env: Env<'a>,
-    this: &ResourceArc<InstanceResource>,
-    slot: &mut MutexGuard<Slot>,
-) -> Term<'a> {
-    let Slot::Running(running) = &mut **slot else {
-        return Error::Internal("no call in progress".into()).encode(env);
-    };
-    let t0 = crate::engine::now_us();
-    let polled = poll_slice(&mut running.fut, &running.waker);
-    // Tell the BEAM how much of a timeslice the guest used (1 ms = 100%),
-    // at tick granularity: a slice that saw a tick used a whole one.
-    let pct = (crate::engine::now_us().saturating_sub(t0) / 10).clamp(1, 100) as i32;
-    rustler::schedule::consume_timeslice(env, pct);
-    match polled {
-        Poll::Ready(done) => {
-            let export = running.export;
-            this.record(&done, export.is_some());
-            **slot = match done.live {
-                Some(live) => Slot::Ready(live),
-                None => Slot::Empty,
-            };
-            InstanceResource::release(this, env);
-            match done.outcome {
-                Ok(value) => {
-                    let term = match (value, export) {
-                        (Value::Val(Some(v)), Some(i)) => match &this.component.exports[i].result {
-                            Some(ty) => val_to_term(env, &v, ty),
-                            None => rustler::types::atom::nil().encode(env),
-                        },
-                        (Value::Bytes(b), _) => {
-                            let mut bin = rustler::NewBinary::new(env, b.len());
-                            bin.as_mut_slice().copy_from_slice(&b);
-                            bin.into()
-                        }
-                        (Value::Str(s), _) => s.as_str().encode(env),
-                        _ => rustler::types::atom::nil().encode(env),
-                    };
-                    (ok(), term, done.fuel_used).encode(env)
-                }
-                Err(t) => encode_trap(env, &t, done.fuel_used),
-            }
-        }
-        Poll::Pending => {
-            if let Some(call) = this.shared.imports.take_request() {
-                running.import = Some(call.import);
-                let bound = &this.bridge.bound[call.import];
-                let args: Vec<Term> = call
-                    .args
-                    .iter()
-                    .zip(bound.ty.params())
-                    .map(|(v, (_, t))| val_to_term(env, v, &t))
-                    .collect();
-                InstanceResource::watch_owner(this, env);
-                return (import(), bound.key.as_str(), args).encode(env);
-            }
-            InstanceResource::watch_owner(this, env);
-            if running.waker.take_woken() {
-                r#yield().encode(env)
-            } else {
-                wait().encode(env)
-            }
-        }
-    }
-}
-
 /// Creates an instance resource: links the component's imports (WASI plus
-/// the Elixir functions named in `provided`) and pre-instantiates it.
+/// the Elixir functions given as `[{key, fun}]`, sorted by key) through the
+/// component's link cache.
 #[cfg_attr(not(test), rustler::nif)]
 fn instance_new<'a>(
     env: Env<'a>,
     component: ResourceArc<ComponentResource>,
-    provided: Vec<String>,
+    provided: Vec<(String, Term<'a>)>,
     limits: Limits,
-    max_queue: usize,
+    queue: (usize, u64),
 ) -> Term<'a> {
-    match link(&component, &provided) {
-        Ok(bridge) => {
-            let res = InstanceResource {
-                id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
-                component,
-                bridge: Arc::new(bridge),
-                limits,
-                max_queue,
-                shared: Arc::default(),
-                slot: Mutex::new(Slot::Empty),
-                control: Mutex::new(Control::default()),
-                stats: Stats::default(),
-                retired: Default::default(),
-            };
-            let id = res.id;
-            (ok(), (ResourceArc::new(res), id)).encode(env)
+    let keys: Vec<String> = provided.iter().map(|(k, _)| k.clone()).collect();
+    let link = match imports::link(&component, &keys) {
+        Ok(link) => link,
+        Err(e) => return e.encode(env),
+    };
+    let owned = OwnedEnv::new();
+    let funs = link
+        .bound
+        .iter()
+        .map(|b| {
+            let fun = provided
+                .iter()
+                .find(|(k, _)| *k == b.key)
+                .map(|(_, f)| *f)
+                .unwrap_or_else(|| rustler::types::atom::nil().encode(env));
+            owned.save(fun)
+        })
+        .collect();
+    let res = InstanceResource {
+        id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+        component,
+        link,
+        funs: Mutex::new(Funs { env: owned, funs }),
+        limits,
+        max_queue: queue.0,
+        queue_timeout: queue.1,
+        shared: Arc::default(),
+        slot: Mutex::new(Slot::Empty),
+        control: Mutex::new(Control::default()),
+        stats: Stats::default(),
+        retired: AtomicBool::new(false),
+        transplant: Mutex::new(None),
+    };
+    let id = res.id;
+    (ok(), (ResourceArc::new(res), id)).encode(env)
+}
+
+/// Instantiates the component in the instance (the caller gets the turn
+/// first), so that start-up errors surface before its process exists.
+#[cfg_attr(not(test), rustler::nif)]
+fn instance_warm<'a>(env: Env<'a>, this: ResourceArc<InstanceResource>) -> Term<'a> {
+    match InstanceResource::acquire(&this, env, true) {
+        Ok(Turn::Go) => {
+            InstanceResource::begin(&this, env, None, Vec::new(), this.limits, false, false)
         }
+        Ok(Turn::Queued) => make_tuple(
+            env,
+            &[
+                queued().encode(env),
+                this.clone().encode(env),
+                this.id.encode(env),
+                this.queue_timeout.encode(env),
+            ],
+        ),
+        Ok(Turn::Taken) => taken().encode(env),
+        Ok(Turn::Retired) => retired().encode(env),
         Err(e) => e.encode(env),
     }
 }
 
-fn convert_args(this: &InstanceResource, index: usize, args: Term) -> Result<Args, Error> {
-    let export = &this.component.exports[index];
-    let signature = || {
-        let ps: Vec<String> = export
-            .info
-            .ty
-            .params()
-            .map(|(n, t)| format!("{n}: {}", wit_name(&t)))
-            .collect();
-        format!("{}({})", export.info.name, ps.join(", "))
-    };
-    let mut items = match args.get_type() {
-        TermType::List => args
-            .into_list_iterator()
-            .map_err(|_| Error::BadArgument("bad list".into()))?,
-        _ => {
-            return Err(Error::BadArgument(format!(
-                "arguments must be a list; {} takes {}",
-                export.info.name,
-                signature()
-            )));
-        }
-    };
-    let arity = args.list_length().unwrap_or(0);
-    if arity != export.params.len() {
-        return Err(Error::BadArgument(format!(
-            "wrong number of arguments: {} takes {} ({}), got {arity}",
-            export.info.name,
-            export.params.len(),
-            signature(),
-        )));
-    }
-    if let Some(fast) = export.fast
-        && let Some(first) = items.next()
-    {
-        return fast_arg(first, fast.arg, &export.params[0]);
-    }
-    let mut vals = Vec::with_capacity(arity);
-    for (i, (term, ty)) in items.zip(export.params.iter()).enumerate() {
-        vals.push(term_to_val(term, ty, &mut Path::arg(i))?);
-    }
-    Ok(Args::Vals(vals))
-}
-
-/// The one argument of a typed-path function, copied straight out of its
-/// binary; other shapes (a list of bytes) go through the general conversion.
-fn fast_arg(term: Term, blob: Blob, ty: &wasmtime::component::types::Type) -> Result<Args, Error> {
-    if let Ok(bin) = rustler::Binary::from_term(term) {
-        return match blob {
-            Blob::Bytes => Ok(Args::Bytes(bin.as_slice().to_vec())),
-            Blob::Str => match std::str::from_utf8(bin.as_slice()) {
-                Ok(s) => Ok(Args::Str(s.to_string())),
-                // Let the general path produce the precise error.
-                Err(_) => term_to_val(term, ty, &mut Path::arg(0)).map(|v| Args::Vals(vec![v])),
-            },
-        };
-    }
-    match term_to_val(term, ty, &mut Path::arg(0))? {
-        Val::List(items) => Ok(Args::Bytes(
-            items
-                .into_iter()
-                .map(|v| if let Val::U8(b) = v { b } else { 0 })
-                .collect(),
-        )),
-        Val::String(s) => Ok(Args::Str(s)),
-        other => Ok(Args::Vals(vec![other])),
-    }
-}
-
-/// Starts a call (or, with `name` nil, makes sure the instance is
-/// instantiated). Returns the outcome, or how to continue: `:yield` (poll
-/// again), `:wait` (a `{:capsid_wake, id}` message will come),
-/// `{:import, key, args}` (run the Elixir import, then `call_resume`), or
-/// `:queued` (a `{:capsid_turn, id}` message will come; then call again).
-/// With `queue` false a busy instance answers `:taken` instead of queueing
-/// the caller (a pool then tries another member).
+/// Retires the instance (a hot swap replaced it, or it stopped).
 #[cfg_attr(not(test), rustler::nif)]
-fn call_start<'a>(
-    env: Env<'a>,
-    this: ResourceArc<InstanceResource>,
-    name: Option<rustler::Binary<'a>>,
-    arguments: Term<'a>,
-    limits: (Option<u64>, Option<u64>, Option<u64>),
-    queue: bool,
-) -> Term<'a> {
-    // Resolve and convert first: a bad request never queues and never
-    // touches the store.
-    let (export, args) = match &name {
-        Some(name) => {
-            let Ok(name) = std::str::from_utf8(name.as_slice()) else {
-                return Error::UnknownFunction("function names are UTF-8 strings".into())
-                    .encode(env);
-            };
-            let index = match this.component.resolve(name) {
-                Ok(i) => i,
-                Err(e) => return e.encode(env),
-            };
-            match convert_args(&this, index, arguments) {
-                Ok(args) => (Some(index), args),
-                Err(e) => return e.encode(env),
-            }
-        }
-        None => (None, Args::Vals(Vec::new())),
-    };
-    let pid = env.pid();
-    match InstanceResource::acquire(&this, env, pid, queue) {
-        Err(e) => return e.encode(env),
-        Ok(Turn::Queued) => return queued().encode(env),
-        Ok(Turn::Taken) => return taken().encode(env),
-        Ok(Turn::Retired) => return retired().encode(env),
-        Ok(Turn::Go) => {}
-    }
-    let (fuel, timeout, max_memory) = limits;
-    let limits = this.limits.narrow(fuel, timeout, max_memory);
-    let mut slot = lock(&this.slot);
-    let live = match std::mem::replace(&mut *slot, Slot::Empty) {
-        Slot::Ready(live) => Some(live),
-        Slot::Empty => None,
-        Slot::Running(r) => {
-            // Cannot happen while ownership is respected; never lose a call.
-            *slot = Slot::Running(r);
-            drop(slot);
-            InstanceResource::release(&this, env);
-            return Error::Internal("instance already running a call".into()).encode(env);
-        }
-    };
-    let target = export.map(|slot| {
-        let e = &this.component.exports[slot];
-        Target {
-            slot,
-            index: e.index,
-            n_results: usize::from(e.result.is_some()),
-            fast: e.fast,
-        }
-    });
-    let shared = this.shared.clone();
-    let fut = call::start(this.bridge.clone(), live, target, args, limits, shared);
-    *slot = Slot::Running(Box::new(Running {
-        fut,
-        waker: CallWaker::new(pid, this.id),
-        export,
-        import: None,
-    }));
-    drive(env, &this, &mut slot)
-}
-
-/// Continues a call: `reply` is `nil` (just poll), or the Elixir import's
-/// answer, `{:ok, value}` or `{:error, message}`.
-#[cfg_attr(not(test), rustler::nif)]
-fn call_resume<'a>(env: Env<'a>, this: ResourceArc<InstanceResource>, reply: Term<'a>) -> Term<'a> {
-    if !this.is_owner(env.pid()) {
-        return Error::Internal("this process has no call in progress on this instance".into())
-            .encode(env);
-    }
-    let mut slot = lock(&this.slot);
-    if let Slot::Running(running) = &mut *slot
-        && let Some(index) = running.import.take()
-    {
-        let bound = &this.bridge.bound[index];
-        let answer = match rustler::types::tuple::get_tuple(reply).ok().as_deref() {
-            Some([tag, value]) if tag.atom_to_string().ok().as_deref() == Some("ok") => {
-                match bound.ty.results().next() {
-                    None => Ok(None),
-                    Some(ty) => term_to_val(*value, &ty, &mut Path::root("result"))
-                        .map(Some)
-                        .map_err(|e| format!("import {:?} returned a bad value: {e}", bound.key)),
-                }
-            }
-            Some([_, message]) => Err(message
-                .decode::<String>()
-                .unwrap_or_else(|_| format!("import {:?} failed", bound.key))),
-            _ => Err(format!("import {:?} failed", bound.key)),
-        };
-        this.shared.imports.answer(answer);
-    }
-    drive(env, &this, &mut slot)
-}
-
-/// Abandons the caller's call (its deadline passed while it waited on an
-/// import or a timer). The store is dropped; the next call gets a fresh one.
-#[cfg_attr(not(test), rustler::nif)]
-fn call_cancel<'a>(env: Env<'a>, this: ResourceArc<InstanceResource>, waited_ms: u64) -> Term<'a> {
-    if !this.is_owner(env.pid()) {
-        return Error::Internal("this process has no call in progress on this instance".into())
-            .encode(env);
-    }
-    let mut slot = lock(&this.slot);
-    let running = match std::mem::replace(&mut *slot, Slot::Empty) {
-        Slot::Running(r) => r,
-        other => {
-            *slot = other;
-            drop(slot);
-            InstanceResource::release(&this, env);
-            return ok().encode(env);
-        }
-    };
-    drop(running);
-    drop(slot);
-    this.shared.imports.reset();
-    this.shared.stdout.take();
-    let info = TrapInfo {
-        kind: TrapKind::Timeout,
-        message: format!(
-            "the call exceeded its timeout of {waited_ms} ms while waiting on the host"
-        ),
-        backtrace: Vec::new(),
-        stderr: this.shared.stderr.take(),
-    };
-    this.stats.calls.fetch_add(1, Ordering::Relaxed);
-    this.stats.traps[TrapKind::Timeout.index()].fetch_add(1, Ordering::Relaxed);
-    this.stats.recycles.fetch_add(1, Ordering::Relaxed);
-    InstanceResource::release(&this, env);
-    encode_trap(env, &info, 0)
-}
-
-/// Retires the instance (a hot swap replaced it): new calls answer
-/// `:retired`; the running call and its imports finish normally. Waiters are
-/// woken so they can go to the new version.
-#[cfg_attr(not(test), rustler::nif)]
-fn instance_retire(env: Env, this: ResourceArc<InstanceResource>) -> rustler::Atom {
-    this.retired.store(true, Ordering::Release);
-    let mut ctl = lock(&this.control);
-    // Everyone queued gets a turn message: on it they call again, see
-    // `:retired`, and go to the new version.
-    let waiters: Vec<Waiter> = ctl.queue.drain(..).collect();
-    drop(ctl);
-    for w in waiters {
-        if let Some(mon) = w.monitor {
-            this.demonitor(Some(env), &mon);
-        }
-        let _ = env.send(&w.pid, (capsid_turn(), this.id));
-    }
+fn instance_retire(env: Env, this: ResourceArc<InstanceResource>) -> Atom {
+    InstanceResource::retire(&this, env, true);
     ok()
 }
 
@@ -720,15 +765,6 @@ fn instance_retire(env: Env, this: ResourceArc<InstanceResource>) -> rustler::At
 fn instance_idle(this: ResourceArc<InstanceResource>) -> bool {
     let ctl = lock(&this.control);
     ctl.owner.is_none() && ctl.queue.is_empty()
-}
-
-/// Leaves the wait queue (the caller gave up waiting for its turn).
-#[cfg_attr(not(test), rustler::nif)]
-fn call_dequeue(env: Env, this: ResourceArc<InstanceResource>) -> rustler::Atom {
-    let pid = env.pid();
-    let mut ctl = lock(&this.control);
-    InstanceResource::leave(&this, env, &mut ctl, pid);
-    ok()
 }
 
 /// Counters: `%{calls, traps: %{kind => n}, recycles, fuel_used,

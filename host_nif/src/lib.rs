@@ -1,6 +1,11 @@
 //! Capsid's NIF: hosts wasmtime inside the BEAM. One file per concept,
 //! mirrored by one Elixir module per concept in `lib/capsid/`.
 //!
+//! Layers, lowest first (a file only uses files above it in this list):
+//! `error`, `arena`, `engine`, `limits`, `shape`, `value`, `abi`, `convert`,
+//! `stdio`, `types`, `cache`, `host`, `component`, `imports`, `run`,
+//! `instance`, `pool`, `registry`, `call`, `node`.
+//!
 //! `cargo test` runs outside the BEAM, where the `enif_*` symbols do not
 //! exist: test builds therefore register no NIFs and no resource types, so
 //! the pure code under test links on its own.
@@ -12,17 +17,26 @@
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod abi;
+mod arena;
 mod cache;
 mod call;
 mod component;
 mod convert;
 mod engine;
 mod error;
+mod host;
 mod imports;
 mod instance;
 mod limits;
+mod node;
+mod pool;
+mod registry;
+mod run;
+mod shape;
 mod stdio;
 mod types;
+mod value;
 
 #[cfg(not(test))]
 rustler::init!("Elixir.Capsid.Native");

@@ -1,6 +1,7 @@
 //! Sandbox limits: the instance's ceilings, the per-call values (which may
 //! only narrow them), and the `ResourceLimiter` that enforces memory/table caps.
 
+use crate::arena::MemoryList;
 use crate::error::{HostTrap, TrapKind};
 use rustler::NifMap;
 
@@ -20,6 +21,9 @@ pub struct Limits {
     pub max_instances: u64,
     pub max_tables: u64,
     pub max_memories: u64,
+    /// Resource handles (own and borrow, guest and host resources) alive in
+    /// the store at once.
+    pub max_handles: u64,
 }
 
 impl Limits {
@@ -33,21 +37,24 @@ impl Limits {
             ..*self
         }
     }
-
-    /// Deadline on the coarse clock (`engine::now_us`) for a call started at `start_us`.
-    pub fn deadline_us(&self, start_us: u64) -> u64 {
-        start_us.saturating_add(self.timeout.saturating_mul(1000))
-    }
 }
 
-/// Tracks memory and table growth of one store against its limits.
-#[derive(Debug)]
+/// Host bytes per table element (a function reference), counted against
+/// `max_memory` so that tables cannot hold memory outside the limit.
+pub const TABLE_ELEMENT_BYTES: u64 = 8;
+
+/// Tracks memory and table growth of one store against its limits, and
+/// keeps the list of its linear memories.
 pub struct Limiter {
     pub limits: Limits,
     /// The memory cap in force for the current call (≤ `limits.max_memory`).
     pub call_max_memory: u64,
-    /// Bytes of linear memory currently allocated, over all memories.
+    /// Bytes of linear memory and tables currently allocated.
     pub memory_in_use: u64,
+    pub memories: MemoryList,
+    /// Sizes the store's memories must start with: a transplant of an
+    /// earlier store's memories (see `instance.rs`).
+    pub transplant: Option<Vec<usize>>,
 }
 
 impl Limiter {
@@ -56,6 +63,8 @@ impl Limiter {
             limits,
             call_max_memory: limits.max_memory,
             memory_in_use: 0,
+            memories: MemoryList::default(),
+            transplant: None,
         }
     }
 }
@@ -71,7 +80,16 @@ impl wasmtime::ResourceLimiter for Limiter {
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
-        let growth = to_u64(desired.saturating_sub(current));
+        // A new memory (current 0) belongs to this store; a transplant makes
+        // it start as large as the memory it replaces.
+        let start = match (current, &self.transplant) {
+            (0, Some(sizes)) => {
+                let index = crate::error::lock(&self.memories).len();
+                sizes.get(index).copied().unwrap_or(0).max(desired)
+            }
+            _ => desired,
+        };
+        let growth = to_u64(start.saturating_sub(current));
         let total = self.memory_in_use.saturating_add(growth);
         if total > self.call_max_memory {
             // A trap, not a failed `memory.grow`: guests rarely handle -1
@@ -86,15 +104,31 @@ impl wasmtime::ResourceLimiter for Limiter {
             }));
         }
         self.memory_in_use = total;
+        if current == 0 {
+            crate::arena::claim(&self.memories, start);
+        }
         Ok(true)
     }
 
     fn table_growing(
         &mut self,
-        _current: usize,
+        current: usize,
         desired: usize,
         _maximum: Option<usize>,
     ) -> wasmtime::Result<bool> {
+        let growth = to_u64(desired.saturating_sub(current)).saturating_mul(TABLE_ELEMENT_BYTES);
+        let total = self.memory_in_use.saturating_add(growth);
+        if total > self.call_max_memory {
+            return Err(wasmtime::Error::new(HostTrap {
+                kind: TrapKind::MemoryLimit,
+                message: format!(
+                    "memory limit exceeded: a table of {desired} elements would bring the \
+                     instance to {total} bytes of memory and tables, the limit is {} bytes \
+                     (max_memory; each table element counts {TABLE_ELEMENT_BYTES} bytes)",
+                    self.call_max_memory
+                ),
+            }));
+        }
         if to_u64(desired) > self.limits.max_table_elements {
             return Err(wasmtime::Error::new(HostTrap {
                 kind: TrapKind::MemoryLimit,
@@ -105,6 +139,7 @@ impl wasmtime::ResourceLimiter for Limiter {
                 ),
             }));
         }
+        self.memory_in_use = total;
         Ok(true)
     }
 
@@ -135,6 +170,7 @@ mod tests {
             max_instances: 5,
             max_tables: 5,
             max_memories: 5,
+            max_handles: 100,
         }
     }
 
@@ -167,5 +203,17 @@ mod tests {
         let mut l = Limiter::new(limits());
         assert!(l.table_growing(0, 10, None).unwrap());
         assert!(l.table_growing(0, 11, None).is_err());
+    }
+
+    #[test]
+    fn tables_count_against_max_memory() {
+        let mut l = Limiter::new(Limits {
+            max_table_elements: u64::MAX,
+            ..limits()
+        });
+        let elements = (1usize << 20) / TABLE_ELEMENT_BYTES as usize;
+        assert!(l.table_growing(0, elements, None).unwrap());
+        let err = l.memory_growing(0, 1, None).unwrap_err();
+        assert!(err.to_string().contains("max_memory"), "{err}");
     }
 }

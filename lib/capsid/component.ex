@@ -46,9 +46,15 @@ defmodule Capsid.Component do
           cache: cache_outcome()
         }
 
+  # How long a load waits for a compile slot (`:max_concurrent_compiles`).
+  @compile_wait 60_000
+  @max_component_bytes 256 * 1024 * 1024
+
   @doc """
   Loads and compiles a component from a file path or from the wasm bytes
-  themselves (a binary starting with `"\\0asm"`).
+  themselves (a binary starting with `"\\0asm"`). A binary that is neither
+  wasm bytes nor the name of an existing file is `:invalid_component` (its
+  first bytes are shown); a missing or unreadable file is `:file_error`.
 
   Returns `{:error, %Capsid.Error{kind: :invalid_component}}` for core wasm
   modules, garbage and truncated input, and `kind: :file_error` when the
@@ -58,11 +64,15 @@ defmodule Capsid.Component do
 
     * `:cache` — where compiled code is cached on disk: `true` (the default:
       the `:cache_dir` application env, else the user cache directory,
-      `~/.cache/capsid` on Linux), a directory, or `false`. The cache is keyed
-      by the component's SHA-256 and the engine's configuration; each artifact
-      is authenticated (HMAC-SHA256, secret key in the cache directory) before
-      it is loaded, so a corrupted or tampered file is discarded and
-      recompiled, never loaded. `component.cache` says what happened.
+      `~/.cache/capsid` on Linux), a directory, or `false`. See
+      `Capsid.Cache`: artifacts are authenticated before they are loaded, a
+      directory that cannot be used safely means no cache (and one warning),
+      never a failed load. `component.cache` says what happened.
+
+  Compilation is bounded: components over `:max_component_bytes`
+  (application env, default 256 MiB) are refused with `:resource_limit`,
+  and at most `:max_concurrent_compiles` (default 2) run at once; further
+  loads wait for a slot (up to a minute).
 
       iex> {:ok, %Capsid.Component{}} = Capsid.Component.load(Capsid.Guests.path(:toolkit))
       iex> {:error, %Capsid.Error{kind: :file_error}} = Capsid.Component.load("/no/such.wasm")
@@ -73,17 +83,19 @@ defmodule Capsid.Component do
 
   def load(path_or_bytes, opts) when is_binary(path_or_bytes) and is_list(opts) do
     Capsid.Options.validate!(opts, [:cache], "Capsid.Component.load/2")
-    cache_dir = cache_dir!(Keyword.get(opts, :cache, true))
+    cache = Capsid.Cache.settings(Keyword.get(opts, :cache, true))
 
     with {:ok, bytes} <- read(path_or_bytes) do
       t0 = System.monotonic_time()
 
-      case Native.component_compile(bytes, cache_dir) do
-        {:ok, {ref, hash, exports, imports, cache}} ->
+      case compile(bytes, cache, System.monotonic_time(:millisecond) + @compile_wait) do
+        {:ok, {ref, hash, exports, imports, cache_outcome, warning}} ->
+          if warning, do: Capsid.Cache.warn_unusable(warning)
+
           Capsid.Telemetry.execute(
             [:capsid, :component, :load],
             %{duration: System.monotonic_time() - t0, size: byte_size(bytes)},
-            %{hash: hash, cache: cache}
+            %{hash: hash, cache: cache_outcome}
           )
 
           {:ok,
@@ -93,7 +105,7 @@ defmodule Capsid.Component do
              exports: Enum.map(exports, &function_info/1),
              imports: Enum.map(imports, &function_info/1),
              size: byte_size(bytes),
-             cache: cache
+             cache: cache_outcome
            }}
 
         {:error, {kind, message}} ->
@@ -116,6 +128,32 @@ defmodule Capsid.Component do
     case load(path_or_bytes, opts) do
       {:ok, component} -> component
       {:error, error} -> raise error
+    end
+  end
+
+  defp compile(bytes, cache, give_up_at) do
+    env = Application.get_all_env(:capsid)
+    limits = {env[:max_component_bytes] || @max_component_bytes, env[:max_concurrent_compiles] || 2}
+
+    budget =
+      {env[:max_atoms_per_component] || 10_000, env[:max_atoms_total] || 100_000,
+       :erlang.system_info(:atom_limit) - :erlang.system_info(:atom_count),
+       env[:max_type_nodes] || 200_000}
+
+    case Native.component_compile(bytes, cache, limits, budget) do
+      :saturated ->
+        if System.monotonic_time(:millisecond) < give_up_at do
+          Process.sleep(20)
+          compile(bytes, cache, give_up_at)
+        else
+          {:error,
+           {:resource_limit,
+            "#{elem(limits, 1)} compilations were already running for #{@compile_wait} ms " <>
+              "(config :capsid, :max_concurrent_compiles)"}}
+        end
+
+      other ->
+        other
     end
   end
 
@@ -153,49 +191,81 @@ defmodule Capsid.Component do
   def signature(%{name: name, params: params, result: result}),
     do: "#{name}: #{Types.signature(params, result)}"
 
-  @doc """
-  The default cache directory: the `:cache_dir` application env, else the
-  user cache directory.
-  """
-  @spec default_cache_dir() :: Path.t()
-  def default_cache_dir do
-    Application.get_env(:capsid, :cache_dir) ||
-      :filename.basedir(:user_cache, "capsid")
-  end
-
-  defp cache_dir!(true), do: default_cache_dir()
-  defp cache_dir!(false), do: nil
-  defp cache_dir!(dir) when is_binary(dir), do: dir
-
-  defp cache_dir!(other) do
-    raise ArgumentError,
-          "invalid value for :cache: expected true, false or a directory, got #{inspect(other)}"
-  end
-
   defp function_info({name, interface, function, params, result}) do
     %{name: name, interface: interface, function: function, params: params, result: result}
   end
 
-  # Bytes start with the wasm magic; anything else is a path, unless it
-  # cannot be one (NUL bytes, not UTF-8), in which case it is bad bytes.
+  # Bytes start with the wasm magic. Anything else is a path if such a file
+  # exists; otherwise it is bad bytes (a 404 page, say), or a missing file
+  # when it looks like a path.
   defp read(<<"\0asm", _::binary>> = bytes), do: {:ok, bytes}
 
   defp read(path) do
-    if String.valid?(path) and not String.contains?(path, <<0>>) do
-      case File.read(path) do
-        {:ok, bytes} ->
-          {:ok, bytes}
+    if printable_path?(path) do
+      # Only regular files are read: a FIFO would block forever, a device
+      # would never end.
+      case File.stat(path) do
+        {:ok, %File.Stat{type: :regular, size: size}} ->
+          max = Application.get_env(:capsid, :max_component_bytes, @max_component_bytes)
+
+          if size > max do
+            {:error,
+             Error.new(
+               :resource_limit,
+               "#{path} is #{size} bytes, the limit is #{max} bytes (config :capsid, :max_component_bytes)"
+             )}
+          else
+            file_read(path)
+          end
+
+        {:ok, %File.Stat{type: type}} ->
+          {:error,
+           Error.new(:file_error, "cannot read #{path}: it is a #{type}, not a regular file")}
+
+        {:error, :enoent} ->
+          not_a_component(path, "and no file of that name exists")
 
         {:error, reason} ->
           {:error, Error.new(:file_error, "cannot read #{path}: #{:file.format_error(reason)}")}
       end
     else
+      not_a_component(path, "and it is not a file name")
+    end
+  end
+
+  defp file_read(path) do
+    case File.read(path) do
+      {:ok, bytes} ->
+        {:ok, bytes}
+
+      {:error, reason} ->
+        {:error, Error.new(:file_error, "cannot read #{path}: #{:file.format_error(reason)}")}
+    end
+  end
+
+  defp printable_path?(path) do
+    byte_size(path) < 4096 and String.valid?(path) and String.printable?(path) and
+      not String.contains?(path, ["\0", "\n"])
+  end
+
+  defp not_a_component(data, why) do
+    start = data |> binary_part(0, min(byte_size(data), 24)) |> inspect()
+
+    if looks_like_path?(data) do
+      {:error, Error.new(:file_error, "cannot read #{data}: no such file or directory")}
+    else
       {:error,
        Error.new(
          :invalid_component,
-         "not a WebAssembly binary: expected the magic bytes \"\\0asm\" at the start"
+         "not a WebAssembly binary: the data starts with #{start} instead of the magic bytes \"\\0asm\", #{why}"
        )}
     end
+  end
+
+  # A short printable string without markup is taken for a file name.
+  defp looks_like_path?(data) do
+    byte_size(data) < 4096 and String.valid?(data) and String.printable?(data) and
+      not String.contains?(data, ["<", ">", "{", "\n"])
   end
 
   defimpl Inspect do

@@ -1,9 +1,19 @@
 defmodule Capsid.Deployment do
   @moduledoc """
-  A named, supervised set of instances of one component version, upgraded
-  in place, BEAM-style. Use it through `Capsid.deploy/3`, `Capsid.call/4`
-  (with the deployment's name), `Capsid.versions/1`, `Capsid.rollback/1` and
-  `Capsid.undeploy/1`.
+  A named set of instances of one component version, upgraded in place,
+  BEAM-style. Use it through `Capsid.deploy/3`, `Capsid.call/4` (with the
+  deployment's name), `Capsid.versions/1`, `Capsid.rollback/1` and
+  `Capsid.undeploy/1`, or put it in your own supervision tree:
+
+      children = [
+        {Capsid.Deployment, name: :pricing, component: "priv/guests/pricing.wasm", size: 4}
+      ]
+
+  A name may be any term (`{:tenant, 42}` works as well as `:pricing`).
+
+  Each version is a `Capsid.Pool` of `:size` instances (default: one per
+  scheduler); calls by the deployment's name go to the current version's
+  pool.
 
   ## An upgrade
 
@@ -11,23 +21,23 @@ defmodule Capsid.Deployment do
   2. Unless `force: true`, it must keep every function the current version
      exports, with the same WIT type; `capsid:host/lifecycle` is the host's
      own protocol and is not part of this check.
-  3. Its instances are started (linked, instantiated): a link error or a
+  3. Its pool is started (instances linked, instantiated): a link error or a
      trap here leaves the current version serving.
   4. If both versions export `capsid:host/lifecycle`, each new instance is
-     seeded with `restore(snapshot())` of an old one. A failing restore
-     aborts the upgrade; the current version keeps serving.
-  5. The switch: one atomic write of the name → instances entry. Every call
-     that starts afterwards runs on the new version; the old instances are
-     retired (a call that had picked one before the switch is turned away
-     and retried on the new version, never failed), and stop once the calls
-     already running on them have finished.
+     seeded with `restore(snapshot())` of an old one. A failing snapshot or
+     restore aborts the upgrade; the current version keeps serving.
+  5. The switch: one atomic write of the name → pool entry. Every call that
+     starts afterwards runs on the new version; the old pool is retired (a
+     call that had picked one of its instances before the switch is turned
+     away and retried on the new version, never failed), and stops once the
+     calls already running on it have finished.
 
   The previous version's compiled component stays in memory for
   `Capsid.rollback/1`, which swaps back the same way.
 
-  Each deployment is a process under Capsid's own supervisor. If it crashes,
-  it is restarted on the version it was serving (with its previous version
-  still available for rollback), not on the one it was first deployed with.
+  If a deployment process crashes, its supervisor restarts it on the
+  version it was serving (with its previous version still available for
+  rollback), not on the one it was first deployed with.
 
   State is snapshotted while the old version still serves: a call that
   completes between the snapshot and the switch is not reflected in the new
@@ -37,23 +47,30 @@ defmodule Capsid.Deployment do
   use GenServer
   require Logger
 
-  alias Capsid.{Component, Error, Instance, Native, Registry, Telemetry}
+  alias Capsid.{Component, Error, Native, Pool, Registry, Telemetry}
 
   @lifecycle "capsid:host/lifecycle@0.1.0"
 
-  @deploy_keys [
-                 :size,
-                 :force,
-                 :watch,
-                 :watch_interval,
-                 :cache,
-                 :imports,
-                 :max_queue,
-                 :queue_timeout
-               ] ++
-                 Capsid.Limits.keys()
+  @instance_keys [:imports, :max_queue, :queue_timeout] ++ Capsid.Limits.keys()
+  @deploy_keys [:size, :force, :watch, :watch_interval, :cache] ++ @instance_keys
 
-  @doc false
+  @type name :: term()
+
+  @doc """
+  A child spec for your supervision tree: `{Capsid.Deployment, opts}` with
+  `:name` (any term) and `:component` (a path, the bytes, or a
+  `Capsid.Component`), plus the options of `Capsid.deploy/3`.
+  """
+  def child_spec(opts) when is_list(opts) do
+    name = Keyword.fetch!(opts, :name)
+
+    %{
+      id: {__MODULE__, name},
+      start: {__MODULE__, :start_link, [opts]},
+      shutdown: 30_000
+    }
+  end
+
   def child_spec({name, _, _, _} = arg) do
     # Shutdown stops every member in turn, each finishing its running call.
     %{
@@ -64,12 +81,34 @@ defmodule Capsid.Deployment do
     }
   end
 
-  @doc false
+  @doc """
+  Starts a deployment linked to the caller (see `child_spec/1`).
+  """
+  @spec start_link(keyword() | tuple()) :: GenServer.on_start()
+  def start_link(opts) when is_list(opts) do
+    {name, opts} = Keyword.pop(opts, :name)
+    {source, opts} = Keyword.pop(opts, :component)
+
+    if source == nil do
+      raise ArgumentError,
+            "missing required option :component (a path, the bytes or a Capsid.Component)"
+    end
+
+    Capsid.Options.validate!(opts, @deploy_keys, "Capsid.Deployment.start_link/1")
+
+    with {:ok, component} <- load(source, opts) do
+      start_link({name, component, source, opts})
+    end
+  end
+
   def start_link({name, _component, _source, _opts} = arg) do
     GenServer.start_link(__MODULE__, arg, name: via(name))
   end
 
   defp via(name), do: {:via, Elixir.Registry, {Capsid.Deployments, name}}
+
+  defp load(%Component{} = component, _opts), do: {:ok, component}
+  defp load(source, opts), do: Component.load(source, cache: Keyword.get(opts, :cache, true))
 
   @doc false
   def whereis(name) do
@@ -83,8 +122,8 @@ defmodule Capsid.Deployment do
   def deploy(name, source, opts) do
     Capsid.Options.validate!(opts, @deploy_keys, "Capsid.deploy/3")
 
-    unless is_atom(name) and name not in [nil, true, false] do
-      raise ArgumentError, "a deployment name must be an atom, got #{inspect(name)}"
+    if Keyword.get(opts, :watch, false) and not is_binary(source) do
+      raise ArgumentError, "watch: true needs a file path to watch"
     end
 
     if Keyword.get(opts, :watch, false) and match?(<<"\0asm", _::binary>>, source) do
@@ -93,7 +132,7 @@ defmodule Capsid.Deployment do
 
     t0 = System.monotonic_time()
 
-    with {:ok, component} <- Component.load(source, cache: Keyword.get(opts, :cache, true)) do
+    with {:ok, component} <- load(source, opts) do
       result =
         case whereis(name) do
           nil ->
@@ -101,7 +140,7 @@ defmodule Capsid.Deployment do
                    Capsid.DeploymentSupervisor,
                    {__MODULE__, {name, component, source, opts}}
                  ) do
-              {:ok, pid} -> GenServer.call(pid, :versions)
+              {:ok, pid} -> server_call(pid, :versions)
               {:error, {:already_started, pid}} -> upgrade(pid, component, source, opts)
               {:error, reason} -> {:error, unwrap(reason)}
             end
@@ -136,6 +175,7 @@ defmodule Capsid.Deployment do
 
   defp unwrap(%{__exception__: true} = e), do: e
   defp unwrap({%{__exception__: true} = e, _stack}), do: e
+  defp unwrap({:shutdown, %{__exception__: true} = e}), do: e
   defp unwrap(other), do: Error.new(:internal, "deployment failed to start: #{inspect(other)}")
 
   @doc false
@@ -149,8 +189,14 @@ defmodule Capsid.Deployment do
   @doc false
   def undeploy(name) do
     case whereis(name) do
-      nil -> {:error, Error.new(:instance_down, "no deployment named #{inspect(name)}")}
-      pid -> DynamicSupervisor.terminate_child(Capsid.DeploymentSupervisor, pid)
+      nil ->
+        {:error, Error.new(:instance_down, "no deployment named #{inspect(name)}")}
+
+      pid ->
+        case DynamicSupervisor.terminate_child(Capsid.DeploymentSupervisor, pid) do
+          :ok -> :ok
+          {:error, :not_found} -> GenServer.stop(pid, :shutdown)
+        end
     end
   end
 
@@ -194,16 +240,6 @@ defmodule Capsid.Deployment do
   def init({name, component, source, opts}) do
     Process.flag(:trap_exit, true)
 
-    state = %{
-      name: name,
-      opts: opts,
-      current: nil,
-      previous: nil,
-      number: 0,
-      retiring: %{},
-      watch: nil
-    }
-
     # After a crash, the supervisor restarts us with the arguments of the
     # first deploy: come back on the version that was serving instead.
     {component, source, opts, number, previous} =
@@ -212,11 +248,20 @@ defmodule Capsid.Deployment do
         nil -> {component, source, opts, 1, nil}
       end
 
-    case start_members(component, opts) do
-      {:ok, members} ->
-        version = version(component, members, source, number)
-        Registry.register_deployment(name, members)
-        state = %{state | opts: opts, current: version, previous: previous, number: number}
+    case start_pool(component, opts) do
+      {:ok, pool} ->
+        Registry.put_name(name, pool.ref)
+
+        state = %{
+          name: name,
+          opts: opts,
+          current: version(component, pool, source, number),
+          previous: previous,
+          number: number,
+          retiring: %{},
+          watch: nil
+        }
+
         {:ok, state |> remember() |> maybe_watch()}
 
       {:error, error} ->
@@ -226,7 +271,7 @@ defmodule Capsid.Deployment do
 
   defp remember(state) do
     Registry.remember_deployment(state.name, %{
-      current: %{state.current | members: []},
+      current: %{state.current | pool: nil},
       previous: state.previous,
       opts: state.opts
     })
@@ -249,8 +294,10 @@ defmodule Capsid.Deployment do
   def handle_call(:rollback, _from, %{previous: nil} = state) do
     {:reply,
      {:error,
-      Error.new(:unknown_function, "#{inspect(state.name)} has no previous version to roll back to")},
-     state}
+      Error.new(
+        :not_found,
+        "#{inspect(state.name)} has no previous version to roll back to"
+      )}, state}
   end
 
   def handle_call(:rollback, _from, %{previous: prev} = state) do
@@ -263,27 +310,34 @@ defmodule Capsid.Deployment do
   @impl true
   def handle_info({:EXIT, pid, reason}, state) do
     cond do
-      pid in state.current.members ->
-        # A current member crashed: replace it with the same version.
-        {:ok, [new]} = start_members(state.current.component, Keyword.put(state.opts, :size, 1))
-        members = Enum.map(state.current.members, &if(&1 == pid, do: new, else: &1))
-        Registry.register_deployment(state.name, members)
-        {:noreply, put_in(state.current.members, members)}
+      pid == state.current.pool.pid ->
+        # The current pool died (its members are replaced by the pool
+        # itself; this is the pool process). Start the same version again.
+        case start_pool(state.current.component, state.opts) do
+          {:ok, pool} ->
+            Registry.put_name(state.name, pool.ref)
+            {:noreply, put_in(state.current.pool, pool)}
+
+          {:error, error} ->
+            {:stop, {:shutdown, error}, state}
+        end
+
+      Map.has_key?(state.retiring, pid) ->
+        {:noreply, %{state | retiring: Map.delete(state.retiring, pid)}}
 
       true ->
-        # A retired member that stopped (or exited on its own while
-        # draining). The parent's exit never gets here: gen_server handles it.
+        # The parent's exit never gets here: gen_server handles it.
         _ = reason
-        {:noreply, %{state | retiring: Map.delete(state.retiring, pid)}}
+        {:noreply, state}
     end
   end
 
   def handle_info(:drain, state) do
-    # Stop retired instances whose last call has finished.
+    # Stop retired pools whose last call has finished.
     retiring =
-      Enum.reduce(state.retiring, state.retiring, fn {pid, ref}, acc ->
-        if Native.instance_idle(ref) do
-          stop_member(pid)
+      Enum.reduce(state.retiring, state.retiring, fn {pid, refs}, acc ->
+        if Enum.all?(refs, &Native.instance_idle/1) do
+          stop_pool(pid)
           Map.delete(acc, pid)
         else
           acc
@@ -296,12 +350,16 @@ defmodule Capsid.Deployment do
 
   def handle_info(:watch, %{watch: watch} = state) do
     state =
-      with {:ok, bytes} <- File.read(watch.path),
-           hash = :crypto.hash(:sha256, bytes) |> Base.encode16(case: :lower),
-           true <- hash not in [state.current.component.hash, watch.failed] do
-        reload(state, bytes, hash)
-      else
-        _ -> state
+      case read_regular(watch.path) do
+        {:ok, bytes} ->
+          hash = :crypto.hash(:sha256, bytes) |> Base.encode16(case: :lower)
+
+          if hash in [state.current.component.hash, watch.failed],
+            do: state,
+            else: reload(state, bytes, hash)
+
+        {:error, _} ->
+          state
       end
 
     Process.send_after(self(), :watch, watch.interval)
@@ -318,9 +376,22 @@ defmodule Capsid.Deployment do
       Registry.forget_deployment(state.name)
     end
 
-    Registry.unregister_deployment(state.name)
-    Enum.each(state.current.members ++ Map.keys(state.retiring), &stop_member/1)
+    Registry.put_name(state.name, nil)
+    Enum.each([state.current.pool.pid | Map.keys(state.retiring)], &stop_pool/1)
     :ok
+  end
+
+  # The watched path is read only when it is a regular file of sane size: a
+  # FIFO planted there would block this process forever.
+  @watch_max_bytes 512 * 1024 * 1024
+
+  defp read_regular(path) do
+    case File.stat(path) do
+      {:ok, %File.Stat{type: :regular, size: size}} when size <= @watch_max_bytes -> File.read(path)
+      {:ok, %File.Stat{type: :regular}} -> {:error, :too_large}
+      {:ok, %File.Stat{}} -> {:error, :not_a_regular_file}
+      error -> error
+    end
   end
 
   defp reload(state, bytes, hash) do
@@ -363,19 +434,14 @@ defmodule Capsid.Deployment do
     t0 = System.monotonic_time()
 
     with :ok <- check(old.component, component, force),
-         {:ok, members} <- start_members(component, opts),
-         :ok <- hand_over(old, component, members) do
-      Registry.register_deployment(state.name, members)
-
-      # After the switch nobody new can pick an old member; the ones that
-      # already did are turned away by the retire flag and retry.
-      retiring =
-        for pid <- old.members, into: state.retiring do
-          {:ok, ref, _, _} = Registry.lookup(pid)
-          Native.instance_retire(ref)
-          {pid, ref}
-        end
-
+         {:ok, pool} <- start_pool(component, opts),
+         :ok <- hand_over(old, component, pool),
+         {:ok, {_, old_members}} <- refs(old.pool.pid, pool) do
+      # One atomic write: every call that starts afterwards goes to `pool`.
+      Registry.put_name(state.name, pool.ref)
+      # Calls that picked an old member before the switch are turned away
+      # by the retire flag and retry on the new version.
+      Native.pool_retire(old.pool.ref)
       send(self(), :drain)
       number = state.number + 1
 
@@ -387,10 +453,10 @@ defmodule Capsid.Deployment do
 
       state = %{
         state
-        | current: version(component, members, source, number),
-          previous: %{old | members: []},
+        | current: version(component, pool, source, number),
+          previous: %{old | pool: nil},
           number: number,
-          retiring: retiring
+          retiring: Map.put(state.retiring, old.pool.pid, old_members)
       }
 
       {:ok, remember(state)}
@@ -414,21 +480,26 @@ defmodule Capsid.Deployment do
     end
   end
 
-  defp hand_over(old, component, members) do
-    if lifecycle?(old.component) and lifecycle?(component) do
-      old_members = List.to_tuple(old.members)
+  # Seeds each new member with the state of an old one. Any failure (a
+  # trap, an old member gone) aborts the upgrade and stops the new pool.
+  defp hand_over(old, component, pool) do
+    with true <- lifecycle?(old.component) and lifecycle?(component),
+         {:ok, {_, olds}} <- refs(old.pool.pid, pool),
+         {:ok, {_, news}} <- refs(pool.pid, pool) do
+      olds = List.to_tuple(olds)
 
-      members
+      news
       |> Enum.with_index()
       |> Enum.reduce_while(:ok, fn {new, i}, :ok ->
-        source = elem(old_members, rem(i, tuple_size(old_members)))
+        source = elem(olds, rem(i, tuple_size(olds)))
 
-        with {:ok, state} <- Capsid.call(source, "#{@lifecycle}#snapshot", []),
+        # A snapshot that traps must not cost the old instance its state.
+        with {:ok, state} <- Capsid.Call.call_preserving(source, "#{@lifecycle}#snapshot", []),
              {:ok, nil} <- Capsid.call(new, "#{@lifecycle}#restore", [state]) do
           {:cont, :ok}
         else
           {:error, error} ->
-            Enum.each(members, &stop_member/1)
+            stop_pool(pool.pid)
 
             {:halt,
              {:error,
@@ -439,44 +510,53 @@ defmodule Capsid.Deployment do
         end
       end)
     else
-      :ok
+      false -> :ok
+      {:error, _} = error -> error
     end
   end
 
-  defp start_members(component, opts) do
-    size = Keyword.get(opts, :size, System.schedulers_online())
+  # A pool's resources; a pool that died meanwhile fails the upgrade (and
+  # the new pool `pending` is stopped), it does not crash the deployment.
+  defp refs(pid, pending) do
+    {:ok, Pool.refs(pid)}
+  catch
+    :exit, reason ->
+      stop_pool(pending.pid)
 
-    instance_opts =
+      {:error,
+       Error.new(
+         :instance_down,
+         "a pool stopped during the upgrade (#{inspect(reason)}); the running version keeps serving"
+       )}
+  end
+
+  # A version's pool, linked to this process, with its members' resources.
+  defp start_pool(component, opts) do
+    pool_opts =
       opts
-      |> Keyword.drop([:size, :force, :watch, :watch_interval, :cache])
+      |> Keyword.take([:size | @instance_keys])
       |> Keyword.put(:component, component)
 
-    Enum.reduce_while(1..size, {:ok, []}, fn _, {:ok, acc} ->
-      case Instance.start_link(instance_opts) do
-        {:ok, pid} ->
-          {:cont, {:ok, [pid | acc]}}
+    case Pool.start_link(pool_opts) do
+      {:ok, pid} ->
+        {ref, _members} = Pool.refs(pid)
+        {:ok, %{pid: pid, ref: ref}}
 
-        {:error, error} ->
-          Enum.each(acc, &stop_member/1)
-          {:halt, {:error, error}}
-      end
-    end)
-    |> case do
-      {:ok, members} -> {:ok, Enum.reverse(members)}
-      error -> error
+      {:error, error} ->
+        {:error, unwrap(error)}
     end
   end
 
-  defp stop_member(pid) do
+  defp stop_pool(pid) do
     GenServer.stop(pid, :shutdown)
   catch
     :exit, _ -> :ok
   end
 
-  defp version(component, members, source, number) do
+  defp version(component, pool, source, number) do
     %{
       component: component,
-      members: members,
+      pool: pool,
       source: if(is_binary(source) and not String.starts_with?(source, "\0asm"), do: source),
       number: number,
       loaded_at: DateTime.utc_now()

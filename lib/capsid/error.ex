@@ -18,7 +18,14 @@ defmodule Capsid.Error do
       function the running version exports (each mismatch is named).
     * `:busy` — the instance's wait queue is full, or the caller waited
       longer than `:queue_timeout` for its turn.
-    * `:instance_down` — no live instance behind the target.
+    * `:instance_down` — no live instance behind the target (also a target
+      that is not a Capsid instance at all: it is never sent anything).
+    * `:not_found` — what the request names does not exist: a deployment
+      without a previous version to roll back to.
+    * `:resource_limit` — a limit of the node was reached; the message names
+      it and the setting that raises it: atoms a component may create, the
+      address space for linear memories and stacks, the size of a component
+      or of its type information, concurrent compilations.
     * `:internal` — a Capsid bug; please report it.
 
   Guest faults are `Capsid.Trap`, not this exception.
@@ -39,6 +46,8 @@ defmodule Capsid.Error do
           | :incompatible
           | :busy
           | :instance_down
+          | :resource_limit
+          | :not_found
           | :internal
 
   @type t :: %__MODULE__{kind: kind(), message: String.t()}

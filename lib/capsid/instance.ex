@@ -29,10 +29,12 @@ defmodule Capsid.Instance do
   longer than that, and a short call costs one NIF call. One call at a time
   runs per instance; other callers wait in arrival order.
 
-  An import implemented in Elixir runs in a short-lived process spawned by
-  the caller (so it can be abandoned when the call's timeout passes); its
-  return value goes back to the guest, a raise becomes an `:import_failed`
-  trap with the exception's message.
+  An import implemented in Elixir runs in a helper process that belongs to
+  the calling process (started on its first import, reused by the next ones,
+  linked so that it dies with the caller), so that a slow import can be
+  abandoned when the call's timeout passes: the helper is killed. Its return
+  value goes back to the guest; a raise becomes an `:import_failed` trap with
+  the exception's message.
 
   ## Traps and recycling
 
@@ -43,7 +45,7 @@ defmodule Capsid.Instance do
 
   use GenServer
 
-  alias Capsid.{Component, Error, Limits, Native, Registry, Telemetry, Trap}
+  alias Capsid.{Component, Error, Imports, Limits, Native, Trap}
 
   @instance_keys [:component, :imports, :max_queue, :queue_timeout] ++ Limits.keys()
   @default_max_queue 10_000
@@ -65,7 +67,8 @@ defmodule Capsid.Instance do
   Bad options raise `ArgumentError` naming the option. A component whose
   imports are not all provided gives `{:error, %Capsid.Error{kind: :link}}`
   naming each missing import; a trap while instantiating gives
-  `{:error, %Capsid.Trap{}}`.
+  `{:error, %Capsid.Trap{}}`; a node limit reached (address space, see
+  `Capsid.Error`) gives `{:error, %Capsid.Error{kind: :resource_limit}}`.
 
       iex> component = Capsid.Component.load!(Capsid.Guests.path(:toolkit))
       iex> {:error, %Capsid.Error{kind: :link}} = Capsid.Instance.start_link(component: component)
@@ -76,31 +79,55 @@ defmodule Capsid.Instance do
   """
   @spec start_link([option()]) :: GenServer.on_start() | {:error, Error.t() | Trap.t()}
   def start_link(opts) do
-    {gen_opts, opts} = Keyword.split(opts, [:name])
+    {name, opts} = Keyword.pop(opts, :name)
 
     with {:ok, prepared} <- prepare(opts) do
-      start_prepared(prepared, gen_opts)
+      start_prepared(prepared, name)
+    end
+  end
+
+  @doc """
+  Like `start_link/1`, but the instance is not linked to the caller.
+  """
+  @spec start([option()]) :: GenServer.on_start() | {:error, Error.t() | Trap.t()}
+  def start(opts) do
+    {name, opts} = Keyword.pop(opts, :name)
+
+    with {:ok, prepared} <- prepare(opts) do
+      GenServer.start(__MODULE__, {prepared, name})
     end
   end
 
   @doc false
   # Validates the options, links and instantiates, all in the caller and
   # before any process exists, so that a bad component is a plain error
-  # return and never an exit signal. `Capsid.Pool` prepares its first member
-  # this way to report such errors from its own start_link.
+  # return and never an exit signal. Pools prepare their members this way.
   def prepare(opts) do
     config = config!(opts)
 
-    with {:ok, {ref, id}} <- native_new(config),
-         {:ok, nil} <- warm_up(ref, id, config) do
-      {:ok, {ref, id, config}}
+    case Native.instance_new(
+           config.component.ref,
+           config.imports,
+           config.limits,
+           {config.max_queue, config.queue_timeout}
+         ) do
+      {:ok, {ref, id}} ->
+        with :ok <- Capsid.Call.warm(ref), do: {:ok, %{ref: ref, id: id, config: config}}
+
+      {:error, {kind, message}} ->
+        {:error, Error.new(kind, message)}
     end
   end
 
   @doc false
-  # Starts the process that owns a prepared instance, linked to the caller.
-  def start_prepared(prepared, gen_opts \\ []),
-    do: GenServer.start_link(__MODULE__, prepared, gen_opts)
+  # Starts the process that owns a prepared instance, linked to the caller,
+  # registered under `name` (as `GenServer` names go) once it is ready.
+  def start_prepared(prepared, name \\ nil) do
+    case GenServer.start_link(__MODULE__, {prepared, name}) do
+      {:error, {:already_started, _}} = error -> error
+      other -> other
+    end
+  end
 
   @doc false
   def child_spec(opts) do
@@ -113,8 +140,8 @@ defmodule Capsid.Instance do
 
   @doc """
   Counters and settings of an instance: `:calls`, `:traps` (by kind),
-  `:recycles`, `:fuel_used` (total), `:instantiations`, `:limits`, and the
-  component's `:hash`.
+  `:recycles`, `:fuel_used` (total), `:instantiations`, `:waiting`,
+  `:limits`, and the component's `:hash`.
 
       iex> component = Capsid.Component.load!(Capsid.Guests.path(:faulty))
       iex> {:ok, pid} = Capsid.Instance.start_link(component: component, imports: %{"hook" => & &1})
@@ -125,306 +152,6 @@ defmodule Capsid.Instance do
   """
   @spec info(target()) :: map()
   def info(target), do: GenServer.call(target, :info)
-
-  @doc false
-  # The call path of `Capsid.call/4`.
-  def call(target, function, args, opts) do
-    limits =
-      case opts do
-        [] ->
-          {nil, nil, nil}
-
-        _ ->
-          Capsid.Options.validate!(
-            opts,
-            [:queue_timeout | Limits.per_call_keys()],
-            "Capsid.call/4"
-          )
-
-          Limits.call_values!(opts)
-      end
-
-    case resolve(target) do
-      {:ok, pid, ref, id, timeouts} ->
-        traced(pid, function, fn ->
-          case run(ref, id, pid, function, args, opts, limits, timeouts, true) do
-            :retired ->
-              {{:error, Error.new(:instance_down, "#{inspect(target)} was retired by a hot swap")},
-               0}
-
-            result ->
-              result
-          end
-        end)
-
-      {:pool, pid, members} ->
-        traced(pid, function, fn ->
-          pool_call(target, members, function, args, opts, limits, 5)
-        end)
-
-      {:error, _} = error ->
-        error
-    end
-  end
-
-  # A target is a deployment name, a pool, or an instance (pid or name).
-  defp resolve(target) when is_atom(target) do
-    case Registry.lookup_deployment(target) do
-      {:pool, members} -> {:pool, target, members}
-      nil -> resolve_pid(GenServer.whereis(target), target)
-    end
-  end
-
-  defp resolve(target), do: resolve_pid(GenServer.whereis(target), target)
-
-  defp resolve_pid(pid, target) when is_pid(pid) and node(pid) == node() do
-    case Registry.lookup(pid) do
-      {:ok, ref, id, timeouts} ->
-        if Process.alive?(pid), do: {:ok, pid, ref, id, timeouts}, else: down(target)
-
-      {:pool, members} ->
-        {:pool, pid, members}
-
-      :error ->
-        # A name is registered before init/1 runs: the process may still be
-        # starting. A call is served once init/1 is done; then look again.
-        if ready?(pid), do: resolve_pid(pid, target, :ready), else: down(target)
-    end
-  end
-
-  defp resolve_pid(_pid, target), do: down(target)
-
-  defp resolve_pid(pid, target, :ready) do
-    case Registry.lookup(pid) do
-      {:ok, ref, id, timeouts} -> {:ok, pid, ref, id, timeouts}
-      {:pool, members} -> {:pool, pid, members}
-      :error -> down(target)
-    end
-  end
-
-  defp ready?(pid) do
-    Process.alive?(pid) and GenServer.call(pid, :capsid_ready, 1_000) == :ok
-  catch
-    :exit, _ -> false
-  end
-
-  defp traced(pid, function, start) do
-    if Telemetry.enabled?(), do: observed(pid, function, start), else: elem(start.(), 0)
-  end
-
-  # A pool member is picked from the caller's scheduler id, so callers on
-  # different schedulers use different members without coordinating. A busy
-  # member is skipped; when all are busy the caller queues on its own one.
-  # A member retired by a hot swap (or gone) sends the call back to resolve
-  # the target again: it then lands on the new version.
-  defp pool_call(target, members, function, args, opts, limits, tries) do
-    n = tuple_size(members)
-    first = rem(:erlang.system_info(:scheduler_id), n)
-
-    case try_members(members, first, 0, n, function, args, opts, limits) do
-      :retry when tries > 0 ->
-        case resolve(target) do
-          {:pool, _, members} -> pool_call(target, members, function, args, opts, limits, tries - 1)
-          {:ok, _, _, _, _} -> {down(target), 0}
-          {:error, _} = error -> {error, 0}
-        end
-
-      :retry ->
-        {down(target), 0}
-
-      result ->
-        result
-    end
-  end
-
-  defp try_members(members, first, k, n, function, args, opts, limits) do
-    {member, ref, id, timeouts} = elem(members, rem(first + k, n))
-    queue = k == n - 1
-
-    with true <- ref != nil,
-         result when result not in [:taken, :retired] <-
-           run(ref, id, member, function, args, opts, limits, timeouts, queue) do
-      result
-    else
-      :retired -> :retry
-      false -> :retry
-      :taken when k < n - 1 -> try_members(members, first, k + 1, n, function, args, opts, limits)
-    end
-  end
-
-  # The common case, a call finished within its first slice, costs one NIF
-  # call and no bookkeeping; anything else gets a context to continue with.
-  defp run(ref, id, pid, function, args, opts, limits, {timeout, queue_timeout}, queue) do
-    case Native.call_start(ref, function, args, limits, queue) do
-      {:ok, value, fuel_used} ->
-        {{:ok, value}, fuel_used}
-
-      short when short in [:taken, :retired] ->
-        short
-
-      other ->
-        step(other, %{
-          ref: ref,
-          id: id,
-          pid: pid,
-          name: function,
-          args: args,
-          limits: limits,
-          timeout: min(timeout, elem(limits, 1) || timeout),
-          # Taken after the first slice: waits on imports and timers may
-          # overrun by at most one slice (≤ 1 ms).
-          started: System.monotonic_time(:millisecond),
-          queue_timeout: Keyword.get(opts, :queue_timeout, queue_timeout),
-          imports: :lookup
-        })
-    end
-  end
-
-  defp observed(pid, function, start) do
-    meta = %{instance: pid, function: function}
-    t0 = System.monotonic_time()
-
-    Telemetry.execute(
-      [:capsid, :call, :start],
-      %{system_time: System.system_time(), monotonic_time: t0},
-      meta
-    )
-
-    try do
-      {result, fuel} = start.()
-      duration = System.monotonic_time() - t0
-
-      outcome =
-        case result do
-          {:ok, _} -> :ok
-          {:error, %Trap{} = trap} -> {:trap, trap}
-          {:error, error} -> {:error, error}
-        end
-
-      Telemetry.execute(
-        [:capsid, :call, :stop],
-        %{duration: duration, fuel: fuel},
-        Map.put(meta, :result, outcome)
-      )
-
-      with {:trap, trap} <- outcome do
-        Telemetry.execute([:capsid, :instance, :recycle], %{count: 1}, %{
-          instance: pid,
-          reason: trap.kind
-        })
-      end
-
-      result
-    catch
-      kind, reason ->
-        Telemetry.execute(
-          [:capsid, :call, :exception],
-          %{duration: System.monotonic_time() - t0},
-          Map.merge(meta, %{kind: kind, reason: reason, stacktrace: __STACKTRACE__})
-        )
-
-        :erlang.raise(kind, reason, __STACKTRACE__)
-    end
-  end
-
-  defp down(target) do
-    {:error, Error.new(:instance_down, "#{inspect(target)} is not a live Capsid instance")}
-  end
-
-  # Drives one call to its end (see `call_start` in host_nif/src/instance.rs);
-  # returns `{result, fuel_used}`.
-  defp step({:ok, value, fuel}, _ctx), do: {{:ok, value}, fuel}
-
-  defp step({:trap, {kind, message, backtrace, stderr}, fuel}, _ctx),
-    do: {{:error, %Trap{kind: kind, message: message, backtrace: backtrace, stderr: stderr}}, fuel}
-
-  defp step({:error, {kind, message}}, _ctx), do: {{:error, Error.new(kind, message)}, 0}
-
-  defp step(:yield, ctx), do: step(Native.call_resume(ctx.ref, nil), ctx)
-
-  # Retired while this caller waited in its queue: go to the new version.
-  defp step(:retired, _ctx), do: :retired
-
-  defp step(:wait, %{id: id} = ctx) do
-    receive do
-      {:capsid_wake, ^id} -> step(Native.call_resume(ctx.ref, nil), ctx)
-    after
-      remaining(ctx) -> step(Native.call_cancel(ctx.ref, ctx.timeout), ctx)
-    end
-  end
-
-  defp step({:import, key, args}, ctx) do
-    imports = if ctx.imports == :lookup, do: Registry.imports(ctx.pid), else: ctx.imports
-
-    case run_import(Map.fetch!(imports, key), args, remaining(ctx)) do
-      :timeout -> step(Native.call_cancel(ctx.ref, ctx.timeout), ctx)
-      reply -> step(Native.call_resume(ctx.ref, reply), ctx)
-    end
-  end
-
-  defp step(:queued, %{id: id} = ctx) do
-    receive do
-      {:capsid_turn, ^id} ->
-        step(Native.call_start(ctx.ref, ctx.name, ctx.args, ctx.limits, true), ctx)
-    after
-      ctx.queue_timeout ->
-        Native.call_dequeue(ctx.ref)
-
-        # The turn may have been granted just now; it was passed on already.
-        receive do
-          {:capsid_turn, ^id} -> :ok
-        after
-          0 -> :ok
-        end
-
-        {{:error,
-          Error.new(
-            :busy,
-            "gave up after waiting #{ctx.queue_timeout} ms for the instance (queue_timeout)"
-          )}, 0}
-    end
-  end
-
-  defp remaining(ctx) do
-    max(ctx.started + ctx.timeout - System.monotonic_time(:millisecond), 0)
-  end
-
-  # Runs an Elixir import in its own process, so that a slow one can be
-  # abandoned when the call's deadline passes. The result travels in the
-  # exit reason: one message, no reply protocol.
-  defp run_import(fun, args, timeout) do
-    callers = [self() | Process.get(:"$callers", [])]
-
-    {pid, mref} =
-      spawn_monitor(fn ->
-        Process.put(:"$callers", callers)
-
-        result =
-          try do
-            {:ok, apply(fun, args)}
-          rescue
-            e -> {:error, Exception.message(e)}
-          catch
-            kind, reason -> {:error, Exception.format_banner(kind, reason)}
-          end
-
-        exit({:capsid_import, result})
-      end)
-
-    receive do
-      {:DOWN, ^mref, :process, ^pid, {:capsid_import, result}} -> result
-      {:DOWN, ^mref, :process, ^pid, reason} -> {:error, "import crashed: #{inspect(reason)}"}
-    after
-      timeout ->
-        Process.exit(pid, :kill)
-
-        receive do
-          {:DOWN, ^mref, :process, ^pid, _} -> :ok
-        end
-
-        :timeout
-    end
-  end
 
   ## Set-up
 
@@ -444,19 +171,16 @@ defmodule Capsid.Instance do
           raise ArgumentError, "missing required option :component (a Capsid.Component)"
       end
 
-    imports = Keyword.get(opts, :imports, %{})
-    check_imports!(imports, component)
-
     %{
       component: component,
-      imports: imports,
+      imports: Imports.check!(Keyword.get(opts, :imports, %{}), component),
       limits: Limits.new(opts),
-      max_queue: positive!(opts, :max_queue, @default_max_queue),
-      queue_timeout: positive!(opts, :queue_timeout, @default_queue_timeout)
+      max_queue: non_negative!(opts, :max_queue, @default_max_queue),
+      queue_timeout: non_negative!(opts, :queue_timeout, @default_queue_timeout)
     }
   end
 
-  defp positive!(opts, key, default) do
+  defp non_negative!(opts, key, default) do
     case Keyword.get(opts, key, default) do
       n when is_integer(n) and n >= 0 ->
         n
@@ -467,107 +191,21 @@ defmodule Capsid.Instance do
     end
   end
 
-  defp check_imports!(imports, component) when is_map(imports) do
-    wanted = component.imports
-
-    for {key, fun} <- imports do
-      unless is_binary(key) do
-        raise ArgumentError, "invalid key in :imports: expected a string, got #{inspect(key)}"
-      end
-
-      import =
-        Enum.find(wanted, fn i ->
-          i.name == key or
-            (i.interface != nil and
-               key == "#{String.replace(i.interface, ~r/@.*$/, "")}##{i.function}")
-        end)
-
-      cond do
-        import == nil ->
-          names = wanted |> Enum.reject(&wasi?/1) |> Enum.map_join(", ", &inspect(&1.name))
-
-          raise ArgumentError,
-                "unknown import #{inspect(key)} in :imports; the component imports: " <>
-                  if(names == "", do: "nothing besides WASI", else: names)
-
-        not is_function(fun) ->
-          raise ArgumentError,
-                "invalid value for import #{inspect(key)}: expected a function, got #{inspect(fun)}"
-
-        :erlang.fun_info(fun, :arity) != {:arity, length(import.params)} ->
-          {:arity, arity} = :erlang.fun_info(fun, :arity)
-
-          raise ArgumentError,
-                "import #{inspect(key)} takes #{length(import.params)} argument(s) " <>
-                  "(#{Component.signature(import)}), but the function given takes #{arity}"
-
-        true ->
-          :ok
-      end
-    end
-
-    :ok
-  end
-
-  defp check_imports!(other, _component) do
-    raise ArgumentError,
-          "invalid value for :imports: expected a map of name => function, got #{inspect(other)}"
-  end
-
-  defp wasi?(%{interface: "wasi:" <> _}), do: true
-  defp wasi?(_), do: false
-
-  defp native_new(config) do
-    case Native.instance_new(
-           config.component.ref,
-           Map.keys(config.imports),
-           config.limits,
-           config.max_queue
-         ) do
-      {:ok, {ref, id}} -> {:ok, {ref, id}}
-      {:error, {kind, message}} -> {:error, Error.new(kind, message)}
-    end
-  end
-
-  defp warm_up(ref, id, config) do
-    ctx = %{
-      ref: ref,
-      id: id,
-      pid: nil,
-      name: nil,
-      args: [],
-      limits: {nil, nil, nil},
-      timeout: config.limits.timeout,
-      started: System.monotonic_time(:millisecond),
-      queue_timeout: config.queue_timeout,
-      imports: config.imports
-    }
-
-    ref |> Native.call_start(nil, [], {nil, nil, nil}, true) |> step(ctx) |> elem(0)
-  end
-
   ## GenServer
 
   @impl true
-  def init({ref, id, config}) do
+  def init({prepared, name}) do
     # So that a supervisor's shutdown runs terminate/2 and the instance stops
-    # taking calls at once, not when the registry sees it die.
+    # taking calls at once.
     Process.flag(:trap_exit, true)
 
-    Registry.register(
-      self(),
-      ref,
-      id,
-      {config.limits.timeout, config.queue_timeout},
-      config.imports
-    )
-
-    {:ok, %{ref: ref, config: config}}
+    case Capsid.Registry.register(prepared.ref, name) do
+      :ok -> {:ok, prepared}
+      {:error, reason} -> {:stop, reason}
+    end
   end
 
   @impl true
-  def handle_call(:capsid_ready, _from, state), do: {:reply, :ok, state}
-
   def handle_call(:info, _from, %{ref: ref, config: config} = state) do
     info =
       ref
@@ -578,5 +216,5 @@ defmodule Capsid.Instance do
   end
 
   @impl true
-  def terminate(_reason, _state), do: Registry.unregister(self())
+  def terminate(_reason, _state), do: Capsid.Registry.unregister()
 end

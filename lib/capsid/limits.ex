@@ -4,31 +4,45 @@ defmodule Capsid.Limits do
   `Capsid.call/4` may narrow `:fuel`, `:timeout` and `:max_memory` for one
   call, never raise them.
 
-  | option                | default       | meaning                                        |
-  |-----------------------|---------------|------------------------------------------------|
-  | `:fuel`               | 10_000_000_000 | wasm instructions per call (0.5–5 s of work)  |
-  | `:timeout`            | 5_000         | wall-clock milliseconds per call               |
-  | `:max_memory`         | 256 MiB       | bytes of linear memory, all memories summed    |
-  | `:max_table_elements` | 100_000       | elements per table                             |
-  | `:max_instances`      | 100           | core instances a component may create          |
-  | `:max_tables`         | 100           | tables a component may create                  |
-  | `:max_memories`       | 100           | memories a component may create                |
+  | option                | default          | meaning                                     |
+  |-----------------------|------------------|---------------------------------------------|
+  | `:timeout`            | 5_000            | wall-clock milliseconds per call            |
+  | `:fuel`               | 10^8 × timeout   | wasm instructions per call: a backstop      |
+  | `:max_memory`         | 256 MiB          | bytes of linear memory and tables, summed   |
+  | `:max_table_elements` | 100_000          | elements per table                          |
+  | `:max_instances`      | 64               | core instances a component may create       |
+  | `:max_tables`         | 32               | tables a component may create               |
+  | `:max_memories`       | 8                | memories a component may create             |
+  | `:max_handles`        | 10_000           | resource handles alive in an instance       |
+
+  The timeout is the usual stop. Fuel defaults to a backstop derived from
+  the timeout: 100 million units per millisecond, about five times what the
+  fastest guest loop measured here burns, so that fuel never runs out before
+  the timeout of a call that is still within it (and raising `:timeout`
+  raises it too). With `timeout: :infinity` the default fuel is 10^13
+  (about ten minutes of a tight loop).
 
   `:fuel` and `:timeout` also accept `:infinity` (use it for one of them
-  only: a call must stay bounded by something).
+  only: a call must stay bounded by something). Tables count against
+  `:max_memory` at 8 bytes per element.
   """
 
   @u64_max 0xFFFF_FFFF_FFFF_FFFF
 
   @defaults [
-    fuel: 10_000_000_000,
+    fuel: :auto,
     timeout: 5_000,
     max_memory: 256 * 1024 * 1024,
     max_table_elements: 100_000,
-    max_instances: 100,
-    max_tables: 100,
-    max_memories: 100
+    max_instances: 64,
+    max_tables: 32,
+    max_memories: 8,
+    max_handles: 10_000
   ]
+
+  # Fuel per millisecond of timeout for the default fuel.
+  @fuel_per_ms 100_000_000
+  @fuel_without_timeout 10_000_000_000_000
 
   @keys Keyword.keys(@defaults)
   @per_call [:fuel, :timeout, :max_memory]
@@ -40,7 +54,8 @@ defmodule Capsid.Limits do
           max_table_elements: non_neg_integer(),
           max_instances: non_neg_integer(),
           max_tables: non_neg_integer(),
-          max_memories: non_neg_integer()
+          max_memories: non_neg_integer(),
+          max_handles: non_neg_integer()
         }
 
   @doc """
@@ -64,12 +79,26 @@ defmodule Capsid.Limits do
 
       iex> Capsid.Limits.new(fuel: 10).fuel
       10
+      iex> Capsid.Limits.new(timeout: 2_000).fuel
+      200_000_000_000
       iex> Capsid.Limits.new(fuel: -1)
       ** (ArgumentError) invalid value for :fuel: expected a non-negative integer or :infinity, got -1
   """
   @spec new(keyword()) :: t()
   def new(opts) do
-    Map.new(@keys, fn key -> {key, value!(key, Keyword.get(opts, key, @defaults[key]))} end)
+    limits =
+      Map.new(@keys -- [:fuel], fn key ->
+        {key, value!(key, Keyword.get(opts, key, @defaults[key]))}
+      end)
+
+    fuel =
+      case Keyword.get(opts, :fuel, :auto) do
+        :auto when limits.timeout == @u64_max -> @fuel_without_timeout
+        :auto -> min(limits.timeout * @fuel_per_ms, @u64_max)
+        fuel -> value!(:fuel, fuel)
+      end
+
+    Map.put(limits, :fuel, fuel)
   end
 
   @doc false

@@ -10,17 +10,35 @@ defmodule Capsid.Native do
     :erlang.load_nif(path, 0)
   end
 
-  def component_compile(_bytes, _cache_dir), do: :erlang.nif_error(:nif_not_loaded)
+  defp nif_error, do: :erlang.nif_error(:nif_not_loaded)
 
-  def instance_new(_component, _provided, _limits, _max_queue),
-    do: :erlang.nif_error(:nif_not_loaded)
+  # component.rs, cache.rs, node.rs
+  def component_compile(_bytes, _cache, _limits, _budget), do: nif_error()
+  def cache_info(_dir), do: nif_error()
+  def cache_clear(_dir), do: nif_error()
+  def node_configure(_address_space_limit), do: nif_error()
+  def node_info, do: nif_error()
 
-  def call_start(_instance, _name, _args, _limits, _queue), do: :erlang.nif_error(:nif_not_loaded)
+  # instance.rs, pool.rs, registry.rs
+  def instance_new(_component, _imports, _limits, _queue), do: nif_error()
+  def instance_warm(_instance), do: nif_error()
+  def instance_info(_instance), do: nif_error()
+  def instance_retire(_instance), do: nif_error()
+  def instance_idle(_instance), do: nif_error()
+  def pool_new(_members), do: nif_error()
+  def pool_replace(_pool, _index, _member), do: nif_error()
+  def pool_retire(_pool), do: nif_error()
+  def registry_register(_target, _pid, _name), do: nif_error()
+  def registry_unregister(_pid), do: nif_error()
+  def registry_put_name(_name, _target), do: nif_error()
 
-  def call_resume(_instance, _reply), do: :erlang.nif_error(:nif_not_loaded)
-  def call_cancel(_instance, _waited_ms), do: :erlang.nif_error(:nif_not_loaded)
-  def call_dequeue(_instance), do: :erlang.nif_error(:nif_not_loaded)
-  def instance_info(_instance), do: :erlang.nif_error(:nif_not_loaded)
-  def instance_retire(_instance), do: :erlang.nif_error(:nif_not_loaded)
-  def instance_idle(_instance), do: :erlang.nif_error(:nif_not_loaded)
+  # call.rs
+  def call_start(_target, _function, _args, _narrow), do: nif_error()
+  def call_start_dirty(_target, _function, _args, _narrow), do: nif_error()
+  def call_start_on(_instance, _function, _args, _narrow), do: nif_error()
+  def call_start_on_dirty(_instance, _function, _args, _narrow), do: nif_error()
+  def call_resume(_instance, _reply), do: nif_error()
+  def call_resume_dirty(_instance, _reply), do: nif_error()
+  def call_cancel(_instance, _kind), do: nif_error()
+  def call_dequeue(_instance), do: nif_error()
 end

@@ -25,7 +25,7 @@ defmodule Capsid.Pool do
 
   use GenServer
 
-  alias Capsid.{Error, Instance, Registry, Trap}
+  alias Capsid.{Error, Instance, Native, Trap}
 
   @doc """
   Starts a pool linked to the caller. Errors as for
@@ -40,7 +40,7 @@ defmodule Capsid.Pool do
   """
   @spec start_link(keyword()) :: GenServer.on_start() | {:error, Error.t() | Trap.t()}
   def start_link(opts) do
-    {gen_opts, opts} = Keyword.split(opts, [:name])
+    {name, opts} = Keyword.pop(opts, :name)
     {size, opts} = Keyword.pop(opts, :size, System.schedulers_online())
 
     unless is_integer(size) and size > 0 do
@@ -51,7 +51,7 @@ defmodule Capsid.Pool do
     # The first member is prepared here, so a bad component is an error
     # return from start_link; the pool process then takes it over.
     with {:ok, first} <- Instance.prepare(opts) do
-      GenServer.start_link(__MODULE__, {size, opts, first}, gen_opts)
+      GenServer.start_link(__MODULE__, {size, opts, first, name})
     end
   end
 
@@ -76,11 +76,12 @@ defmodule Capsid.Pool do
   @spec info(GenServer.server()) :: map()
   def info(pool) do
     %{members: members} = state = GenServer.call(pool, :state)
-    infos = Enum.map(members, &Instance.info/1)
+    pids = Enum.map(members, & &1.pid)
+    infos = Enum.map(pids, &Instance.info/1)
 
     %{
-      size: length(members),
-      members: members,
+      size: length(pids),
+      members: pids,
       replaced: state.replaced,
       calls: Enum.sum(Enum.map(infos, & &1.calls)),
       recycles: Enum.sum(Enum.map(infos, & &1.recycles)),
@@ -88,49 +89,67 @@ defmodule Capsid.Pool do
     }
   end
 
+  @doc false
+  # The pool's native resource (what a deployment publishes under its name)
+  # and its members' resources.
+  def refs(pool), do: GenServer.call(pool, :refs)
+
   @impl true
-  def init({size, opts, first}) do
+  def init({size, opts, first, name}) do
     Process.flag(:trap_exit, true)
-    {:ok, first} = Instance.start_prepared(first)
 
-    rest =
-      for _ <- 2..size//1 do
-        {:ok, pid} = Instance.start_link(opts)
-        pid
-      end
+    members = [start_member(first) | for(_ <- 2..size//1, do: start_member(opts))]
 
-    members = [first | rest]
+    ref = Native.pool_new(Enum.map(members, & &1.ref))
 
-    publish(members)
-    GenServer.cast(Registry, {:watch, self()})
-    {:ok, %{opts: opts, members: members, replaced: 0}}
+    case Capsid.Registry.register(ref, name) do
+      :ok -> {:ok, %{opts: opts, members: members, ref: ref, replaced: 0}}
+      {:error, reason} -> {:stop, reason}
+    end
+  end
+
+  # A member: a `Capsid.Instance` process linked to the pool, and its resource.
+  defp start_member(%{ref: ref} = prepared) do
+    {:ok, pid} = Instance.start_prepared(prepared)
+    %{pid: pid, ref: ref}
+  end
+
+  defp start_member(opts) do
+    case Instance.prepare(opts) do
+      {:ok, prepared} -> start_member(prepared)
+      {:error, error} -> exit({:shutdown, error})
+    end
   end
 
   @impl true
-  def handle_call(:capsid_ready, _from, state), do: {:reply, :ok, state}
-  def handle_call(:members, _from, state), do: {:reply, state.members, state}
+  def handle_call(:members, _from, state), do: {:reply, Enum.map(state.members, & &1.pid), state}
   def handle_call(:state, _from, state), do: {:reply, state, state}
 
+  def handle_call(:refs, _from, state),
+    do: {:reply, {state.ref, Enum.map(state.members, & &1.ref)}, state}
+
   @impl true
-  def handle_info({:EXIT, pid, reason}, state) do
-    if pid in state.members do
-      {:ok, new} = Instance.start_link(state.opts)
-      members = Enum.map(state.members, &if(&1 == pid, do: new, else: &1))
-      publish(members)
-      {:noreply, %{state | members: members, replaced: state.replaced + 1}}
-    else
-      # Not a member (the parent's exit is handled by gen_server itself).
-      _ = reason
-      {:noreply, state}
+  def handle_info({:EXIT, pid, _reason}, state) do
+    case Enum.find_index(state.members, &(&1.pid == pid)) do
+      nil ->
+        # Not a member (the parent's exit is handled by gen_server itself).
+        {:noreply, state}
+
+      index ->
+        member = start_member(state.opts)
+        Native.pool_replace(state.ref, index, member.ref)
+        members = List.replace_at(state.members, index, member)
+        {:noreply, %{state | members: members, replaced: state.replaced + 1}}
     end
   end
 
   @impl true
   def terminate(_reason, state) do
-    Registry.unregister(self())
+    Capsid.Registry.unregister()
+    Native.pool_retire(state.ref)
     # Members would follow their parent anyway; stopping them here makes the
     # pool's shutdown synchronous.
-    for pid <- state.members do
+    for %{pid: pid} <- state.members do
       try do
         GenServer.stop(pid, :shutdown)
       catch
@@ -140,6 +159,4 @@ defmodule Capsid.Pool do
 
     :ok
   end
-
-  defp publish(members), do: Registry.register_pool(self(), members)
 end

@@ -1,68 +1,86 @@
 defmodule Capsid.Registry do
   @moduledoc false
-  # Maps live instance pids to their native resource, so a call needs no
-  # message round trip to find its instance.
+  # Where calls find their targets (mirrors host_nif/src/registry.rs): pids
+  # and names of instances and pools, and deployment names, live in the NIF,
+  # so that a call needs no message and no lookup in Elixir, and so that
+  # starting or stopping an instance costs no VM-wide operation (no
+  # `persistent_term` erase). The NIF monitors each owner process and drops
+  # its entries however it dies.
   #
-  # The hot entry (pid → resource, id, timeouts) is a persistent term: reading
-  # it costs ~30 ns against ~150 ns for ETS, and it is read on every call.
-  # The price is paid when an instance stops (erasing a persistent term makes
-  # the VM scan processes for references to it), which is rare next to calls.
-  # Imports (Elixir funs, read only when a guest calls one) live in ETS.
-  #
-  # The server owns the ETS table and removes the entries of instances that
-  # die, however they die.
+  # This process owns one ETS table: the versions of each deployment, so
+  # that a deployment restarted after a crash comes back on the version it
+  # was serving.
 
   use GenServer
 
-  @table :capsid_instances
-  # name → the deployment's current and previous versions, so that a
-  # deployment process restarted after a crash comes back on the version it
-  # was serving, not the one it was first deployed with.
+  alias Capsid.Native
+
   @deployments :capsid_deployments
 
   def start_link(_), do: GenServer.start_link(__MODULE__, nil, name: __MODULE__)
 
   @doc false
-  def register(pid, ref, id, timeouts, imports) do
-    :ets.insert(@table, {pid, imports})
-    :persistent_term.put({__MODULE__, pid}, {ref, id, timeouts})
-    GenServer.cast(__MODULE__, {:watch, pid})
+  # Registers the calling process as the owner of `target` (an instance or
+  # pool resource), under `name` too unless nil: an atom, `{:global, term}`
+  # or `{:via, module, term}`, as for `GenServer`.
+  def register(target, name) do
+    fast = if is_atom(name), do: name, else: nil
+
+    case Native.registry_register(target, self(), fast) do
+      :ok ->
+        case register_name(name) do
+          :ok ->
+            :ok
+
+          {:error, _} = error ->
+            Native.registry_unregister(self())
+            error
+        end
+
+      {:error, :already_registered} ->
+        {:error, {:already_started, GenServer.whereis(name)}}
+
+      {:error, reason} ->
+        {:error, reason}
+    end
+  end
+
+  defp register_name(nil), do: :ok
+
+  defp register_name(name) when is_atom(name) do
+    Process.register(self(), name)
+    :ok
+  rescue
+    ArgumentError -> {:error, {:already_started, Process.whereis(name)}}
+  end
+
+  defp register_name({:global, term}) do
+    case :global.register_name(term, self()) do
+      :yes -> :ok
+      :no -> {:error, {:already_started, :global.whereis_name(term)}}
+    end
+  end
+
+  defp register_name({:via, module, term}) do
+    case module.register_name(term, self()) do
+      :yes -> :ok
+      :no -> {:error, {:already_started, module.whereis_name(term)}}
+    end
+  end
+
+  defp register_name(other) do
+    raise ArgumentError,
+          "invalid value for :name: expected an atom, {:global, term} or {:via, module, term}, got #{inspect(other)}"
   end
 
   @doc false
-  # A pool: calls to `pid` go to one of `members`. Each member is stored with
-  # its resource, so a pool call reads one persistent term, not two.
-  def register_pool(pid, members) do
-    :persistent_term.put({__MODULE__, pid}, {:pool, entries(members)})
-  end
+  # The calling process stops owning its target: calls to it are refused
+  # from now on (calls already running finish).
+  def unregister, do: Native.registry_unregister(self())
 
   @doc false
-  # A deployment: calls to `name` go to one of `members`. Swapping versions
-  # is one put: atomic for every reader.
-  def register_deployment(name, members) do
-    :persistent_term.put({__MODULE__, {:deployment, name}}, {:pool, entries(members)})
-  end
-
-  # `{pid, ref, id, timeouts}` per member; a member that is already gone is
-  # `{pid, nil, nil, nil}`, which callers treat like a retired one.
-  defp entries(members) do
-    members
-    |> Enum.map(fn pid ->
-      case lookup(pid) do
-        {:ok, ref, id, timeouts} -> {pid, ref, id, timeouts}
-        _ -> {pid, nil, nil, nil}
-      end
-    end)
-    |> List.to_tuple()
-  end
-
-  @doc false
-  def unregister_deployment(name), do: :persistent_term.erase({__MODULE__, {:deployment, name}})
-
-  @doc false
-  def lookup_deployment(name) do
-    :persistent_term.get({__MODULE__, {:deployment, name}}, nil)
-  end
+  # Points a deployment name at a pool (nil: removes it). One atomic write.
+  def put_name(name, pool), do: Native.registry_put_name(name, pool)
 
   @doc false
   def remember_deployment(name, versions), do: :ets.insert(@deployments, {name, versions})
@@ -78,45 +96,9 @@ defmodule Capsid.Registry do
   @doc false
   def forget_deployment(name), do: :ets.delete(@deployments, name)
 
-  @doc false
-  def unregister(pid) do
-    :ets.delete(@table, pid)
-    :persistent_term.erase({__MODULE__, pid})
-  end
-
-  @doc false
-  def lookup(pid) do
-    case :persistent_term.get({__MODULE__, pid}, nil) do
-      {:pool, _} = pool -> pool
-      {ref, id, timeouts} -> {:ok, ref, id, timeouts}
-      nil -> :error
-    end
-  end
-
-  @doc false
-  def imports(pid) do
-    case :ets.lookup(@table, pid) do
-      [{_, imports}] -> imports
-      [] -> %{}
-    end
-  end
-
   @impl true
   def init(nil) do
-    :ets.new(@table, [:named_table, :public, :set, read_concurrency: true])
     :ets.new(@deployments, [:named_table, :public, :set])
     {:ok, nil}
-  end
-
-  @impl true
-  def handle_cast({:watch, pid}, state) do
-    Process.monitor(pid)
-    {:noreply, state}
-  end
-
-  @impl true
-  def handle_info({:DOWN, _, :process, pid, _}, state) do
-    unregister(pid)
-    {:noreply, state}
   end
 end

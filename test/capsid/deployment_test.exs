@@ -102,8 +102,7 @@ defmodule Capsid.DeploymentTest do
     {:ok, %{current: %{hash: h2}}} = Capsid.deploy(name, @v2)
     [{pid, _}] = Registry.lookup(Capsid.Deployments, name)
 
-    {:pool, entries} = Capsid.Registry.lookup_deployment(name)
-    old_members = for {member, _, _, _} <- Tuple.to_list(entries), do: member
+    old_members = Capsid.Pool.members(:sys.get_state(pid).current.pool.pid)
 
     # Its instances go down with it, and say so in the log: expected here.
     ExUnit.CaptureLog.capture_log(fn ->
@@ -205,8 +204,17 @@ defmodule Capsid.DeploymentTest do
     assert_raise ArgumentError, ~r/file path to watch/, fn ->
       Capsid.deploy(name, File.read!(@v1), watch: true)
     end
+  end
 
-    assert_raise ArgumentError, ~r/must be an atom/, fn -> Capsid.deploy("calc", @v1) end
+  test "a deployment's name may be any term: tenant ids are not atoms" do
+    for name <- ["calc-#{System.unique_integer()}", {:tenant, System.unique_integer()}] do
+      {:ok, _} = Capsid.deploy(name, @v1, size: 1)
+      assert Capsid.call(name, "hello", ["Ada"]) == {:ok, "Hello, Ada!"}
+      {:ok, _} = Capsid.deploy(name, @v2)
+      assert Capsid.call(name, "hello", ["Ada"]) == {:ok, "Hi Ada, welcome back!"}
+      :ok = Capsid.undeploy(name)
+      assert {:error, %Capsid.Error{kind: :instance_down}} = Capsid.call(name, "hello", ["Ada"])
+    end
   end
 
   @tag timeout: 180_000

@@ -265,11 +265,13 @@ defmodule Capsid.Fuzz do
     if chance(30), do: MapSet.new(chosen), else: chosen
   end
 
-  defp valid({:option, {:option, _} = inner}, size) do
-    if chance(30), do: nil, else: {:some, valid(inner, size)}
+  defp valid({:option, inner}, size) do
+    cond do
+      chance(30) -> nil
+      nilable?(inner) -> {:some, valid(inner, size)}
+      true -> valid(inner, size)
+    end
   end
-
-  defp valid({:option, inner}, size), do: if(chance(30), do: nil, else: valid(inner, size))
 
   defp valid({:result, ok, error}, size) do
     {tag, type} = pick([{:ok, ok}, {:error, error}])
@@ -306,11 +308,16 @@ defmodule Capsid.Fuzz do
       {5, fn -> random_f32() end},
       # f64 values in f32's range (rounded), and past it (infinity).
       {3, fn -> (:rand.uniform() - 0.5) * :math.pow(10, int(-45, 38)) end},
-      {1, fn -> random_f64() end},
-      {1, fn -> pick([@f32_overflow, -@f32_overflow, 3.4028235e38, 1.0e39]) end},
+      {1, fn -> in_f32_range(random_f64()) end},
+      {1, fn -> pick([3.4028235e38, -3.4028235e38, @f32_max]) end},
       {2, fn -> exact_integer() end}
     ]).()
   end
+
+  # Finite values past f32's range are refused (DESIGN.md: out of range is a
+  # bad argument), so valid f32 arguments stay inside it.
+  defp in_f32_range(f) when abs(f) < @f32_overflow, do: f
+  defp in_f32_range(f), do: f / 1.0e300
 
   # Any finite f64 bit pattern: subnormals, -0.0, huge and tiny values.
   defp random_f64 do
@@ -422,8 +429,14 @@ defmodule Capsid.Fuzz do
   end
 
   def normalise({:option, _}, nil), do: nil
-  def normalise({:option, {:option, _} = t}, {:some, v}), do: {:some, normalise(t, v)}
-  def normalise({:option, t}, v), do: normalise(t, v)
+
+  def normalise({:option, t}, v) do
+    case {nilable?(t), v} do
+      {true, {:some, v}} -> {:some, normalise(t, v)}
+      _ -> normalise(t, v)
+    end
+  end
+
   def normalise({:result, ok, _}, {:ok, v}), do: {:ok, normalise(ok, v)}
   def normalise({:result, _, error}, {:error, v}), do: {:error, normalise(error, v)}
   def normalise(_type, input), do: input
@@ -464,6 +477,8 @@ defmodule Capsid.Fuzz do
   @spec conforms?(Capsid.Types.t(), term()) :: boolean()
   def conforms?(:bool, term), do: is_boolean(term)
   def conforms?(type, term) when is_map_key(@ints, type), do: int_in?(term, @ints[type])
+
+  def conforms?(:f32, term) when is_number(term), do: abs(term) < @f32_overflow
 
   def conforms?(type, term) when type in [:f32, :f64] do
     is_float(term) or is_integer(term) or term in @specials
@@ -511,11 +526,11 @@ defmodule Capsid.Fuzz do
     end
   end
 
-  def conforms?({:option, {:option, _} = inner}, term) do
-    term == nil or (match?({:some, _}, term) and conforms?(inner, elem(term, 1)))
+  def conforms?({:option, inner}, term) do
+    if nilable?(inner),
+      do: term == nil or (match?({:some, _}, term) and conforms?(inner, elem(term, 1))),
+      else: term == nil or conforms?(inner, term)
   end
-
-  def conforms?({:option, inner}, term), do: term == nil or conforms?(inner, term)
 
   def conforms?({:result, ok, error}, term) do
     Enum.any?([{:ok, ok}, {:error, error}], fn
@@ -605,9 +620,14 @@ defmodule Capsid.Fuzz do
   end
 
   def deviation({:option, _}, nil), do: nil
-  def deviation({:option, {:option, _} = inner}, {:some, v}), do: deviation(inner, v)
-  def deviation({:option, {:option, _}}, _term), do: nil
-  def deviation({:option, inner}, term), do: deviation(inner, term)
+
+  def deviation({:option, inner}, term) do
+    case {nilable?(inner), term} do
+      {true, {:some, v}} -> deviation(inner, v)
+      {true, _} -> nil
+      _ -> deviation(inner, term)
+    end
+  end
 
   def deviation({:result, ok, error}, {tag, v}) do
     case tag do
@@ -797,21 +817,22 @@ defmodule Capsid.Fuzz do
     ]).()
   end
 
-  defp break_inside({:option, {:option, _} = inner}, size, opts) do
-    weighted([
-      {2, fn -> {:some, broken(inner, size, opts)} end},
-      {1, fn -> valid(inner, size) end},
-      {1, fn -> {:some} end},
-      {1, fn -> {:some, nil, nil} end}
-    ]).()
+  defp break_inside({:option, inner}, size, opts) do
+    if nilable?(inner) do
+      weighted([
+        {2, fn -> {:some, broken(inner, size, opts)} end},
+        {1, fn -> valid(inner, size) end},
+        {1, fn -> {:some} end},
+        {1, fn -> {:some, nil, nil} end}
+      ]).()
+    else
+      weighted([
+        {3, fn -> broken(inner, size, opts) end},
+        {1, fn -> {:some, valid(inner, size)} end}
+      ]).()
+    end
   end
 
-  defp break_inside({:option, inner}, size, opts) do
-    weighted([
-      {3, fn -> broken(inner, size, opts) end},
-      {1, fn -> {:some, valid(inner, size)} end}
-    ]).()
-  end
 
   defp break_inside({:result, ok, error}, size, opts) do
     {tag, type} = pick([{:ok, ok}, {:error, error}])
@@ -1017,4 +1038,11 @@ defmodule Capsid.Fuzz do
       ])
     end
   end
+
+  # Whether a value of `type` can be `nil`: an `option` of it then spells
+  # its `some` out (`{:some, v}`), as DESIGN.md section 2 says.
+  defp nilable?({:option, _}), do: true
+  defp nilable?({:enum, names}), do: "nil" in names
+  defp nilable?({:variant, cases}), do: Enum.any?(cases, &match?({"nil", nil}, &1))
+  defp nilable?(_), do: false
 end

@@ -133,6 +133,11 @@ impl Guest for Faulty {
         println!("{msg}");
         eprintln!("{msg}");
     }
+
+    fn chatty_hook(msg: String, x: u32) -> u32 {
+        eprintln!("{msg}");
+        hook(x)
+    }
 }
 
 /// Loops forever without calling the host; `black_box` keeps the loop from

@@ -3,7 +3,7 @@
 
 use crate::Toolkit;
 use crate::bindings::exports::acme::toolkit::echo::{
-    Color, Guest, Nested, Permissions, Point, Shape,
+    Color, Guest, Nested, Permissions, Point, Shape, Tristate,
 };
 
 impl Guest for Toolkit {
@@ -88,6 +88,10 @@ impl Guest for Toolkit {
     }
 
     fn echo_permissions(v: Permissions) -> Permissions {
+        v
+    }
+
+    fn echo_maybe_tristate(v: Option<Tristate>) -> Option<Tristate> {
         v
     }
 

@@ -1,0 +1,517 @@
+//! Linear memories and fiber stacks carved out of a few large shared
+//! mappings, so that an instance costs no memory mapping of its own.
+//!
+//! Why: wasmtime's default allocator gives every linear memory its own
+//! mapping (4 GiB reserved plus guard pages) and every fiber stack two (the
+//! stack and its guard page). At ~7 mappings per instance the kernel's
+//! default `vm.max_map_count` (65,530) ran out at ~9,300 instances, and the
+//! BEAM then aborted on its next allocation. Here every slot lives inside a
+//! 1 GiB chunk mapped once, read/write, `MAP_NORESERVE`: tens of thousands of
+//! instances share a few hundred mappings, and only touched pages use RAM.
+//!
+//! The price: no guard pages. Linear memories are bounds-checked by the
+//! compiled code instead (the engine is configured with no reservation and
+//! no guard), and fiber stacks are separated by an unused gap: wasm frames
+//! are limited by `max_wasm_stack`, and host code on the fiber has 1 MiB of
+//! headroom it never comes close to using (measured: a few KiB).
+//!
+//! Every chunk is accounted against a process-wide address-space budget
+//! (`set_address_space_limit`); running out is `ResourceLimit`, never a
+//! failed allocation inside the VM.
+#![allow(unsafe_code)]
+
+use crate::error::lock;
+use std::cell::RefCell;
+use std::ops::Range;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use wasmtime::{LinearMemory, MemoryCreator, MemoryType, StackCreator, StackMemory};
+
+/// Size of one mapping. Big slots (a memory grown past 1 GiB) get a mapping
+/// of their own size.
+const CHUNK: usize = 1 << 30;
+/// The smallest memory slot: 64 KiB, one wasm page.
+const MIN_SLOT_LOG2: u32 = 16;
+/// wasm32 memories are at most 4 GiB.
+const MAX_SLOT_LOG2: u32 = 32;
+/// Size of each fiber stack: the guest's wasm stack (`engine::MAX_WASM_STACK`)
+/// plus 1 MiB for host code (WASI, lifting and lowering) running on it.
+pub const STACK_SIZE: usize = 2 * 1024 * 1024;
+/// Unused bytes below each fiber stack: a host-code overrun lands here
+/// instead of in the next stack.
+const STACK_GAP: usize = 64 * 1024;
+
+/// Address space all chunks may reserve together (default 16 TiB of the
+/// 128 TiB a Linux process has): see `set_address_space_limit`.
+static ADDRESS_SPACE_LIMIT: AtomicU64 = AtomicU64::new(16 << 40);
+static RESERVED: AtomicU64 = AtomicU64::new(0);
+static CHUNKS: AtomicUsize = AtomicUsize::new(0);
+static LIVE_MEMORIES: AtomicUsize = AtomicUsize::new(0);
+static LIVE_STACKS: AtomicUsize = AtomicUsize::new(0);
+
+pub fn set_address_space_limit(bytes: u64) {
+    ADDRESS_SPACE_LIMIT.store(bytes, Ordering::Relaxed);
+}
+
+/// `(reserved bytes, chunks, live memories, live stacks)`, for `info`.
+pub fn usage() -> (u64, usize, usize, usize) {
+    (
+        RESERVED.load(Ordering::Relaxed),
+        CHUNKS.load(Ordering::Relaxed),
+        LIVE_MEMORIES.load(Ordering::Relaxed),
+        LIVE_STACKS.load(Ordering::Relaxed),
+    )
+}
+
+/// Prefix of the messages that cross wasmtime as plain strings (a memory
+/// creator can only return a `String`), so `error::refusal` knows them.
+pub const MARKER: &str = "[capsid:resource_limit] ";
+
+/// Why a slot could not be had: the message names the limit.
+#[derive(Debug)]
+pub struct Exhausted(pub String);
+
+impl std::fmt::Display for Exhausted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Exhausted {}
+
+/// Maps `len` bytes read/write, reserving address space only.
+fn map(len: usize) -> Result<usize, Exhausted> {
+    map_within(len, ADDRESS_SPACE_LIMIT.load(Ordering::Relaxed))
+}
+
+fn map_within(len: usize, limit: u64) -> Result<usize, Exhausted> {
+    let len64 = len as u64;
+    let before = RESERVED.fetch_add(len64, Ordering::Relaxed);
+    if before.saturating_add(len64) > limit {
+        RESERVED.fetch_sub(len64, Ordering::Relaxed);
+        return Err(Exhausted(format!(
+            "address space exhausted: Capsid has reserved {before} bytes for linear memories \
+             and stacks, the limit is {limit} bytes (config :capsid, :address_space_limit)"
+        )));
+    }
+    // SAFETY: an anonymous private mapping at an address the kernel picks;
+    // nothing else refers to it.
+    let ptr = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if ptr == libc::MAP_FAILED {
+        RESERVED.fetch_sub(len64, Ordering::Relaxed);
+        let err = std::io::Error::last_os_error();
+        return Err(Exhausted(format!(
+            "the OS refused a {len}-byte mapping ({err}); mappings in use by Capsid: {} \
+             (see vm.max_map_count and ulimit -v)",
+            CHUNKS.load(Ordering::Relaxed)
+        )));
+    }
+    CHUNKS.fetch_add(1, Ordering::Relaxed);
+    Ok(ptr as usize)
+}
+
+/// Gives the pages of `[addr, addr + len)` back to the OS; they read as
+/// zero afterwards. The mapping itself stays (no VMA split).
+fn discard(addr: usize, len: usize) {
+    if len == 0 {
+        return;
+    }
+    // SAFETY: the range lies inside a chunk we mapped and own exclusively
+    // (the slot was just released by its only user).
+    unsafe {
+        libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED);
+    }
+}
+
+/// Slots of one size: free slots, and the unused rest of the newest chunk.
+struct Class {
+    size: usize,
+    free: Vec<usize>,
+    bump: Range<usize>,
+}
+
+impl Class {
+    fn take(&mut self) -> Result<usize, Exhausted> {
+        if let Some(addr) = self.free.pop() {
+            return Ok(addr);
+        }
+        if self.bump.len() < self.size {
+            let len = self.size.max(CHUNK);
+            let base = map(len)?;
+            self.bump = base..base + len;
+        }
+        let addr = self.bump.start;
+        self.bump.start += self.size;
+        Ok(addr)
+    }
+}
+
+struct Pool {
+    classes: Vec<Mutex<Class>>,
+}
+
+impl Pool {
+    fn new(sizes: impl Iterator<Item = usize>) -> Self {
+        Pool {
+            classes: sizes
+                .map(|size| {
+                    Mutex::new(Class {
+                        size,
+                        free: Vec::new(),
+                        bump: 0..0,
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    fn class(&self, i: usize) -> std::sync::MutexGuard<'_, Class> {
+        self.classes[i].lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn memory_pool() -> &'static Pool {
+    static POOL: std::sync::OnceLock<Pool> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| Pool::new((MIN_SLOT_LOG2..=MAX_SLOT_LOG2).map(|l| 1usize << l)))
+}
+
+fn stack_pool() -> &'static Pool {
+    static POOL: std::sync::OnceLock<Pool> = std::sync::OnceLock::new();
+    POOL.get_or_init(|| Pool::new(std::iter::once(STACK_SIZE + STACK_GAP)))
+}
+
+/// The class index of the smallest slot that holds `bytes`.
+fn class_for(bytes: usize) -> Option<usize> {
+    let log2 = bytes
+        .max(1)
+        .next_power_of_two()
+        .trailing_zeros()
+        .max(MIN_SLOT_LOG2);
+    (log2 <= MAX_SLOT_LOG2).then(|| (log2 - MIN_SLOT_LOG2) as usize)
+}
+
+/// Where a linear memory is right now, shared with its store's list so
+/// that the instance can copy its memories out and back (see
+/// `MemoryList`).
+#[derive(Default)]
+pub struct Cell {
+    addr: AtomicUsize,
+    size: AtomicUsize,
+}
+
+/// The linear memories of one store, in creation order.
+pub type MemoryList = Arc<Mutex<Vec<Arc<Cell>>>>;
+
+/// Who owns the memory wasmtime is about to create on this thread. The
+/// store's limiter is asked first (`claim`), then the memory creator runs,
+/// synchronously, on the same thread; a growth of an existing memory clears
+/// the claim.
+struct Claim {
+    list: MemoryList,
+    /// Bytes the memory must start with (a transplant), if more than asked.
+    size: usize,
+}
+
+thread_local! {
+    static CLAIM: RefCell<Option<Claim>> = const { RefCell::new(None) };
+}
+
+/// The next memory created on this thread belongs to `list`, with at least
+/// `size` bytes.
+pub fn claim(list: &MemoryList, size: usize) {
+    CLAIM.with(|c| {
+        *c.borrow_mut() = Some(Claim {
+            list: list.clone(),
+            size,
+        })
+    });
+}
+
+pub fn unclaim() {
+    CLAIM.with(|c| c.borrow_mut().take());
+}
+
+/// Copies of the memories in `list` (the store must be idle).
+pub fn copy_out(list: &MemoryList) -> Vec<Vec<u8>> {
+    lock(list)
+        .iter()
+        .map(|cell| {
+            let (addr, size) = (
+                cell.addr.load(Ordering::Acquire),
+                cell.size.load(Ordering::Acquire),
+            );
+            // SAFETY: the cell describes a live memory of at least `size`
+            // bytes, and its store is idle (the caller holds its turn).
+            unsafe { std::slice::from_raw_parts(addr as *const u8, size) }.to_vec()
+        })
+        .collect()
+}
+
+/// Writes `data[i]` over memory `i` of `list` (created at least that large
+/// by a transplant claim). Returns false if the memories do not match.
+pub fn copy_in(list: &MemoryList, data: &[Vec<u8>]) -> bool {
+    let cells = lock(list);
+    if cells.len() != data.len() {
+        return false;
+    }
+    for (cell, bytes) in cells.iter().zip(data) {
+        if cell.size.load(Ordering::Acquire) < bytes.len() {
+            return false;
+        }
+        let addr = cell.addr.load(Ordering::Acquire);
+        // SAFETY: the memory has at least `bytes.len()` bytes (checked) and
+        // its store is idle (just instantiated, inside the caller's turn).
+        unsafe { std::ptr::copy_nonoverlapping(bytes.as_ptr(), addr as *mut u8, bytes.len()) };
+    }
+    true
+}
+
+/// A linear memory in an arena slot. It grows in place up to the slot's
+/// size, then moves to a bigger slot (wasmtime reloads the base pointer).
+struct ArenaMemory {
+    addr: usize,
+    class: usize,
+    /// Accessible bytes.
+    size: usize,
+    /// Bytes that may have been written: discarded when the slot is freed.
+    high_water: usize,
+    cell: Arc<Cell>,
+}
+
+impl ArenaMemory {
+    fn publish(&self) {
+        self.cell.addr.store(self.addr, Ordering::Release);
+        self.cell.size.store(self.size, Ordering::Release);
+    }
+}
+
+impl ArenaMemory {
+    fn slot_size(&self) -> usize {
+        1usize << (self.class as u32 + MIN_SLOT_LOG2)
+    }
+}
+
+// SAFETY: `as_ptr` points at a slot of `byte_capacity()` bytes that this
+// object alone owns until it is dropped; the first `byte_size()` bytes are
+// read/write; bytes up to the capacity are zero (fresh or discarded pages).
+unsafe impl LinearMemory for ArenaMemory {
+    fn byte_size(&self) -> usize {
+        self.size
+    }
+
+    fn byte_capacity(&self) -> usize {
+        self.slot_size()
+    }
+
+    fn grow_to(&mut self, new_size: usize) -> wasmtime::Result<()> {
+        // The limiter's claim was for a growth, not a new memory.
+        unclaim();
+        if new_size <= self.slot_size() {
+            self.size = new_size;
+            self.high_water = self.high_water.max(new_size);
+            self.publish();
+            return Ok(());
+        }
+        let class = class_for(new_size)
+            .ok_or_else(|| wasmtime::Error::msg("linear memory larger than 4 GiB"))?;
+        let addr = memory_pool().class(class).take()?;
+        // SAFETY: both ranges are slots we own, of at least `self.size`
+        // bytes, and distinct slots never overlap.
+        unsafe {
+            std::ptr::copy_nonoverlapping(self.addr as *const u8, addr as *mut u8, self.size);
+        }
+        release_memory(self.addr, self.class, self.high_water);
+        self.addr = addr;
+        self.class = class;
+        self.size = new_size;
+        self.high_water = new_size;
+        self.publish();
+        Ok(())
+    }
+
+    fn as_ptr(&self) -> *mut u8 {
+        self.addr as *mut u8
+    }
+}
+
+fn release_memory(addr: usize, class: usize, high_water: usize) {
+    discard(addr, page_round(high_water));
+    memory_pool().class(class).free.push(addr);
+}
+
+fn page_round(n: usize) -> usize {
+    n.div_ceil(4096) * 4096
+}
+
+impl Drop for ArenaMemory {
+    fn drop(&mut self) {
+        release_memory(self.addr, self.class, self.high_water);
+        LIVE_MEMORIES.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pub struct Memories;
+
+// SAFETY: memories are handed out zero-filled and exclusively owned; the
+// engine is configured with no reservation and no guard region, so compiled
+// code bounds-checks every access against `byte_size`.
+unsafe impl MemoryCreator for Memories {
+    fn new_memory(
+        &self,
+        _ty: MemoryType,
+        minimum: usize,
+        _maximum: Option<usize>,
+        reserved_size_in_bytes: Option<usize>,
+        guard_size_in_bytes: usize,
+    ) -> Result<Box<dyn LinearMemory>, String> {
+        if reserved_size_in_bytes.is_some_and(|r| r > 0) || guard_size_in_bytes > 0 {
+            return Err(
+                "Capsid's arena memories need an engine without reservations or guards".into(),
+            );
+        }
+        let claim = CLAIM.with(|c| c.borrow_mut().take());
+        let size = claim.as_ref().map_or(minimum, |c| c.size.max(minimum));
+        let class = class_for(size).ok_or("linear memory larger than 4 GiB")?;
+        let addr = memory_pool()
+            .class(class)
+            .take()
+            .map_err(|e| format!("{MARKER}{e}"))?;
+        LIVE_MEMORIES.fetch_add(1, Ordering::Relaxed);
+        let memory = ArenaMemory {
+            addr,
+            class,
+            size,
+            high_water: size,
+            cell: Arc::default(),
+        };
+        memory.publish();
+        if let Some(claim) = claim {
+            lock(&claim.list).push(memory.cell.clone());
+        }
+        Ok(Box::new(memory))
+    }
+}
+
+/// A fiber stack in an arena slot: `[gap][stack]`, the stack growing down
+/// from the slot's end.
+struct ArenaStack {
+    slot: usize,
+}
+
+impl ArenaStack {
+    fn range(&self) -> Range<usize> {
+        let base = self.slot + STACK_GAP;
+        base..base + STACK_SIZE
+    }
+}
+
+// SAFETY: the range is page-aligned, read/write, and exclusively ours until
+// drop. There is no guard page (see the module comment): `guard_range` is
+// empty, so a fault there is never mistaken for a stack overflow.
+unsafe impl StackMemory for ArenaStack {
+    fn top(&self) -> *mut u8 {
+        self.range().end as *mut u8
+    }
+
+    fn range(&self) -> Range<usize> {
+        ArenaStack::range(self)
+    }
+
+    fn guard_range(&self) -> Range<*mut u8> {
+        let base = self.range().start as *mut u8;
+        base..base
+    }
+}
+
+impl Drop for ArenaStack {
+    fn drop(&mut self) {
+        // Touched stack pages are kept: the slot is reused soon (LIFO), and
+        // a guest can never read a host stack.
+        stack_pool().class(0).free.push(self.slot);
+        LIVE_STACKS.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+pub struct Stacks;
+
+// SAFETY: see `ArenaStack`.
+unsafe impl StackCreator for Stacks {
+    fn new_stack(&self, size: usize, _zeroed: bool) -> wasmtime::Result<Box<dyn StackMemory>> {
+        if size != STACK_SIZE {
+            return Err(wasmtime::Error::msg(format!(
+                "unexpected fiber stack size {size}"
+            )));
+        }
+        let slot = stack_pool().class(0).take()?;
+        LIVE_STACKS.fetch_add(1, Ordering::Relaxed);
+        Ok(Box::new(ArenaStack { slot }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classes_round_up_to_powers_of_two_from_64k() {
+        assert_eq!(class_for(0), Some(0));
+        assert_eq!(class_for(65_536), Some(0));
+        assert_eq!(class_for(65_537), Some(1));
+        assert_eq!(class_for(17 * 65_536), Some(5)); // 1.06 MiB -> 2 MiB
+        assert_eq!(class_for(1 << 32), Some(16));
+        assert_eq!(class_for((1 << 32) + 1), None);
+    }
+
+    #[test]
+    fn memories_grow_in_place_then_move_keeping_their_bytes() {
+        let creator = Memories;
+        let ty = MemoryType::new(1, None);
+        let mut m = creator
+            .new_memory(ty.clone(), 65_536, None, None, 0)
+            .unwrap();
+        assert_eq!(m.byte_capacity(), 65_536);
+        // SAFETY: within the memory's accessible size.
+        unsafe { *m.as_ptr().add(100) = 42 };
+        m.grow_to(100_000).unwrap();
+        assert_eq!(m.byte_capacity(), 131_072);
+        // SAFETY: as above.
+        unsafe {
+            assert_eq!(*m.as_ptr().add(100), 42);
+            assert_eq!(*m.as_ptr().add(99_999), 0);
+        }
+    }
+
+    #[test]
+    fn freed_slots_come_back_zeroed() {
+        let creator = Memories;
+        let ty = MemoryType::new(1, None);
+        let m = creator
+            .new_memory(ty.clone(), 3 << 20, None, None, 0)
+            .unwrap();
+        let addr = m.as_ptr() as usize;
+        // SAFETY: within the accessible size.
+        unsafe { *m.as_ptr().add(4096) = 7 };
+        drop(m);
+        let m = creator
+            .new_memory(ty.clone(), 3 << 20, None, None, 0)
+            .unwrap();
+        assert_eq!(m.as_ptr() as usize, addr, "the slot is reused");
+        // SAFETY: as above.
+        unsafe { assert_eq!(*m.as_ptr().add(4096), 0) };
+    }
+
+    #[test]
+    fn the_address_space_limit_is_enforced_with_a_clear_message() {
+        let err = map_within(CHUNK, 0).unwrap_err().to_string();
+        assert!(err.contains("address_space_limit"), "{err}");
+    }
+}

@@ -1,0 +1,282 @@
+//! What a wasm store holds (`Host`), what an instance shares between its
+//! store and the NIF side while a call is suspended (`Shared`), and how a
+//! store is set up: limits, WASI, the epoch deadline, the call hook.
+//!
+//! This is the small shared module that the import bridge (`imports.rs`),
+//! the call future (`run.rs`) and the instance (`instance.rs`) all build on,
+//! so that none of them reaches into another.
+
+use crate::engine::engine;
+use crate::error::lock;
+use crate::error::{HostTrap, TrapKind};
+use crate::limits::{Limiter, Limits};
+use crate::stdio::Capture;
+use crate::value::Value;
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::Poll;
+use std::time::{Duration, Instant};
+use wasmtime::component::ResourceTable;
+use wasmtime::{CallHook, CallHookHandler, Store, StoreContextMut, UpdateDeadline};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+/// One pending call from the guest into Elixir.
+pub struct ImportCall {
+    /// Index into the link's bound imports.
+    pub import: usize,
+    pub args: Vec<Value>,
+}
+
+#[derive(Default)]
+enum Exchange {
+    #[default]
+    Idle,
+    /// The guest asked; the NIF has not yet handed the request to Elixir.
+    Requested(ImportCall),
+    /// Elixir is running the import.
+    Running,
+    /// Elixir answered: the result value, or why the import failed.
+    Answered(Result<Option<Value>, String>),
+}
+
+/// Where a guest's import request meets Elixir's answer. One per instance.
+#[derive(Default)]
+pub struct ImportChannel(Mutex<Exchange>);
+
+impl ImportChannel {
+    /// The request the guest is parked on, if it has not been handed out yet.
+    pub fn take_request(&self) -> Option<ImportCall> {
+        let mut ex = lock(&self.0);
+        match std::mem::take(&mut *ex) {
+            Exchange::Requested(call) => {
+                *ex = Exchange::Running;
+                Some(call)
+            }
+            other => {
+                *ex = other;
+                None
+            }
+        }
+    }
+
+    /// Puts back a request that could not be converted in this slice.
+    pub fn restore_request(&self, call: ImportCall) {
+        *lock(&self.0) = Exchange::Requested(call);
+    }
+
+    pub fn answer(&self, answer: Result<Option<Value>, String>) {
+        *lock(&self.0) = Exchange::Answered(answer);
+    }
+
+    pub fn reset(&self) {
+        *lock(&self.0) = Exchange::Idle;
+    }
+
+    /// Posts a request and waits (parks the guest's fiber) for the answer;
+    /// the NIF polls again once Elixir has answered.
+    pub async fn ask(&self, call: ImportCall) -> Result<Option<Value>, String> {
+        *lock(&self.0) = Exchange::Requested(call);
+        poll_fn(|_| {
+            let mut ex = lock(&self.0);
+            match std::mem::take(&mut *ex) {
+                Exchange::Answered(a) => Poll::Ready(a),
+                other => {
+                    *ex = other;
+                    Poll::Pending
+                }
+            }
+        })
+        .await
+    }
+}
+
+/// Per-instance state that both the store (inside a suspended call) and the
+/// NIF side reach.
+#[derive(Default)]
+pub struct Shared {
+    pub imports: ImportChannel,
+    pub stdout: Capture,
+    pub stderr: Capture,
+    /// Set by the call hook: the guest is at a point where converting data
+    /// of unbounded size comes next; the caller should poll from a dirty
+    /// scheduler.
+    pub wants_dirty: AtomicBool,
+    /// The current poll runs on a dirty scheduler: no need to pause.
+    pub on_dirty: AtomicBool,
+}
+
+impl Shared {
+    /// Drops whatever the guest wrote and nobody read (a cancelled call).
+    pub fn drain_output(&self) -> Vec<u8> {
+        self.stdout.take();
+        self.stderr.take()
+    }
+}
+
+/// Store data: WASI state (made on first use), limits, the call's deadline,
+/// and what the call hook needs.
+pub struct Host {
+    wasi: Option<WasiCtx>,
+    table: ResourceTable,
+    pub limiter: Limiter,
+    pub shared: Arc<Shared>,
+    pub timeout_ms: u64,
+    /// When the running call must stop; set at its first tick (so it is
+    /// never earlier than `timeout_ms` after the call started).
+    pub deadline: Option<Instant>,
+    /// Guest frames entered from the host (the export, realloc, post-return).
+    depth: u32,
+    /// Pause before lifting the export's result (it may be large).
+    pub pause_on_return: bool,
+    /// Pause before every host call: an Elixir import may get large arguments.
+    pub pause_on_host: bool,
+}
+
+impl WasiView for Host {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        let shared = &self.shared;
+        let ctx = self.wasi.get_or_insert_with(|| {
+            // Deny by default: no args, no env, no preopened dirs, no
+            // network; stdin closed, stdout/stderr captured.
+            WasiCtx::builder()
+                .stdout(shared.stdout.clone())
+                .stderr(shared.stderr.clone())
+                .allow_tcp(false)
+                .allow_udp(false)
+                .allow_ip_name_lookup(false)
+                .build()
+        });
+        WasiCtxView {
+            ctx,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl Host {
+    /// A store for `limits`; `transplant` gives the sizes its memories must
+    /// start with when it is to take over an earlier store's memories.
+    pub fn new_store(
+        limits: Limits,
+        shared: &Arc<Shared>,
+        transplant: Option<Vec<usize>>,
+    ) -> Store<Host> {
+        let mut limiter = Limiter::new(limits);
+        limiter.transplant = transplant;
+        let host = Host {
+            wasi: None,
+            table: ResourceTable::new(),
+            limiter,
+            shared: shared.clone(),
+            timeout_ms: limits.timeout,
+            deadline: None,
+            depth: 0,
+            pause_on_return: false,
+            pause_on_host: false,
+        };
+        let mut store = Store::new(engine(), host);
+        store.limiter(|h| &mut h.limiter);
+        // Only fails when fuel is disabled in the engine; it is not.
+        let _ = store.fuel_async_yield_interval(Some(crate::engine::YIELD_FUEL));
+        store.set_max_component_handles(usize::try_from(limits.max_handles).unwrap_or(usize::MAX));
+        // What a guest may hand the host in one transfer is bounded by its
+        // memory; Capsid's own lifting also charges `abi`'s allowance.
+        store.set_hostcall_fuel(
+            usize::try_from(limits.max_memory)
+                .unwrap_or(usize::MAX)
+                .saturating_add(1 << 20),
+        );
+        store.epoch_deadline_callback(|mut ctx| {
+            let host = ctx.data_mut();
+            let now = Instant::now();
+            let deadline = *host.deadline.get_or_insert_with(|| {
+                now.checked_add(Duration::from_millis(host.timeout_ms))
+                    .unwrap_or(now + Duration::from_secs(100 * 365 * 86_400))
+            });
+            if now >= deadline {
+                return Err(wasmtime::Error::new(HostTrap {
+                    kind: TrapKind::Timeout,
+                    message: format!("the call exceeded its timeout of {} ms", host.timeout_ms),
+                }));
+            }
+            // Give the scheduler back at every tick; the caller polls again.
+            Ok(UpdateDeadline::Yield(1))
+        });
+        store.call_hook_async(Hook);
+        store
+    }
+
+    /// Prepares the store for a call.
+    pub fn arm(
+        store: &mut Store<Host>,
+        limits: &Limits,
+        pause_on_return: bool,
+        pause_on_host: bool,
+    ) {
+        let data = store.data_mut();
+        data.deadline = None;
+        data.timeout_ms = limits.timeout;
+        data.limiter.call_max_memory = limits.max_memory;
+        data.depth = 0;
+        data.pause_on_return = pause_on_return;
+        data.pause_on_host = pause_on_host;
+        // Fuel can only fail to set when fuel is disabled in the engine; it is not.
+        let _ = store.set_fuel(limits.fuel);
+        store.set_epoch_deadline(1);
+    }
+}
+
+/// Pauses a guest (once) where data of unbounded size is about to be
+/// converted, unless the poll already runs on a dirty scheduler.
+struct Hook;
+
+/// Returns `Pending` once, then `Ready`: the fiber suspends, the NIF sees
+/// `wants_dirty` and asks the caller to poll from a dirty scheduler.
+async fn pause(shared: &Shared) {
+    if shared.on_dirty.load(Ordering::Relaxed) {
+        return;
+    }
+    shared.wants_dirty.store(true, Ordering::Relaxed);
+    let mut paused = false;
+    poll_fn(|_| {
+        if paused {
+            Poll::Ready(())
+        } else {
+            paused = true;
+            Poll::Pending
+        }
+    })
+    .await
+}
+
+#[async_trait::async_trait]
+impl CallHookHandler<Host> for Hook {
+    async fn handle_call_event(
+        &self,
+        mut store: StoreContextMut<'_, Host>,
+        ch: CallHook,
+    ) -> wasmtime::Result<()> {
+        let host = store.data_mut();
+        match ch {
+            CallHook::CallingWasm => host.depth += 1,
+            CallHook::ReturningFromWasm => {
+                host.depth = host.depth.saturating_sub(1);
+                // Back in the host at depth 0: the export (or a realloc before
+                // it) returned, and its result is lifted next.
+                if host.depth == 0 && host.pause_on_return {
+                    let shared = host.shared.clone();
+                    pause(&shared).await;
+                }
+            }
+            CallHook::CallingHost => {
+                if host.pause_on_host {
+                    let shared = host.shared.clone();
+                    pause(&shared).await;
+                }
+            }
+            CallHook::ReturningFromHost => {}
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,336 @@
+//! One guest call as a future, polled in time slices by the calling Erlang
+//! process. The guest runs on a wasmtime fiber (its own stack, sized by
+//! `engine::ASYNC_STACK_SIZE`), never on the scheduler's stack; at every epoch
+//! tick it yields, the NIF returns, and the Elixir side polls again. So a
+//! short call costs one NIF call, and a long one never holds a scheduler for
+//! more than about one tick.
+
+use crate::abi::{Lifted, Lowered};
+use crate::error::{Failure, HostTrap, TrapInfo, TrapKind, classify, refusal};
+use crate::host::{Host, Shared};
+use crate::limits::Limits;
+use crate::value::Value;
+use rustler::{Encoder, LocalPid, OwnedEnv};
+use std::cell::Cell;
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Wake, Waker};
+use wasmtime::Store;
+use wasmtime::component::{ComponentExportIndex, Func, Instance, InstancePre, TypedFunc};
+
+rustler::atoms! {
+    capsid_wake,
+}
+
+/// An instantiated component in its store, with export handles cached.
+pub struct Live {
+    pub store: Store<Host>,
+    instance: Instance,
+    funcs: Vec<Option<Func>>,
+}
+
+impl Live {
+    /// Copies of the instance's linear memories (it must be idle).
+    pub fn checkpoint(&self) -> Vec<Vec<u8>> {
+        crate::arena::copy_out(&self.store.data().limiter.memories)
+    }
+
+    fn func(&mut self, slot: usize, index: &ComponentExportIndex) -> Option<Func> {
+        if self.funcs.len() <= slot {
+            self.funcs.resize(slot + 1, None);
+        }
+        if self.funcs[slot].is_none() {
+            self.funcs[slot] = self.instance.get_func(&mut self.store, index);
+        }
+        self.funcs[slot]
+    }
+}
+
+/// The export a call runs.
+pub struct Target {
+    /// Index into the component's export table.
+    pub slot: usize,
+    pub index: ComponentExportIndex,
+    /// Core values the parameters flatten to (`abi::Lowered<N>`).
+    pub flat_params: usize,
+    pub has_result: bool,
+    /// Pause before lifting the result: its size is not bounded by its type.
+    pub heavy_result: bool,
+}
+
+/// What a finished call leaves: the live instance (unless it trapped, in
+/// which case wasmtime will not enter it again), the outcome, fuel used.
+pub struct Done {
+    pub live: Option<Live>,
+    pub outcome: Result<Option<Value>, Failure>,
+    pub fuel_used: u64,
+    /// Whether this call had to instantiate the component first.
+    pub instantiated: bool,
+}
+
+pub type CallFuture = Pin<Box<dyn Future<Output = Done> + Send>>;
+
+fn fuel_used(store: &Store<Host>, budget: u64) -> u64 {
+    budget.saturating_sub(store.get_fuel().unwrap_or(0))
+}
+
+fn failure(err: &wasmtime::Error, store: &Store<Host>) -> Failure {
+    if let Some(e) = refusal(err) {
+        return Failure::Refused(e);
+    }
+    Failure::Trap(classify(err, store.data().shared.stderr.take()))
+}
+
+async fn typed<const N: usize, const M: usize>(
+    func: Func,
+    store: &mut Store<Host>,
+    args: Vec<Value>,
+) -> wasmtime::Result<Vec<Value>> {
+    // SAFETY: `N` and `M` are the function's flat parameter and result
+    // counts, computed from its type when the component was loaded
+    // (`FuncInfo::flat_params`); `Lowered`/`Lifted` check them again against
+    // the real type before touching any core value and bail on a mismatch.
+    #[allow(unsafe_code)]
+    let f = unsafe { TypedFunc::<Lowered<N>, Lifted<M>>::new_unchecked(func) };
+    Ok(f.call_async(&mut *store, Lowered(args)).await?.0)
+}
+
+/// Calls `func` through the canonical ABI of `abi`, dispatching on its flat
+/// parameter count (0..=16) and result count (0 or 1).
+async fn invoke(
+    func: Func,
+    store: &mut Store<Host>,
+    target: &Target,
+    args: Vec<Value>,
+) -> wasmtime::Result<Option<Value>> {
+    macro_rules! arms {
+        ($($n:literal)*) => {
+            match (target.flat_params, target.has_result) {
+                $(
+                    ($n, false) => typed::<$n, 0>(func, store, args).await,
+                    ($n, true) => typed::<$n, 1>(func, store, args).await,
+                )*
+                _ => Err(wasmtime::Error::msg("internal: unsupported function signature")),
+            }
+        };
+    }
+    let results = arms!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16)?;
+    Ok(results.into_iter().next())
+}
+
+/// Builds the future for one call of `target` (`None`: only make sure the
+/// instance exists). A missing live instance is created first from `pre`,
+/// inside the same time-sliced future, so instantiation is sliced and
+/// limited too.
+#[allow(clippy::too_many_arguments)]
+pub fn start(
+    pre: Option<InstancePre<Host>>,
+    live: Option<Live>,
+    transplant: Option<Arc<Vec<Vec<u8>>>>,
+    target: Option<Target>,
+    args: Vec<Value>,
+    limits: Limits,
+    shared: Arc<Shared>,
+    pause_on_host: bool,
+) -> CallFuture {
+    Box::pin(async move {
+        let instantiated = live.is_none();
+        let mut live = match (live, pre) {
+            (Some(live), _) => live,
+            (None, Some(pre)) => {
+                let sizes = transplant
+                    .as_ref()
+                    .map(|t| t.iter().map(Vec::len).collect());
+                let mut store = Host::new_store(limits, &shared, sizes);
+                Host::arm(&mut store, &limits, false, false);
+                match pre.instantiate_async(&mut store).await {
+                    Ok(instance) => {
+                        // Take over the memories of the store this one
+                        // replaces (see `InstanceResource::begin`).
+                        if let Some(data) = &transplant {
+                            let host = store.data_mut();
+                            host.limiter.transplant = None;
+                            if !crate::arena::copy_in(&host.limiter.memories, data) {
+                                let e = wasmtime::Error::msg(
+                                    "the instance's state could not be restored: its memories changed",
+                                );
+                                return Done {
+                                    outcome: Err(failure(&e, &store)),
+                                    fuel_used: 0,
+                                    live: None,
+                                    instantiated,
+                                };
+                            }
+                        }
+                        Live {
+                            store,
+                            instance,
+                            funcs: Vec::new(),
+                        }
+                    }
+                    Err(e) => {
+                        return Done {
+                            outcome: Err(failure(&e, &store)),
+                            fuel_used: fuel_used(&store, limits.fuel),
+                            live: None,
+                            instantiated,
+                        };
+                    }
+                }
+            }
+            (None, None) => {
+                return Done {
+                    live: None,
+                    outcome: Err(Failure::Refused(crate::error::Error::Internal(
+                        "no instance and nothing to instantiate".into(),
+                    ))),
+                    fuel_used: 0,
+                    instantiated,
+                };
+            }
+        };
+        let Some(target) = target else {
+            return Done {
+                live: Some(live),
+                outcome: Ok(None),
+                fuel_used: 0,
+                instantiated,
+            };
+        };
+        Host::arm(&mut live.store, &limits, target.heavy_result, pause_on_host);
+        let Some(func) = live.func(target.slot, &target.index) else {
+            let e = wasmtime::Error::msg("export vanished from the instance");
+            return Done {
+                outcome: Err(failure(&e, &live.store)),
+                live: None,
+                fuel_used: 0,
+                instantiated,
+            };
+        };
+        let result = invoke(func, &mut live.store, &target, args).await;
+        let fuel_used = fuel_used(&live.store, limits.fuel);
+        match result {
+            Ok(value) => {
+                // Output of a successful call is not kept: it would grow
+                // without bound and nobody asked for it.
+                shared.drain_output();
+                Done {
+                    live: Some(live),
+                    outcome: Ok(value),
+                    fuel_used,
+                    instantiated,
+                }
+            }
+            Err(e) => {
+                shared.stdout.take();
+                Done {
+                    outcome: Err(failure(&e, &live.store)),
+                    live: None,
+                    fuel_used,
+                    instantiated,
+                }
+            }
+        }
+    })
+}
+
+thread_local! {
+    /// True while this thread is inside `poll_slice`: a wake-up there is
+    /// noticed through the flag, and sending a message would be wrong
+    /// (`send_and_clear` panics on scheduler threads).
+    static IN_POLL: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Wakes a call parked on something outside the guest (a WASI timer): sets a
+/// flag, and from a non-scheduler thread also messages the calling process.
+pub struct CallWaker {
+    woken: AtomicBool,
+    pid: LocalPid,
+    id: u64,
+}
+
+impl CallWaker {
+    pub fn new(pid: LocalPid, id: u64) -> Arc<Self> {
+        Arc::new(CallWaker {
+            woken: AtomicBool::new(false),
+            pid,
+            id,
+        })
+    }
+
+    pub fn take_woken(&self) -> bool {
+        self.woken.swap(false, Ordering::SeqCst)
+    }
+}
+
+impl Wake for CallWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::SeqCst);
+        if !IN_POLL.with(Cell::get) && !rustler::thread::is_scheduler_thread() {
+            let mut env = OwnedEnv::new();
+            let id = self.id;
+            let _ = env.send_and_clear(&self.pid, |env| (capsid_wake(), id).encode(env));
+        }
+    }
+}
+
+struct PollGuard;
+
+impl Drop for PollGuard {
+    fn drop(&mut self) {
+        IN_POLL.with(|f| f.set(false));
+    }
+}
+
+/// Polls the call once, allowing its lifts `allowance` units (see
+/// `abi::set_lift_allowance`). A panic inside is caught and reported as a
+/// trap (the future, and with it the store, is then dropped by the caller).
+pub fn poll_slice(fut: &mut CallFuture, waker: &Arc<CallWaker>, allowance: u64) -> Poll<Done> {
+    let w = Waker::from(waker.clone());
+    let mut cx = Context::from_waker(&w);
+    IN_POLL.with(|f| f.set(true));
+    let _guard = PollGuard;
+    let _busy = crate::engine::Busy::enter();
+    crate::abi::set_lift_allowance(allowance);
+    let polled = std::panic::catch_unwind(AssertUnwindSafe(|| {
+        // WASI timers are tokio timers: give them a runtime to register with.
+        wasmtime_wasi::runtime::with_ambient_tokio_runtime(|| fut.as_mut().poll(&mut cx))
+    }));
+    match polled {
+        Ok(p) => p,
+        Err(panic) => {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".into());
+            let err = wasmtime::Error::new(HostTrap {
+                kind: TrapKind::Other,
+                message: format!("host panicked while running the guest: {what}"),
+            });
+            Poll::Ready(Done {
+                live: None,
+                outcome: Err(Failure::Trap(classify(&err, Vec::new()))),
+                fuel_used: 0,
+                instantiated: false,
+            })
+        }
+    }
+}
+
+/// A trap for a call that never got to run the guest.
+pub fn trap(kind: TrapKind, message: String, stderr: Vec<u8>) -> TrapInfo {
+    TrapInfo {
+        kind,
+        message,
+        backtrace: Vec::new(),
+        stderr,
+    }
+}

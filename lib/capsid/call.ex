@@ -1,0 +1,313 @@
+defmodule Capsid.Call do
+  @moduledoc false
+  # The call path of `Capsid.call/4`, mirroring host_nif/src/call.rs.
+  #
+  # A call runs in the calling process. `Native.call_start` finds the target
+  # (pid, name, pool, deployment), converts the arguments, takes the turn and
+  # runs the guest for at most one epoch tick. Most calls end there. Otherwise
+  # it answers how to go on, and this loop does so:
+  #
+  #   {:yield, ref}                   poll again
+  #   {:dirty, ref}                   poll again from a dirty scheduler (data too
+  #                                   large to convert on a normal one)
+  #   :dirty_start                    start again from a dirty scheduler
+  #   {:wait, ref, id, ms}            a WASI timer: wait for {:capsid_wake, id}
+  #   {:import, ref, fun, args, ms}   run an Elixir import, answer it
+  #   {:queued, ref, id, ms}          wait for {:capsid_turn, id}, then start
+  #   :retired                        the target was replaced: look it up again
+  #   :not_found                      not a local Capsid target
+  #
+  # Nothing here raises once the NIF holds a turn for this process: a raise
+  # would leave the instance owned. Any exception on the slow path cancels
+  # the call before it propagates.
+
+  alias Capsid.{Error, Imports, Native, Telemetry, Trap}
+
+  @retries 5
+
+  @doc false
+  def call(target, function, args, opts) do
+    {narrow, queue_timeout} = options!(opts)
+
+    if Telemetry.enabled?() do
+      observed(target, function, fn -> run(target, function, args, narrow, queue_timeout) end)
+    else
+      run(target, function, args, narrow, queue_timeout) |> elem(0)
+    end
+  end
+
+  @doc false
+  # A call that must not lose the instance's state even if it traps: its
+  # memories are copied first and put back into its next store (used to
+  # take a snapshot for a hot swap).
+  def call_preserving(target, function, args) do
+    run(target, function, args, {nil, nil, nil, true}, nil) |> elem(0)
+  end
+
+  defp options!([]), do: {{nil, nil, nil, false}, nil}
+
+  defp options!(opts) do
+    Capsid.Options.validate!(
+      opts,
+      [:queue_timeout | Capsid.Limits.per_call_keys()],
+      "Capsid.call/4"
+    )
+
+    queue_timeout =
+      case Keyword.fetch(opts, :queue_timeout) do
+        {:ok, t} when (is_integer(t) and t >= 0) or t == :infinity ->
+          t
+
+        {:ok, other} ->
+          raise ArgumentError,
+                "invalid value for :queue_timeout: expected a non-negative integer or :infinity, got #{inspect(other)}"
+
+        :error ->
+          nil
+      end
+
+    {fuel, timeout, max_memory} = Capsid.Limits.call_values!(opts)
+    {{fuel, timeout, max_memory, false}, queue_timeout}
+  end
+
+  # Returns `{result, fuel_used}`.
+  defp run(target, function, args, narrow, queue_timeout) do
+    ctx = %{
+      target: target,
+      function: function,
+      args: args,
+      narrow: narrow,
+      queue_timeout: queue_timeout,
+      retries: @retries
+    }
+
+    start(ctx)
+  end
+
+  defp start(ctx) do
+    case Native.call_start(ctx.target, ctx.function, ctx.args, ctx.narrow) do
+      {:ok, value, fuel} ->
+        {{:ok, value}, fuel}
+
+      :dirty_start ->
+        step(Native.call_start_dirty(ctx.target, ctx.function, ctx.args, ctx.narrow), ctx)
+
+      :not_found ->
+        elsewhere(ctx)
+
+      other ->
+        step(other, ctx)
+    end
+  end
+
+  # Targets the NIF does not know: names registered through `:global` or a
+  # `{:via, ...}` module, pids of other nodes, or nothing at all. Nothing is
+  # ever sent to a process that is not a Capsid target.
+  defp elsewhere(%{target: target} = ctx) do
+    case target do
+      {:global, _} -> via_pid(ctx)
+      {:via, _, _} -> via_pid(ctx)
+      pid when is_pid(pid) and node(pid) != node() -> remote(pid, ctx)
+      _ -> {down(target), 0}
+    end
+  end
+
+  defp via_pid(ctx) do
+    case GenServer.whereis(ctx.target) do
+      pid when is_pid(pid) and node(pid) == node() ->
+        case Native.call_start(pid, ctx.function, ctx.args, ctx.narrow) do
+          :not_found ->
+            {down(ctx.target), 0}
+
+          :dirty_start ->
+            step(Native.call_start_dirty(pid, ctx.function, ctx.args, ctx.narrow), ctx)
+
+          other ->
+            step(other, %{ctx | target: pid})
+        end
+
+      pid when is_pid(pid) ->
+        remote(pid, ctx)
+
+      _ ->
+        {down(ctx.target), 0}
+    end
+  end
+
+  defp remote(_pid, ctx), do: {down(ctx.target), 0}
+
+  defp down(target) do
+    {:error, Error.new(:instance_down, "#{inspect(target)} is not a live Capsid instance")}
+  end
+
+  # Drives one call to its end; returns `{result, fuel_used}`. The slow
+  # path is one loop inside one `try` (a long call yields thousands of
+  # times), with the instance it holds a turn on kept in the process
+  # dictionary for the `catch`.
+  @current {__MODULE__, :instance}
+
+  defp step(status, ctx) do
+    case terminal(status, ctx) do
+      nil ->
+        try do
+          loop(status, ctx)
+        catch
+          kind, reason ->
+            # The NIF may hold a turn for us: give it back before propagating.
+            with ref when is_reference(ref) <- Process.delete(@current),
+                 do: Native.call_cancel(ref, :cancelled)
+
+            :erlang.raise(kind, reason, __STACKTRACE__)
+        else
+          result ->
+            Process.delete(@current)
+            result
+        end
+
+      result ->
+        result
+    end
+  end
+
+  defp terminal({:ok, value, fuel}, _ctx), do: {{:ok, value}, fuel}
+
+  defp terminal({:trap, {kind, message, backtrace, stderr}, fuel}, _ctx),
+    do: {{:error, %Trap{kind: kind, message: message, backtrace: backtrace, stderr: stderr}}, fuel}
+
+  defp terminal({:error, {kind, message}}, _ctx), do: {{:error, Error.new(kind, message)}, 0}
+  defp terminal(:retired, %{retries: 0} = ctx), do: {down(ctx.target), 0}
+  defp terminal(:retired, ctx), do: start(%{ctx | retries: ctx.retries - 1})
+
+  defp terminal(status, ctx) when status in [:not_found, :dirty_start, :taken],
+    do: {down(ctx.target), 0}
+
+  defp terminal(_status, _ctx), do: nil
+
+  defp loop(status, ctx) do
+    case terminal(status, ctx) do
+      nil ->
+        Process.put(@current, elem(status, 1))
+        loop(slow(status, ctx), ctx)
+
+      result ->
+        result
+    end
+  end
+
+  # One step of the slow path: returns the next status.
+  defp slow({:yield, ref}, _ctx), do: resume(ref, nil)
+  defp slow({:dirty, ref}, _ctx), do: Native.call_resume_dirty(ref, nil)
+
+  defp slow({:wait, ref, id, remaining}, _ctx) do
+    receive do
+      {:capsid_wake, ^id} -> resume(ref, nil)
+    after
+      remaining -> Native.call_cancel(ref, :timeout)
+    end
+  end
+
+  defp slow({:import, ref, fun, args, remaining}, _ctx) do
+    case Imports.run(fun, args, remaining) do
+      :timeout -> Native.call_cancel(ref, :timeout)
+      reply -> resume(ref, reply)
+    end
+  end
+
+  defp slow({:queued, ref, id, instance_queue_timeout}, ctx) do
+    wait = ctx.queue_timeout || instance_queue_timeout
+
+    receive do
+      {:capsid_turn, ^id} ->
+        case Native.call_start_on(ref, ctx.function, ctx.args, ctx.narrow) do
+          :dirty_start -> Native.call_start_on_dirty(ref, ctx.function, ctx.args, ctx.narrow)
+          other -> other
+        end
+    after
+      wait ->
+        Native.call_dequeue(ref)
+
+        # The turn may have been granted just now; it was passed on already.
+        receive do
+          {:capsid_turn, ^id} -> :ok
+        after
+          0 -> :ok
+        end
+
+        {:error, {:busy, "gave up after waiting #{wait} ms for the instance (queue_timeout)"}}
+    end
+  end
+
+  # An import's answer goes back through the same twin that would convert it.
+  defp resume(ref, reply) do
+    case Native.call_resume(ref, reply) do
+      {:dirty, ^ref} -> Native.call_resume_dirty(ref, reply)
+      other -> other
+    end
+  end
+
+  @doc false
+  # Instantiates a freshly created instance in the caller (see
+  # `Capsid.Instance.prepare/1`): `:ok` or `{:error, exception}`.
+  def warm(ref) do
+    ctx = %{
+      target: ref,
+      function: nil,
+      args: [],
+      narrow: {nil, nil, nil, false},
+      queue_timeout: nil,
+      retries: 0
+    }
+
+    case step(Native.instance_warm(ref), ctx) do
+      {{:ok, _}, _} -> :ok
+      {{:error, _} = error, _} -> error
+    end
+  end
+
+  defp observed(target, function, run) do
+    meta = %{instance: target, function: function}
+    t0 = System.monotonic_time()
+
+    Telemetry.execute(
+      [:capsid, :call, :start],
+      %{system_time: System.system_time(), monotonic_time: t0},
+      meta
+    )
+
+    try do
+      {result, fuel} = run.()
+      duration = System.monotonic_time() - t0
+
+      outcome =
+        case result do
+          {:ok, _} -> :ok
+          {:error, %Trap{} = trap} -> {:trap, trap}
+          {:error, error} -> {:error, error}
+        end
+
+      Telemetry.execute(
+        [:capsid, :call, :stop],
+        %{duration: duration, fuel: fuel},
+        Map.put(meta, :result, outcome)
+      )
+
+      with {:trap, trap} <- outcome do
+        Telemetry.execute([:capsid, :instance, :recycle], %{count: 1}, %{
+          instance: target,
+          reason: trap.kind
+        })
+      end
+
+      result
+    catch
+      kind, reason ->
+        Telemetry.execute(
+          [:capsid, :call, :exception],
+          %{duration: System.monotonic_time() - t0},
+          Map.merge(meta, %{kind: kind, reason: reason, stacktrace: __STACKTRACE__})
+        )
+
+        :erlang.raise(kind, reason, __STACKTRACE__)
+    end
+  end
+end

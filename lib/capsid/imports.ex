@@ -1,0 +1,159 @@
+defmodule Capsid.Imports do
+  @moduledoc false
+  # Imports implemented in Elixir: checking the `imports:` map against what a
+  # component imports, and running them for a call (mirrors
+  # host_nif/src/imports.rs).
+  #
+  # An import runs in a runner process that belongs to the calling process:
+  # started on first use, linked to the caller (so it dies with it, even in
+  # the middle of an import), reused by the caller's later imports (a message
+  # round trip instead of a spawn), and killed when an import overruns the
+  # call's deadline.
+
+  alias Capsid.Component
+
+  @runner {__MODULE__, :runner}
+
+  @doc false
+  # Checks `imports` against `component`; returns the `[{key, fun}]` list
+  # the NIF links with (sorted, only keys the component imports).
+  def check!(imports, %Component{} = component) when is_map(imports) do
+    wanted = component.imports
+
+    # Each import by its name and its version-less qualified name: one map,
+    # so that checking n imports costs n lookups (a component may import
+    # tens of thousands of functions).
+    by_key =
+      Enum.reduce(wanted, %{}, fn i, acc ->
+        acc = Map.put_new(acc, i.name, i)
+
+        if i.interface,
+          do: Map.put_new(acc, "#{strip_version(i.interface)}##{i.function}", i),
+          else: acc
+      end)
+
+    imports
+    |> Enum.map(fn {key, fun} ->
+      unless is_binary(key) do
+        raise ArgumentError, "invalid key in :imports: expected a string, got #{inspect(key)}"
+      end
+
+      import = Map.get(by_key, key)
+
+      cond do
+        import == nil ->
+          names = wanted |> Enum.reject(&wasi?/1) |> Enum.map(&inspect(&1.name))
+          listed = Enum.take(names, 20) |> Enum.join(", ")
+          more = if length(names) > 20, do: " and #{length(names) - 20} more", else: ""
+
+          raise ArgumentError,
+                "unknown import #{inspect(key)} in :imports; the component imports: " <>
+                  if(names == [], do: "nothing besides WASI", else: listed <> more)
+
+        not is_function(fun) ->
+          raise ArgumentError,
+                "invalid value for import #{inspect(key)}: expected a function, got #{inspect(fun)}"
+
+        :erlang.fun_info(fun, :arity) != {:arity, length(import.params)} ->
+          {:arity, arity} = :erlang.fun_info(fun, :arity)
+
+          raise ArgumentError,
+                "import #{inspect(key)} takes #{length(import.params)} argument(s) " <>
+                  "(#{Component.signature(import)}), but the function given takes #{arity}"
+
+        true ->
+          {key, fun}
+      end
+    end)
+    |> Enum.sort_by(&elem(&1, 0))
+  end
+
+  def check!(other, _component) do
+    raise ArgumentError,
+          "invalid value for :imports: expected a map of name => function, got #{inspect(other)}"
+  end
+
+  defp strip_version(interface), do: interface |> String.split("@") |> hd()
+
+  defp wasi?(%{interface: "wasi:" <> _}), do: true
+  defp wasi?(_), do: false
+
+  @doc false
+  # Runs `fun` with `args` in the caller's runner: `{:ok, value}`,
+  # `{:error, message}`, or `:timeout` (the runner was killed).
+  def run(fun, args, timeout) do
+    {pid, mref} = runner()
+    ref = make_ref()
+    send(pid, {ref, fun, args})
+
+    receive do
+      {^ref, reply} ->
+        reply
+
+      {:DOWN, ^mref, :process, ^pid, reason} ->
+        Process.delete(@runner)
+        {:error, "the import's process died: #{inspect(reason)}"}
+    after
+      timeout ->
+        stop_runner(pid, mref)
+
+        receive do
+          {^ref, _late} -> :ok
+        after
+          0 -> :ok
+        end
+
+        :timeout
+    end
+  end
+
+  defp runner do
+    case Process.get(@runner) do
+      {pid, _mref} = runner when is_pid(pid) ->
+        runner
+
+      nil ->
+        caller = self()
+        callers = [caller | Process.get(:"$callers", [])]
+        pid = spawn_link(fn -> init_runner(callers) end)
+        runner = {pid, Process.monitor(pid)}
+        Process.put(@runner, runner)
+        runner
+    end
+  end
+
+  defp stop_runner(pid, mref) do
+    Process.delete(@runner)
+    # Unlinked first, so that killing it does not take the caller along.
+    Process.unlink(pid)
+    Process.demonitor(mref, [:flush])
+    Process.exit(pid, :kill)
+  end
+
+  # The link kills the runner if the caller dies abnormally, even in the
+  # middle of an import; the monitor ends it when the caller exits normally
+  # (a `:normal` exit signal does not stop a linked process).
+  defp init_runner([caller | _] = callers) do
+    Process.put(:"$callers", callers)
+    loop(caller, Process.monitor(caller))
+  end
+
+  defp loop(caller, mref) do
+    receive do
+      {ref, fun, args} ->
+        send(caller, {ref, invoke(fun, args)})
+        loop(caller, mref)
+
+      {:DOWN, ^mref, :process, _, _} ->
+        :ok
+    end
+  end
+
+  defp invoke(fun, args) do
+    {:ok, apply(fun, args)}
+  rescue
+    e -> {:error, Exception.message(e)}
+  catch
+    kind, reason -> {:error, Exception.format_banner(kind, reason)}
+  end
+end
