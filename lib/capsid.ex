@@ -111,6 +111,26 @@ defmodule Capsid do
     end
   end
 
+  @doc """
+  What Capsid holds on this node:
+
+    * `:address_space_reserved` — bytes of address space reserved for linear
+      memories and fiber stacks (limit: `config :capsid, :address_space_limit`,
+      default 16 TiB);
+    * `:mappings` — memory mappings those take (a few per thousand instances);
+    * `:memories`, `:stacks` — live linear memories and fiber stacks;
+    * `:atoms_created` — atoms created from components' names (limit:
+      `config :capsid, :max_atoms_total`, default 100,000);
+    * `:compiling` — compilations running now (`:max_concurrent_compiles`);
+    * `:ticker_parked` — whether the epoch ticker is asleep (no call running).
+
+      iex> %{mappings: m, atoms_created: a} = Capsid.info()
+      iex> is_integer(m) and is_integer(a)
+      true
+  """
+  @spec info() :: %{atom() => non_neg_integer() | boolean()}
+  def info, do: Capsid.Native.node_info()
+
   ## Deployments
 
   @doc """

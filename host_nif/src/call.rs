@@ -252,19 +252,15 @@ fn call_start_on_dirty<'a>(
     start_on(env, this, function, arguments, narrow, true)
 }
 
-/// Continues a call: `reply` is nil (poll again) or an import's answer.
+/// Continues a call (polls again).
 #[cfg_attr(not(test), rustler::nif)]
-fn call_resume<'a>(env: Env<'a>, this: ResourceArc<InstanceResource>, reply: Term<'a>) -> Term<'a> {
-    InstanceResource::resume(&this, env, reply, false)
+fn call_resume(env: Env, this: ResourceArc<InstanceResource>) -> Term {
+    InstanceResource::resume(&this, env, false)
 }
 
 #[cfg_attr(not(test), rustler::nif(schedule = "DirtyCpu"))]
-fn call_resume_dirty<'a>(
-    env: Env<'a>,
-    this: ResourceArc<InstanceResource>,
-    reply: Term<'a>,
-) -> Term<'a> {
-    InstanceResource::resume(&this, env, reply, true)
+fn call_resume_dirty(env: Env, this: ResourceArc<InstanceResource>) -> Term {
+    InstanceResource::resume(&this, env, true)
 }
 
 /// Abandons the caller's call: `:timeout` (its deadline passed while it

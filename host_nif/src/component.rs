@@ -394,6 +394,11 @@ pub struct CompileLimits {
 
 static COMPILING: AtomicUsize = AtomicUsize::new(0);
 
+/// Compilations running right now.
+pub fn compiling() -> usize {
+    COMPILING.load(Ordering::SeqCst)
+}
+
 /// A slot among the compilations allowed at once, released on drop.
 struct Slot;
 

@@ -60,11 +60,6 @@ impl ImportChannel {
         }
     }
 
-    /// Puts back a request that could not be converted in this slice.
-    pub fn restore_request(&self, call: ImportCall) {
-        *lock(&self.0) = Exchange::Requested(call);
-    }
-
     pub fn answer(&self, answer: Result<Option<Value>, String>) {
         *lock(&self.0) = Exchange::Answered(answer);
     }

@@ -9,7 +9,7 @@ use crate::component::{ComponentResource, Link};
 use crate::convert::{Conv, Path, Work, term_to_value, value_to_term};
 use crate::error::lock;
 use crate::error::{Error, Failure, TrapInfo, TrapKind};
-use crate::host::Shared;
+use crate::host::{ImportCall, Shared};
 use crate::imports;
 use crate::limits::Limits;
 use crate::run::{self, CallFuture, CallWaker, Done, Live, Target, poll_slice};
@@ -44,6 +44,7 @@ rustler::atoms! {
     fuel_used,
     instantiations,
     infinity,
+    stale,
 }
 
 enum Slot {
@@ -58,8 +59,9 @@ struct Running {
     waker: Arc<CallWaker>,
     /// The export being called (for the result type), `None` when warming up.
     export: Option<usize>,
-    /// The import Elixir is running right now (index into the link's bound).
-    import: Option<usize>,
+    /// The import Elixir is running right now: its request (until the
+    /// import's runner took the arguments) and its token.
+    import: Option<Import>,
     /// A finished call whose result is too large to convert on a normal
     /// scheduler: converted by the next (dirty) resume.
     finished: Option<Done>,
@@ -70,6 +72,9 @@ struct Running {
     /// The instance's memories as they were before this call, kept when the
     /// call must not lose the instance's state even if it traps.
     checkpoint: Option<Arc<Vec<Vec<u8>>>>,
+    /// An import answered with more data than a normal scheduler converts:
+    /// lowering it into the guest happens on a dirty one too.
+    heavy_answer: bool,
 }
 
 impl Running {
@@ -89,6 +94,16 @@ impl Running {
             (ms as u64).encode(env)
         }
     }
+}
+
+/// An import handed to Elixir. Its runner process takes the arguments and
+/// gives the answer itself (`import_take`, `import_answer`), so that large
+/// data never travels through the calling process.
+struct Import {
+    call: ImportCall,
+    /// Names this request: an answer with another token is stale.
+    token: u64,
+    taken: bool,
 }
 
 struct Owner {
@@ -149,6 +164,8 @@ pub struct InstanceResource {
     retired: AtomicBool,
     /// Memories to put back into the next store (a preserving call trapped).
     transplant: Mutex<Option<Arc<Vec<Vec<u8>>>>>,
+    /// Tokens for the imports handed to Elixir.
+    tokens: AtomicU64,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -393,6 +410,7 @@ impl InstanceResource {
             limits,
             deadline: None,
             checkpoint,
+            heavy_answer: false,
         }));
         Self::drive(this, env, &mut slot, dirty)
     }
@@ -409,6 +427,10 @@ impl InstanceResource {
         };
         if let Some(done) = running.finished.take() {
             return Self::finish(this, env, slot, done, dirty);
+        }
+        if std::mem::take(&mut running.heavy_answer) && !dirty {
+            running.heavy_answer = true;
+            return (go_dirty(), this.clone().encode(env)).encode(env);
         }
         let shared = &this.shared;
         shared.on_dirty.store(dirty, Ordering::Relaxed);
@@ -433,37 +455,16 @@ impl InstanceResource {
                     return (go_dirty(), me).encode(env);
                 }
                 if let Some(call) = shared.imports.take_request() {
-                    let info = &this.component.imports[this.link.bound[call.import].import];
-                    let mut work = if dirty {
-                        Work::unbounded()
-                    } else {
-                        Work::bounded()
-                    };
-                    let mut args = Vec::with_capacity(call.args.len());
-                    for (v, (_, shape)) in call.args.iter().zip(info.params.iter()) {
-                        match value_to_term(env, v, shape, &this.component.names, &mut work) {
-                            Ok(t) => args.push(t),
-                            Err(Conv::Over) => {
-                                shared.imports.restore_request(call);
-                                return (go_dirty(), me).encode(env);
-                            }
-                            Err(Conv::Bad(e)) => {
-                                // The guest's data does not fit the import's type:
-                                // fail the import, the guest traps.
-                                shared.imports.answer(Err(format!(
-                                    "import {:?} got arguments Capsid cannot convert: {e}",
-                                    info.name
-                                )));
-                                return (r#yield(), me).encode(env);
-                            }
-                        }
-                    }
-                    running.import = Some(call.import);
-                    let fun = lock(&this.funs).get(call.import, env);
+                    let token = this.tokens.fetch_add(1, Ordering::Relaxed);
+                    running.import = Some(Import {
+                        call,
+                        token,
+                        taken: false,
+                    });
                     let remaining = running.remaining(env);
                     return make_tuple(
                         env,
-                        &[import().encode(env), me, fun, args.encode(env), remaining],
+                        &[import().encode(env), me, token.encode(env), remaining],
                     );
                 }
                 if running.waker.take_woken() {
@@ -540,59 +541,111 @@ impl InstanceResource {
         }
     }
 
-    /// Continues a call: `reply` is `nil` (just poll), or the Elixir
-    /// import's answer, `{:ok, value}` or `{:error, message}`.
-    pub fn resume<'a>(
-        this: &ResourceArc<Self>,
-        env: Env<'a>,
-        reply: Term<'a>,
-        dirty: bool,
-    ) -> Term<'a> {
+    /// Continues the caller's call (poll again).
+    pub fn resume<'a>(this: &ResourceArc<Self>, env: Env<'a>, dirty: bool) -> Term<'a> {
         if !this.is_owner(env.pid()) {
             return Error::Internal("this process has no call in progress on this instance".into())
                 .encode(env);
         }
         let mut slot = lock(&this.slot);
-        if let Slot::Running(running) = &mut *slot
-            && let Some(index) = running.import
-        {
-            let info = &this.component.imports[this.link.bound[index].import];
-            let answer = match get_tuple(reply).ok().as_deref() {
-                Some([tag, value]) if tag.as_c_arg() == ok().as_c_arg() => match &info.result {
-                    None => Ok(None),
-                    Some(shape) => {
-                        let mut work = if dirty {
-                            Work::unbounded()
-                        } else {
-                            Work::bounded()
-                        };
-                        match term_to_value(
-                            *value,
-                            shape,
-                            &this.component.names,
-                            &mut Path::root("result"),
-                            &mut work,
-                        ) {
-                            Ok(v) => Ok(Some(v)),
-                            Err(Conv::Over) => {
-                                drop(slot);
-                                return (go_dirty(), this.clone().encode(env)).encode(env);
-                            }
-                            Err(Conv::Bad(e)) => {
-                                Err(format!("import {:?} returned a bad value: {e}", info.name))
-                            }
+        Self::drive(this, env, &mut slot, dirty)
+    }
+
+    /// The running import's function and arguments, converted in the
+    /// calling process (the import's runner): `{:ok, {fun, args}}`,
+    /// `:dirty` (too large for a normal scheduler), `{:error, message}`
+    /// (arguments that cannot be converted), or `:stale` (no such import).
+    pub fn import_take<'a>(
+        this: &ResourceArc<Self>,
+        env: Env<'a>,
+        token: u64,
+        dirty: bool,
+    ) -> Term<'a> {
+        let mut slot = lock(&this.slot);
+        let Slot::Running(running) = &mut *slot else {
+            return stale().encode(env);
+        };
+        let Some(import) = running
+            .import
+            .as_mut()
+            .filter(|i| i.token == token && !i.taken)
+        else {
+            return stale().encode(env);
+        };
+        let index = import.call.import;
+        let info = &this.component.imports[this.link.bound[index].import];
+        let mut work = if dirty {
+            Work::unbounded()
+        } else {
+            Work::bounded()
+        };
+        let mut args = Vec::with_capacity(import.call.args.len());
+        for (v, (_, shape)) in import.call.args.iter().zip(info.params.iter()) {
+            match value_to_term(env, v, shape, &this.component.names, &mut work) {
+                Ok(t) => args.push(t),
+                Err(Conv::Over) => return go_dirty().encode(env),
+                Err(Conv::Bad(e)) => {
+                    let message = format!(
+                        "import {:?} got arguments Capsid cannot convert: {e}",
+                        info.name
+                    );
+                    return (error(), message).encode(env);
+                }
+            }
+        }
+        import.taken = true;
+        import.call.args = Vec::new();
+        let fun = lock(&this.funs).get(index, env);
+        (ok(), (fun, args)).encode(env)
+    }
+
+    /// Gives the running import's answer (`{:ok, value}` or `{:error,
+    /// message}`), converted in the calling process (the import's runner):
+    /// `:ok`, `:dirty`, or `:stale` (the call ended meanwhile).
+    pub fn import_answer<'a>(
+        this: &ResourceArc<Self>,
+        env: Env<'a>,
+        token: u64,
+        reply: Term<'a>,
+        dirty: bool,
+    ) -> Term<'a> {
+        let mut slot = lock(&this.slot);
+        let Slot::Running(running) = &mut *slot else {
+            return stale().encode(env);
+        };
+        let Some(import) = running.import.as_ref().filter(|i| i.token == token) else {
+            return stale().encode(env);
+        };
+        let info = &this.component.imports[this.link.bound[import.call.import].import];
+        let answer = match get_tuple(reply).ok().as_deref() {
+            Some([tag, value]) if tag.as_c_arg() == ok().as_c_arg() => match &info.result {
+                None => Ok(None),
+                Some(shape) => {
+                    let mut work = if dirty {
+                        Work::unbounded()
+                    } else {
+                        Work::bounded()
+                    };
+                    let names = &this.component.names;
+                    match term_to_value(*value, shape, names, &mut Path::root("result"), &mut work)
+                    {
+                        Ok(v) => Ok(Some(v)),
+                        Err(Conv::Over) => return go_dirty().encode(env),
+                        Err(Conv::Bad(e)) => {
+                            Err(format!("import {:?} returned a bad value: {e}", info.name))
                         }
                     }
-                },
-                Some([_, message]) if message.get_type() == TermType::Binary => Err(message
-                    .decode::<String>()
-                    .unwrap_or_else(|_| format!("import {:?} failed", info.name))),
-                _ => Err(format!("import {:?} failed", info.name)),
-            };
-            running.import = None;
-            this.shared.imports.answer(answer);
-        }
-        Self::drive(this, env, &mut slot, dirty)
+                }
+            },
+            Some([_, message]) if message.get_type() == TermType::Binary => Err(message
+                .decode::<String>()
+                .unwrap_or_else(|_| format!("import {:?} failed", info.name))),
+            _ => Err(format!("import {:?} failed", info.name)),
+        };
+        running.import = None;
+        running.heavy_answer = dirty;
+        this.shared.imports.answer(answer);
+        ok().encode(env)
     }
 
     /// Abandons the caller's call: its deadline passed while it waited on
@@ -725,6 +778,7 @@ fn instance_new<'a>(
         stats: Stats::default(),
         retired: AtomicBool::new(false),
         transplant: Mutex::new(None),
+        tokens: AtomicU64::new(1),
     };
     let id = res.id;
     (ok(), (ResourceArc::new(res), id)).encode(env)
@@ -796,4 +850,36 @@ fn instance_info(env: Env, this: ResourceArc<InstanceResource>) -> Term {
         queued_now.encode(env),
     ];
     Term::map_from_term_arrays(env, &keys, &vals).unwrap_or_else(|_| make_tuple(env, &[]))
+}
+
+/// The running import's `{fun, args}` for its runner (see `import_take`).
+#[cfg_attr(not(test), rustler::nif)]
+fn import_take(env: Env, this: ResourceArc<InstanceResource>, token: u64) -> Term {
+    InstanceResource::import_take(&this, env, token, false)
+}
+
+#[cfg_attr(not(test), rustler::nif(schedule = "DirtyCpu"))]
+fn import_take_dirty(env: Env, this: ResourceArc<InstanceResource>, token: u64) -> Term {
+    InstanceResource::import_take(&this, env, token, true)
+}
+
+/// The running import's answer from its runner (see `import_answer`).
+#[cfg_attr(not(test), rustler::nif)]
+fn import_answer<'a>(
+    env: Env<'a>,
+    this: ResourceArc<InstanceResource>,
+    token: u64,
+    reply: Term<'a>,
+) -> Term<'a> {
+    InstanceResource::import_answer(&this, env, token, reply, false)
+}
+
+#[cfg_attr(not(test), rustler::nif(schedule = "DirtyCpu"))]
+fn import_answer_dirty<'a>(
+    env: Env<'a>,
+    this: ResourceArc<InstanceResource>,
+    token: u64,
+    reply: Term<'a>,
+) -> Term<'a> {
+    InstanceResource::import_answer(&this, env, token, reply, true)
 }

@@ -12,7 +12,9 @@ defmodule Capsid.Call do
   #                                   large to convert on a normal one)
   #   :dirty_start                    start again from a dirty scheduler
   #   {:wait, ref, id, ms}            a WASI timer: wait for {:capsid_wake, id}
-  #   {:import, ref, fun, args, ms}   run an Elixir import, answer it
+  #   {:import, ref, token, ms}       the caller's import runner runs the
+  #                                   import (taking its arguments from the
+  #                                   NIF and answering it there), then poll
   #   {:queued, ref, id, ms}          wait for {:capsid_turn, id}, then start
   #   :retired                        the target was replaced: look it up again
   #   :not_found                      not a local Capsid target
@@ -195,21 +197,21 @@ defmodule Capsid.Call do
   end
 
   # One step of the slow path: returns the next status.
-  defp slow({:yield, ref}, _ctx), do: resume(ref, nil)
-  defp slow({:dirty, ref}, _ctx), do: Native.call_resume_dirty(ref, nil)
+  defp slow({:yield, ref}, _ctx), do: Native.call_resume(ref)
+  defp slow({:dirty, ref}, _ctx), do: Native.call_resume_dirty(ref)
 
   defp slow({:wait, ref, id, remaining}, _ctx) do
     receive do
-      {:capsid_wake, ^id} -> resume(ref, nil)
+      {:capsid_wake, ^id} -> Native.call_resume(ref)
     after
       remaining -> Native.call_cancel(ref, :timeout)
     end
   end
 
-  defp slow({:import, ref, fun, args, remaining}, _ctx) do
-    case Imports.run(fun, args, remaining) do
+  defp slow({:import, ref, token, remaining}, _ctx) do
+    case Imports.run(ref, token, remaining) do
       :timeout -> Native.call_cancel(ref, :timeout)
-      reply -> resume(ref, reply)
+      :answered -> Native.call_resume(ref)
     end
   end
 
@@ -234,14 +236,6 @@ defmodule Capsid.Call do
         end
 
         {:error, {:busy, "gave up after waiting #{wait} ms for the instance (queue_timeout)"}}
-    end
-  end
-
-  # An import's answer goes back through the same twin that would convert it.
-  defp resume(ref, reply) do
-    case Native.call_resume(ref, reply) do
-      {:dirty, ^ref} -> Native.call_resume_dirty(ref, reply)
-      other -> other
     end
   end
 

@@ -10,7 +10,7 @@ defmodule Capsid.Imports do
   # round trip instead of a spawn), and killed when an import overruns the
   # call's deadline.
 
-  alias Capsid.Component
+  alias Capsid.{Component, Native}
 
   @runner {__MODULE__, :runner}
 
@@ -79,26 +79,30 @@ defmodule Capsid.Imports do
   defp wasi?(_), do: false
 
   @doc false
-  # Runs `fun` with `args` in the caller's runner: `{:ok, value}`,
-  # `{:error, message}`, or `:timeout` (the runner was killed).
-  def run(fun, args, timeout) do
+  # Runs import `token` of instance `ref` in the caller's runner, which
+  # takes the arguments from the NIF and gives the answer there: large
+  # values never pass through the caller (no copy, no garbage to collect in
+  # a process that may be busy with other work). Returns `:answered` or
+  # `:timeout` (the runner was killed).
+  def run(ref, token, timeout) do
     {pid, mref} = runner()
-    ref = make_ref()
-    send(pid, {ref, fun, args})
+    tag = make_ref()
+    send(pid, {tag, ref, token})
 
     receive do
-      {^ref, reply} ->
-        reply
+      {^tag, :answered} ->
+        :answered
 
       {:DOWN, ^mref, :process, ^pid, reason} ->
         Process.delete(@runner)
-        {:error, "the import's process died: #{inspect(reason)}"}
+        answer(ref, token, {:error, "the import's process died: #{inspect(reason)}"})
+        :answered
     after
       timeout ->
         stop_runner(pid, mref)
 
         receive do
-          {^ref, _late} -> :ok
+          {^tag, _late} -> :ok
         after
           0 -> :ok
         end
@@ -140,12 +144,36 @@ defmodule Capsid.Imports do
 
   defp loop(caller, mref) do
     receive do
-      {ref, fun, args} ->
-        send(caller, {ref, invoke(fun, args)})
+      {tag, ref, token} ->
+        reply =
+          case take(ref, token) do
+            {:ok, {fun, args}} -> invoke(fun, args)
+            {:error, _} = error -> error
+            :stale -> nil
+          end
+
+        if reply, do: answer(ref, token, reply)
+        send(caller, {tag, :answered})
         loop(caller, mref)
 
       {:DOWN, ^mref, :process, _, _} ->
         :ok
+    end
+  end
+
+  # Arguments and answers too large for a normal scheduler are converted
+  # on a dirty one.
+  defp take(ref, token) do
+    case Native.import_take(ref, token) do
+      :dirty -> Native.import_take_dirty(ref, token)
+      other -> other
+    end
+  end
+
+  defp answer(ref, token, reply) do
+    case Native.import_answer(ref, token, reply) do
+      :dirty -> Native.import_answer_dirty(ref, token, reply)
+      other -> other
     end
   end
 

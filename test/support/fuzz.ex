@@ -833,7 +833,6 @@ defmodule Capsid.Fuzz do
     end
   end
 
-
   defp break_inside({:result, ok, error}, size, opts) do
     {tag, type} = pick([{:ok, ok}, {:error, error}])
 

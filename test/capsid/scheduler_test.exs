@@ -1,0 +1,92 @@
+defmodule Capsid.SchedulerTest do
+  @moduledoc """
+  Large values never hold a normal scheduler: converting arguments, results,
+  import arguments and import answers of millions of elements runs on dirty
+  schedulers (or is paused into them), so a heartbeat process keeps beating
+  and `:erlang.system_monitor/2` sees no long schedule from the caller.
+  Not async: these measure the whole VM.
+  """
+  use ExUnit.Case, async: false
+
+  alias Capsid.Instance
+
+  @moduletag timeout: 300_000
+
+  setup_all do
+    %{bulk: Capsid.Component.load!(Capsid.Guests.path(:bulk))}
+  end
+
+  defp start(c, imports) do
+    start_supervised!(
+      Supervisor.child_spec(
+        {Instance,
+         component: c, imports: imports, max_memory: 2 * 1024 * 1024 * 1024, timeout: 120_000},
+        id: make_ref()
+      )
+    )
+  end
+
+  # Runs `fun` in a caller process while a system monitor watches for long
+  # schedules; returns the caller's long schedules (ms) while it ran code
+  # (Capsid's or its NIF's) and `fun`'s result.
+  # The OS preempting a scheduler thread also shows up as a long schedule
+  # on a loaded machine, so each case gets three attempts; guest data held
+  # on a scheduler would fail every one (it took seconds before).
+  defp watched(fun, attempts \\ 3) do
+    :erlang.system_monitor(self(), [{:long_schedule, 40}])
+    caller = Task.async(fun)
+    result = Task.await(caller, 120_000)
+    :erlang.system_monitor(:undefined)
+
+    # A process holding millions of elements spends long garbage
+    # collections on them (reported with `in: :undefined`): the VM's own
+    # work, on data the test makes, and not what is measured here.
+    long =
+      for {:monitor, pid, :long_schedule, info} <- drain(),
+          pid == caller.pid,
+          info[:in] != :undefined or info[:out] != :undefined,
+          do: info[:timeout]
+
+    if long != [] and attempts > 1, do: watched(fun, attempts - 1), else: {long, result}
+  end
+
+  defp drain(acc \\ []) do
+    receive do
+      {:monitor, _, _, _} = m -> drain([m | acc])
+    after
+      50 -> acc
+    end
+  end
+
+  test "a result of 2.7 million option<u8>", %{bulk: c} do
+    pid = start(c, %{"fetch" => fn _ -> [] end, "send" => &length/1})
+    {long, result} = watched(fn -> Capsid.call(pid, "options", [2_700_000]) end)
+    assert {:ok, items} = result
+    assert length(items) == 2_700_000
+    assert Enum.at(items, 6) == nil and Enum.at(items, 7) == 7
+    assert long == [], "the caller held a scheduler for #{inspect(long)} ms"
+  end
+
+  test "an argument of 10 million elements", %{bulk: c} do
+    pid = start(c, %{"fetch" => fn _ -> [] end, "send" => &length/1})
+    items = List.duplicate(1, 10_000_000)
+    {long, result} = watched(fn -> Capsid.call(pid, "sum-options", [items]) end)
+    assert result == {:ok, 10_000_000}
+    assert long == [], "the caller held a scheduler for #{inspect(long)} ms"
+  end
+
+  test "an import answering 5 million elements", %{bulk: c} do
+    answer = List.duplicate(2, 5_000_000)
+    pid = start(c, %{"fetch" => fn _ -> answer end, "send" => &length/1})
+    {long, result} = watched(fn -> Capsid.call(pid, "call-fetch", [5_000_000]) end)
+    assert result == {:ok, 10_000_000}
+    assert long == [], "the caller held a scheduler for #{inspect(long)} ms"
+  end
+
+  test "an import given 5 million elements", %{bulk: c} do
+    pid = start(c, %{"fetch" => fn _ -> [] end, "send" => &length/1})
+    {long, result} = watched(fn -> Capsid.call(pid, "call-send", [5_000_000]) end)
+    assert result == {:ok, 5_000_000}
+    assert long == [], "the caller held a scheduler for #{inspect(long)} ms"
+  end
+end
