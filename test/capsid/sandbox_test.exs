@@ -54,6 +54,23 @@ defmodule Capsid.SandboxTest do
       assert ms >= 200 and ms < 2_000, "stopped after #{ms} ms"
     end
 
+    test "a timeout never fires before its time, in the guest or waiting on an import", %{
+      component: c
+    } do
+      spinner = start_instance(c, fuel: :infinity, timeout: 60_000)
+      sleeper = start_instance(c, timeout: 60_000, hook: fn x -> Process.sleep(60_000) && x end)
+
+      for {t, runs} <- [{1, 40}, {5, 40}, {20, 10}, {200, 3}], _ <- 1..runs do
+        {us, result} = :timer.tc(fn -> Capsid.call(spinner, "spin", [], timeout: t) end)
+        assert {:error, %Trap{kind: :timeout}} = result
+        assert us >= t * 1000, "a #{t} ms timeout fired after #{us} µs"
+
+        {us, result} = :timer.tc(fn -> Capsid.call(sleeper, "call-hook", [1], timeout: t) end)
+        assert {:error, %Trap{kind: :timeout}} = result
+        assert us >= t * 1000, "a #{t} ms timeout fired after #{us} µs waiting on an import"
+      end
+    end
+
     test "a guest that behaves until its N-th call, then loops", %{component: c} do
       pid = start_instance(c, timeout: 300)
       assert Capsid.call(pid, "flaky", [3]) == {:ok, 1}
