@@ -104,7 +104,7 @@ pub struct ComponentResource {
     pub component: Component,
     pub hash: String,
     pub exports: Vec<Export>,
-    lookup: HashMap<String, Lookup>,
+    lookup: HashMap<String, Lookup, foldhash::fast::RandomState>,
     pub imports: Vec<FuncInfo>,
     pub names: Names,
     pub links: Mutex<HashMap<Vec<String>, Arc<Link>>>,
@@ -325,8 +325,8 @@ fn similarity(a: &str, b: &str) -> f64 {
     jaro + prefix * 0.1 * (1.0 - jaro)
 }
 
-fn build_lookup(exports: &[Export]) -> HashMap<String, Lookup> {
-    let mut lookup: HashMap<String, Lookup> = HashMap::new();
+fn build_lookup(exports: &[Export]) -> HashMap<String, Lookup, foldhash::fast::RandomState> {
+    let mut lookup: HashMap<String, Lookup, foldhash::fast::RandomState> = HashMap::default();
     let mut add = |key: String, i: usize| match lookup.get_mut(&key) {
         None => {
             lookup.insert(key, Lookup::One(i));

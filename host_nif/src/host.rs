@@ -12,10 +12,11 @@ use crate::error::{HostTrap, TrapKind};
 use crate::limits::{Limiter, Limits};
 use crate::stdio::Capture;
 use crate::value::Value;
-use std::future::poll_fn;
+use std::future::{Future, poll_fn};
+use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use wasmtime::component::ResourceTable;
 use wasmtime::{CallHook, CallHookHandler, Store, StoreContextMut, UpdateDeadline};
@@ -126,6 +127,10 @@ pub struct Host {
     pub pause_on_return: bool,
     /// Pause before every host call: an Elixir import may get large arguments.
     pub pause_on_host: bool,
+    /// When the guest was paused for a dirty scheduler: the wait (and the
+    /// host's conversion after it) is not the guest's time, so the deadline
+    /// moves by it at the next transition.
+    paused_at: Option<Instant>,
 }
 
 impl WasiView for Host {
@@ -169,6 +174,7 @@ impl Host {
             depth: 0,
             pause_on_return: false,
             pause_on_host: false,
+            paused_at: None,
         };
         let mut store = Store::new(engine(), host);
         store.limiter(|h| &mut h.limiter);
@@ -216,6 +222,7 @@ impl Host {
         data.depth = 0;
         data.pause_on_return = pause_on_return;
         data.pause_on_host = pause_on_host;
+        data.paused_at = None;
         // Fuel can only fail to set when fuel is disabled in the engine; it is not.
         let _ = store.set_fuel(limits.fuel);
         store.set_epoch_deadline(1);
@@ -226,52 +233,75 @@ impl Host {
 /// converted, unless the poll already runs on a dirty scheduler.
 struct Hook;
 
-/// Returns `Pending` once, then `Ready`: the fiber suspends, the NIF sees
-/// `wants_dirty` and asks the caller to poll from a dirty scheduler.
-async fn pause(shared: &Shared) {
-    if shared.on_dirty.load(Ordering::Relaxed) {
-        return;
+/// The hook's answer when nothing needs to wait. A zero-sized future: the
+/// box wasmtime asks for allocates nothing, so a call pays no allocation per
+/// transition (there are at least two per call).
+struct Continue;
+
+impl Future for Continue {
+    type Output = wasmtime::Result<()>;
+    fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Self::Output> {
+        Poll::Ready(Ok(()))
     }
-    shared.wants_dirty.store(true, Ordering::Relaxed);
-    let mut paused = false;
-    poll_fn(|_| {
-        if paused {
-            Poll::Ready(())
-        } else {
-            paused = true;
-            Poll::Pending
-        }
-    })
-    .await
 }
 
-#[async_trait::async_trait]
+/// Returns `Pending` once, then `Ready`: the fiber suspends, the NIF sees
+/// `wants_dirty` and asks the caller to poll from a dirty scheduler.
+struct PauseOnce(bool);
+
+impl Future for PauseOnce {
+    type Output = wasmtime::Result<()>;
+    fn poll(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Self::Output> {
+        if std::mem::replace(&mut self.0, true) {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    }
+}
+
+type HookFuture<'a> = Pin<Box<dyn Future<Output = wasmtime::Result<()>> + Send + 'a>>;
+
+// Written out rather than with `#[async_trait]`, whose boxed future would
+// allocate at every transition.
 impl CallHookHandler<Host> for Hook {
-    async fn handle_call_event(
-        &self,
-        mut store: StoreContextMut<'_, Host>,
+    fn handle_call_event<'a, 'b, 'c>(
+        &'a self,
+        mut store: StoreContextMut<'b, Host>,
         ch: CallHook,
-    ) -> wasmtime::Result<()> {
+    ) -> HookFuture<'c>
+    where
+        'a: 'c,
+        'b: 'c,
+        Self: 'c,
+    {
         let host = store.data_mut();
-        match ch {
-            CallHook::CallingWasm => host.depth += 1,
+        if let Some(at) = host.paused_at.take()
+            && let Some(deadline) = host.deadline.as_mut()
+            && let Some(later) = deadline.checked_add(at.elapsed())
+        {
+            *deadline = later;
+        }
+        let pause = match ch {
+            CallHook::CallingWasm => {
+                host.depth += 1;
+                false
+            }
             CallHook::ReturningFromWasm => {
                 host.depth = host.depth.saturating_sub(1);
                 // Back in the host at depth 0: the export (or a realloc before
                 // it) returned, and its result is lifted next.
-                if host.depth == 0 && host.pause_on_return {
-                    let shared = host.shared.clone();
-                    pause(&shared).await;
-                }
+                host.depth == 0 && host.pause_on_return
             }
-            CallHook::CallingHost => {
-                if host.pause_on_host {
-                    let shared = host.shared.clone();
-                    pause(&shared).await;
-                }
-            }
-            CallHook::ReturningFromHost => {}
+            CallHook::CallingHost => host.pause_on_host,
+            CallHook::ReturningFromHost => false,
+        };
+        if pause && !host.shared.on_dirty.load(Ordering::Relaxed) {
+            host.shared.wants_dirty.store(true, Ordering::Relaxed);
+            host.paused_at = Some(Instant::now());
+            Box::pin(PauseOnce(false))
+        } else {
+            Box::pin(Continue)
         }
-        Ok(())
     }
 }

@@ -16,7 +16,7 @@ use crate::pool::PoolResource;
 use arc_swap::ArcSwap;
 use rustler::{Atom, Encoder, Env, LocalPid, Monitor, Resource, ResourceArc, Term, TermType};
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
+use std::hash::BuildHasher;
 use std::sync::{Arc, LazyLock, Mutex};
 
 rustler::atoms! {
@@ -51,27 +51,32 @@ enum Key {
 
 const SHARDS: usize = 256;
 
+/// Seeded per VM (foldhash draws its seed at random): names may come from
+/// outside (tenant ids), and a fixed hash would let them collide on purpose.
+type Map = HashMap<Key, Entry, foldhash::fast::RandomState>;
+
+static HASHER: LazyLock<foldhash::fast::RandomState> = LazyLock::new(Default::default);
+
 struct Shard {
-    map: ArcSwap<HashMap<Key, Entry>>,
+    map: ArcSwap<Map>,
     write: Mutex<()>,
 }
 
 static TABLE: LazyLock<Vec<Shard>> = LazyLock::new(|| {
     (0..SHARDS)
         .map(|_| Shard {
-            map: ArcSwap::from_pointee(HashMap::new()),
+            map: ArcSwap::from_pointee(Map::with_hasher(HASHER.clone())),
             write: Mutex::new(()),
         })
         .collect()
 });
 
 fn shard(key: &Key) -> &'static Shard {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    key.hash(&mut h);
-    &TABLE[(h.finish() as usize) % SHARDS]
+    // The top bits: the maps inside use the low ones for their buckets.
+    &TABLE[(HASHER.hash_one(key) >> 56) as usize % SHARDS]
 }
 
-fn update(key: &Key, f: impl FnOnce(&mut HashMap<Key, Entry>) -> bool) -> bool {
+fn update(key: &Key, f: impl FnOnce(&mut Map) -> bool) -> bool {
     let s = shard(key);
     let _w = lock(&s.write);
     let mut map = s.map.load().as_ref().clone();

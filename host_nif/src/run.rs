@@ -136,105 +136,135 @@ pub fn start(
     shared: Arc<Shared>,
     pause_on_host: bool,
 ) -> CallFuture {
-    Box::pin(async move {
-        let instantiated = live.is_none();
-        let mut live = match (live, pre) {
-            (Some(live), _) => live,
-            (None, Some(pre)) => {
-                let sizes = transplant
-                    .as_ref()
-                    .map(|t| t.iter().map(Vec::len).collect());
-                let mut store = Host::new_store(limits, &shared, sizes);
-                Host::arm(&mut store, &limits, false, false);
-                match pre.instantiate_async(&mut store).await {
-                    Ok(instance) => {
-                        // Take over the memories of the store this one
-                        // replaces (see `InstanceResource::begin`).
-                        if let Some(data) = &transplant {
-                            let host = store.data_mut();
-                            host.limiter.transplant = None;
-                            if !crate::arena::copy_in(&host.limiter.memories, data) {
-                                let e = wasmtime::Error::msg(
-                                    "the instance's state could not be restored: its memories changed",
-                                );
-                                return Done {
-                                    outcome: Err(failure(&e, &store)),
-                                    fuel_used: 0,
-                                    live: None,
-                                    instantiated,
-                                };
-                            }
-                        }
-                        Live {
-                            store,
-                            instance,
-                            funcs: Vec::new(),
-                        }
-                    }
-                    Err(e) => {
-                        return Done {
-                            outcome: Err(failure(&e, &store)),
-                            fuel_used: fuel_used(&store, limits.fuel),
-                            live: None,
-                            instantiated,
-                        };
-                    }
-                }
-            }
-            (None, None) => {
+    // Two futures: the common one (the instance exists) stays small, as it
+    // is allocated for every call; instantiation's larger state only when
+    // needed.
+    match live {
+        Some(live) => Box::pin(call(
+            live,
+            target,
+            args,
+            limits,
+            shared,
+            pause_on_host,
+            false,
+        )),
+        None => Box::pin(async move {
+            let Some(pre) = pre else {
                 return Done {
                     live: None,
                     outcome: Err(Failure::Refused(crate::error::Error::Internal(
                         "no instance and nothing to instantiate".into(),
                     ))),
                     fuel_used: 0,
-                    instantiated,
+                    instantiated: true,
                 };
+            };
+            match instantiate(pre, transplant, limits, &shared).await {
+                Ok(live) => call(live, target, args, limits, shared, pause_on_host, true).await,
+                Err(done) => *done,
             }
+        }),
+    }
+}
+
+/// A new live instance, with the memories of the store it replaces when
+/// `transplant` holds them (see `InstanceResource::begin`).
+async fn instantiate(
+    pre: InstancePre<Host>,
+    transplant: Option<Arc<Vec<Vec<u8>>>>,
+    limits: Limits,
+    shared: &Arc<Shared>,
+) -> Result<Live, Box<Done>> {
+    let sizes = transplant
+        .as_ref()
+        .map(|t| t.iter().map(Vec::len).collect());
+    let mut store = Host::new_store(limits, shared, sizes);
+    Host::arm(&mut store, &limits, false, false);
+    match pre.instantiate_async(&mut store).await {
+        Ok(instance) => {
+            if let Some(data) = &transplant {
+                let host = store.data_mut();
+                host.limiter.transplant = None;
+                if !crate::arena::copy_in(&host.limiter.memories, data) {
+                    let e = wasmtime::Error::msg(
+                        "the instance's state could not be restored: its memories changed",
+                    );
+                    return Err(Box::new(Done {
+                        outcome: Err(failure(&e, &store)),
+                        fuel_used: 0,
+                        live: None,
+                        instantiated: true,
+                    }));
+                }
+            }
+            Ok(Live {
+                store,
+                instance,
+                funcs: Vec::new(),
+            })
+        }
+        Err(e) => Err(Box::new(Done {
+            outcome: Err(failure(&e, &store)),
+            fuel_used: fuel_used(&store, limits.fuel),
+            live: None,
+            instantiated: true,
+        })),
+    }
+}
+
+/// Runs `target` on `live` (or just hands `live` back when there is none).
+async fn call(
+    mut live: Live,
+    target: Option<Target>,
+    args: Vec<Value>,
+    limits: Limits,
+    shared: Arc<Shared>,
+    pause_on_host: bool,
+    instantiated: bool,
+) -> Done {
+    let Some(target) = target else {
+        return Done {
+            live: Some(live),
+            outcome: Ok(None),
+            fuel_used: 0,
+            instantiated,
         };
-        let Some(target) = target else {
-            return Done {
+    };
+    Host::arm(&mut live.store, &limits, target.heavy_result, pause_on_host);
+    let Some(func) = live.func(target.slot, &target.index) else {
+        let e = wasmtime::Error::msg("export vanished from the instance");
+        return Done {
+            outcome: Err(failure(&e, &live.store)),
+            live: None,
+            fuel_used: 0,
+            instantiated,
+        };
+    };
+    let result = invoke(func, &mut live.store, &target, args).await;
+    let fuel_used = fuel_used(&live.store, limits.fuel);
+    match result {
+        Ok(value) => {
+            // Output of a successful call is not kept: it would grow
+            // without bound and nobody asked for it.
+            shared.drain_output();
+            Done {
                 live: Some(live),
-                outcome: Ok(None),
-                fuel_used: 0,
+                outcome: Ok(value),
+                fuel_used,
                 instantiated,
-            };
-        };
-        Host::arm(&mut live.store, &limits, target.heavy_result, pause_on_host);
-        let Some(func) = live.func(target.slot, &target.index) else {
-            let e = wasmtime::Error::msg("export vanished from the instance");
-            return Done {
-                outcome: Err(failure(&e, &live.store)),
-                live: None,
-                fuel_used: 0,
-                instantiated,
-            };
-        };
-        let result = invoke(func, &mut live.store, &target, args).await;
-        let fuel_used = fuel_used(&live.store, limits.fuel);
-        match result {
-            Ok(value) => {
-                // Output of a successful call is not kept: it would grow
-                // without bound and nobody asked for it.
-                shared.drain_output();
-                Done {
-                    live: Some(live),
-                    outcome: Ok(value),
-                    fuel_used,
-                    instantiated,
-                }
-            }
-            Err(e) => {
-                shared.stdout.take();
-                Done {
-                    outcome: Err(failure(&e, &live.store)),
-                    live: None,
-                    fuel_used,
-                    instantiated,
-                }
             }
         }
-    })
+        Err(e) => {
+            shared.stdout.take();
+            Done {
+                outcome: Err(failure(&e, &live.store)),
+                live: None,
+                fuel_used,
+                instantiated,
+            }
+        }
+    }
 }
 
 thread_local! {
@@ -332,5 +362,97 @@ pub fn trap(kind: TrapKind, message: String, stderr: Vec<u8>) -> TrapInfo {
         message,
         backtrace: Vec::new(),
         stderr,
+    }
+}
+
+#[cfg(test)]
+mod bench {
+    use super::*;
+    use wasmtime::component::{Component, Linker};
+
+    /// `cargo test --release -p capsid_nif run::bench -- --ignored --nocapture`
+    #[test]
+    #[ignore]
+    fn trivial_call_path() {
+        let bytes = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../priv/guests/bench.wasm"
+        ))
+        .unwrap();
+        let component = Component::new(crate::engine::engine(), &bytes).unwrap();
+        let mut linker: Linker<Host> = Linker::new(crate::engine::engine());
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker).unwrap();
+        let pre = linker.instantiate_pre(&component).unwrap();
+        let index = component.get_export_index(None, "add").unwrap();
+        let limits = Limits {
+            fuel: 1 << 40,
+            timeout: 5000,
+            max_memory: 64 << 20,
+            max_table_elements: 10_000,
+            max_instances: 64,
+            max_tables: 32,
+            max_memories: 8,
+            max_handles: 10_000,
+        };
+        let shared = Arc::new(Shared::default());
+        let poll = |fut: &mut CallFuture| {
+            let mut cx = Context::from_waker(Waker::noop());
+            let _busy = crate::engine::Busy::enter();
+            crate::abi::set_lift_allowance(1 << 20);
+            loop {
+                if let Poll::Ready(d) = wasmtime_wasi::runtime::with_ambient_tokio_runtime(|| {
+                    fut.as_mut().poll(&mut cx)
+                }) {
+                    return d;
+                }
+            }
+        };
+        let target = || Target {
+            slot: 0,
+            index,
+            flat_params: 2,
+            has_result: true,
+            heavy_result: false,
+        };
+        let mut fut = start(
+            Some(pre),
+            None,
+            None,
+            None,
+            vec![],
+            limits,
+            shared.clone(),
+            false,
+        );
+        let done = poll(&mut fut);
+        let mut live = done.live.unwrap();
+        for round in 0..5 {
+            let n: i32 = std::env::var("N")
+                .ok()
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(1_000_000);
+            let t0 = std::time::Instant::now();
+            for i in 0..n {
+                let mut fut = start(
+                    None,
+                    Some(live),
+                    None,
+                    Some(target()),
+                    vec![Value::S32(i), Value::S32(1)],
+                    limits,
+                    shared.clone(),
+                    false,
+                );
+                if i == 0 && round == 0 {
+                    println!("future: {} bytes", std::mem::size_of_val(&*fut));
+                }
+                let done = poll(&mut fut);
+                live = done.live.unwrap();
+            }
+            println!(
+                "round {round}: {:.1} ns/call",
+                t0.elapsed().as_nanos() as f64 / n as f64
+            );
+        }
     }
 }

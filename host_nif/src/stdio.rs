@@ -42,7 +42,10 @@ impl Capture {
 
     /// Everything written since the last `take`, with a note if some was dropped.
     pub fn take(&self) -> Vec<u8> {
-        if !self.0.written.swap(false, Ordering::AcqRel) {
+        // A plain load first: the common case (nothing written) then costs
+        // no locked instruction.
+        if !self.0.written.load(Ordering::Acquire) || !self.0.written.swap(false, Ordering::AcqRel)
+        {
             return Vec::new();
         }
         let mut buf = self.0.buffer.lock().unwrap_or_else(|p| p.into_inner());

@@ -7,8 +7,6 @@ defmodule Capsid.HostileTest do
   """
   use ExUnit.Case, async: true
 
-  import Capsid.TestHelpers
-
   alias Capsid.{Error, Hostile, Instance, Trap}
 
   @moduletag timeout: 300_000
