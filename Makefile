@@ -15,7 +15,7 @@ test: setup
 	cargo test --release --workspace
 	MIX_ENV=test mix format --check-formatted
 	MIX_ENV=test mix compile --warnings-as-errors --force
-	MIX_ENV=test mix test --include stress
+	MIX_ENV=test mix test --include stress --include integration
 
 # All benchmarks (not part of `make test`: they need a quiet machine).
 bench: setup

@@ -1,7 +1,9 @@
-# Slow suites (`:stress`) are excluded from a plain `mix test`; CI includes them.
+# Slow suites are excluded from a plain `mix test`; `make test` (CI) includes
+# them: `:stress`, and `:integration` (a fresh application depending on
+# Capsid, built and run: minutes).
 # Tests never touch the user's real cache.
 cache = Path.join(System.tmp_dir!(), "capsid-test-cache-#{System.unique_integer([:positive])}")
 Application.put_env(:capsid, :cache_dir, cache)
 
-ExUnit.start(exclude: [:stress])
+ExUnit.start(exclude: [:stress, :integration])
 ExUnit.after_suite(fn _ -> File.rm_rf(cache) end)
