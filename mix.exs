@@ -56,8 +56,8 @@ defmodule Mix.Tasks.Compile.Capsid do
     unless File.exists?(Path.join(native, "#{@lib}.so")) do
       Mix.shell().info("""
       Building the Capsid NIF (Rust: wasmtime and Cranelift) with `cargo build --release`.
-      The first build compiles about 200 crates and takes several minutes (about 5 on two
-      quiet cores); later builds take seconds. To skip it, use a prebuilt NIF
+      The first build compiles about 170 crates and takes several minutes (about 7 on two
+      cores); later builds take seconds. To skip it, use a prebuilt NIF
       (CAPSID_PREBUILT_NIF, see Capsid's guide "Using Capsid in your application").\
       """)
     end
@@ -206,7 +206,7 @@ defmodule Mix.Tasks.Compile.Capsid do
       wasm = File.read!(artifact!(out, ["#{crate}.wasm"]))
       path = Path.join([root, "priv", "guests", "#{crate}.wasm"])
       File.mkdir_p!(Path.dirname(path))
-      # Rewritten only when it changed: `Capsid.Bindings` recompiles on mtime.
+      # Rewritten only when it changed: whatever watches it sees real changes.
       unless File.read(path) == {:ok, wasm}, do: File.write!(path, wasm)
     end
 

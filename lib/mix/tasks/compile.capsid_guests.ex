@@ -159,8 +159,9 @@ defmodule Mix.Tasks.Compile.CapsidGuests do
 
   defp install(wasm, path) do
     File.mkdir_p!(Path.dirname(path))
-    # Rewritten only when it changed, so that whatever watches its mtime
-    # (`Capsid.Bindings`, `Capsid.deploy(..., watch: true)`) sees real changes.
+    # Rewritten only when it changed, so that whatever watches the file
+    # (`Capsid.deploy(..., watch: true)`, an `@external_resource`) sees only
+    # real changes.
     unless File.read(path) == {:ok, wasm} do
       File.write!(path <> ".tmp", wasm)
       File.rename!(path <> ".tmp", path)
