@@ -110,6 +110,17 @@ defmodule Mix.Tasks.Compile.CapsidGuestsTest do
     assert diagnostic.file == Path.join([ctx.dir, "guest", "tiny", "Cargo.toml"])
   end
 
+  test "without cargo, the components already in priv/guests/ are used", ctx do
+    assert {:ok, []} = compile(ctx.dir)
+    touch_later(Path.join([ctx.dir, "guest", "tiny", "src", "lib.rs"]))
+    put_env([{"PATH", ctx.dir}])
+
+    assert {:noop, []} = compile(ctx.dir)
+
+    File.rm!(ctx.output)
+    assert_raise Mix.Error, ~r/cargo not found/, fn -> compile(ctx.dir) end
+  end
+
   test "a missing wasm32-wasip2 target says how to add it", ctx do
     fake = Path.join(ctx.dir, "fake-rustc")
     File.write!(fake, "#!/bin/sh\necho /nonexistent/lib/rustlib/wasm32-wasip2/lib\n")
