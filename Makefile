@@ -17,7 +17,7 @@ test: setup
 	cargo test --release --workspace
 	MIX_ENV=test mix format --check-formatted
 	MIX_ENV=test mix compile --warnings-as-errors --force
-	MIX_ENV=test mix test --include stress
+	MIX_ENV=test mix test --include stress --include integration
 	bash scripts/test-elixir-1.18.sh
 
 # All benchmarks (not part of `make test`: they need a quiet machine).

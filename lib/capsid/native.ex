@@ -5,9 +5,14 @@ defmodule Capsid.Native do
 
   @on_load :load_nif
 
+  # The hook runs as soon as this module is loaded, also while the project
+  # compiles: Capsid.NIF must be compiled (and loaded) first.
+  require Capsid.NIF
+
+  # Loads priv/native/libcapsid_nif.so once it matches the checksum recorded
+  # when it was built or installed (`Capsid.NIF.load_path/0`).
   def load_nif do
-    path = :filename.join(:code.priv_dir(:capsid), ~c"native/libcapsid_nif")
-    :erlang.load_nif(path, 0)
+    with {:ok, path} <- Capsid.NIF.load_path(), do: :erlang.load_nif(path, 0)
   end
 
   defp nif_error, do: :erlang.nif_error(:nif_not_loaded)
