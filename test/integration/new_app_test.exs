@@ -171,6 +171,12 @@ defmodule Capsid.Integration.NewAppTest do
       File.cp_r!(Path.join(@root, entry), Path.join(dest, entry))
     end
 
+    # A Cargo workspace member (the hostile fixtures' tool): cargo needs
+    # every member's manifest, even to build only the NIF.
+    wat2wasm = "test/fixtures/hostile/wat2wasm"
+    File.mkdir_p!(Path.join(dest, Path.dirname(wat2wasm)))
+    File.cp_r!(Path.join(@root, wat2wasm), Path.join(dest, wat2wasm))
+
     File.rm_rf!(Path.join(dest, "priv/native"))
     File.rm_rf!(Path.join(dest, "priv/guests"))
   end
