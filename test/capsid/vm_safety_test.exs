@@ -167,4 +167,47 @@ defmodule Capsid.VMSafetyTest do
     assert Capsid.call(pid, "ok", [1]) == {:ok, 2}
     assert grew < 20 * 1024 * 1024, "RSS grew by #{div(grew, 1024)} KiB over 10,000 recycles"
   end
+
+  describe "the epoch ticker on an idle node" do
+    # The ticker is Capsid's only periodic thread: it parks once no call
+    # has run for a while, and a call wakes it.
+    defp ticker_switches do
+      task =
+        Path.wildcard("/proc/self/task/*/comm")
+        |> Enum.find(fn comm -> File.read!(comm) |> String.trim() == "capsid-epoch" end)
+        |> Path.dirname()
+
+      status = File.read!(Path.join(task, "status"))
+
+      for key <- ["voluntary_ctxt_switches", "nonvoluntary_ctxt_switches"], reduce: 0 do
+        acc -> acc + String.to_integer(List.last(Regex.run(~r/^#{key}:\s+(\d+)$/m, status)))
+      end
+    end
+
+    defp wait_parked, do: wait_until(fn -> Capsid.info().ticker_parked end, 10_000)
+
+    test "wakes at most 20 times a second", %{component: c} do
+      pid = start_instance(c)
+      assert {:ok, 2} = Capsid.call(pid, "ok", [1])
+      wait_parked()
+      before = ticker_switches()
+      Process.sleep(2_000)
+      wakeups = ticker_switches() - before
+      assert wakeups <= 40, "#{wakeups} wake-ups in 2 s"
+    end
+
+    test "a call after a long idle still stops at its timeout, not before", %{component: c} do
+      pid = start_instance(c, fuel: :infinity, timeout: 200)
+      assert {:ok, 2} = Capsid.call(pid, "ok", [1])
+
+      for _ <- 1..3 do
+        wait_parked()
+        Process.sleep(300)
+        t0 = System.monotonic_time(:millisecond)
+        assert {:error, %Capsid.Trap{kind: :timeout}} = Capsid.call(pid, "spin", [])
+        elapsed = System.monotonic_time(:millisecond) - t0
+        assert elapsed >= 200 and elapsed < 2_000, "stopped after #{elapsed} ms"
+      end
+    end
+  end
 end
