@@ -432,10 +432,20 @@ unsafe impl StackMemory for ArenaStack {
     }
 }
 
+/// Free stacks that keep their touched pages (a few KiB each): reused soon
+/// (LIFO), without page faults. Beyond them, a freed stack's pages go back
+/// to the OS, so a node that once ran 100,000 instances does not keep their
+/// stacks' RAM.
+const WARM_STACKS: usize = 256;
+
 impl Drop for ArenaStack {
     fn drop(&mut self) {
-        // Touched stack pages are kept: the slot is reused soon (LIFO), and
-        // a guest can never read a host stack.
+        // A guest can never read a host stack, so warm pages need no zeroing.
+        let warm = stack_pool().class(0).free.len() < WARM_STACKS;
+        if !warm {
+            let range = ArenaStack::range(self);
+            discard(range.start, range.len());
+        }
         stack_pool().class(0).free.push(self.slot);
         LIVE_STACKS.fetch_sub(1, Ordering::Relaxed);
     }
