@@ -56,6 +56,9 @@ defmodule Capsid.Bench.Density do
     add(pid, n - 1)
   end
 
+  # A compiled import (a fun defined in the script would be interpreted).
+  def hook(x), do: x + 1
+
   def nif_add(0), do: :ok
 
   def nif_add(n) do
@@ -165,9 +168,17 @@ Instantiation plus one call, the lifecycle less its GenServer floor: #{us.(life 
 """)
 
 # -- import round trip
-{:ok, fi} = Capsid.Instance.start_link(component: faulty, imports: %{"hook" => &(&1 + 1)})
+{:ok, fi} = Capsid.Instance.start_link(component: faulty, imports: %{"hook" => &Density.hook/1})
 plain = median.({Density, :calls, [fi, "ok", 7, 1000]}, 1000, samples: 50)
 hook = median.({Density, :calls, [fi, "call-hook", 7, 1000]}, 1000, samples: 50)
+
+{:ok, fi_inline} =
+  Capsid.Instance.start_link(
+    component: faulty,
+    imports: %{"hook" => {&Density.hook/1, inline: true}}
+  )
+
+inline = median.({Density, :calls, [fi_inline, "call-hook", 7, 1000]}, 1000, samples: 50)
 
 IO.puts("""
 ## Elixir import round trip (guest → Elixir fun → guest)
@@ -175,7 +186,8 @@ IO.puts("""
 | what | median per call | ratio |
 |---|---|---|
 | `ok(x)`: a trivial call of the same component | #{:erlang.float_to_binary(plain, decimals: 0)} ns | 1× |
-| `call-hook(x)`: calls the Elixir import `hook(x)` once | #{:erlang.float_to_binary(hook, decimals: 0)} ns | #{x.(hook, plain)} |
+| `call-hook(x)`: calls the Elixir import `hook(x)` once (its runner process) | #{:erlang.float_to_binary(hook, decimals: 0)} ns | #{x.(hook, plain)} |
+| the same with `{fun, inline: true}` (in the calling process) | #{:erlang.float_to_binary(inline, decimals: 0)} ns | #{x.(inline, plain)} |
 """)
 
 # -- two callers on two instances

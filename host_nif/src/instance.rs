@@ -30,6 +30,7 @@ rustler::atoms! {
     error,
     trap,
     import,
+    inline_import,
     r#yield = "yield",
     wait,
     queued,
@@ -151,6 +152,9 @@ pub struct InstanceResource {
     pub component: ResourceArc<ComponentResource>,
     link: Arc<Link>,
     funs: Mutex<Funs>,
+    /// Per bound import: run in the calling process itself (`inline: true`)
+    /// rather than in its runner.
+    inline: Vec<bool>,
     pub limits: Limits,
     max_queue: usize,
     queue_timeout: u64,
@@ -456,16 +460,18 @@ impl InstanceResource {
                 }
                 if let Some(call) = shared.imports.take_request() {
                     let token = this.tokens.fetch_add(1, Ordering::Relaxed);
+                    let how = if this.inline.get(call.import).copied().unwrap_or(false) {
+                        inline_import()
+                    } else {
+                        import()
+                    };
                     running.import = Some(Import {
                         call,
                         token,
                         taken: false,
                     });
                     let remaining = running.remaining(env);
-                    return make_tuple(
-                        env,
-                        &[import().encode(env), me, token.encode(env), remaining],
-                    );
+                    return make_tuple(env, &[how.encode(env), me, token.encode(env), remaining]);
                 }
                 if running.waker.take_woken() {
                     if !dirty {
@@ -736,39 +742,44 @@ pub fn encode_trap<'a>(env: Env<'a>, t: &TrapInfo, fuel: u64) -> Term<'a> {
 }
 
 /// Creates an instance resource: links the component's imports (WASI plus
-/// the Elixir functions given as `[{key, fun}]`, sorted by key) through the
-/// component's link cache.
+/// the Elixir functions given as `[{key, fun, inline}]`, sorted by key)
+/// through the component's link cache.
 #[cfg_attr(not(test), rustler::nif)]
 fn instance_new<'a>(
     env: Env<'a>,
     component: ResourceArc<ComponentResource>,
-    provided: Vec<(String, Term<'a>)>,
+    provided: Vec<(String, Term<'a>, bool)>,
     limits: Limits,
     queue: (usize, u64),
 ) -> Term<'a> {
-    let keys: Vec<String> = provided.iter().map(|(k, _)| k.clone()).collect();
+    let keys: Vec<String> = provided.iter().map(|(k, _, _)| k.clone()).collect();
     let link = match imports::link(&component, &keys) {
         Ok(link) => link,
         Err(e) => return e.encode(env),
     };
     let owned = OwnedEnv::new();
-    let funs = link
+    // A map, not a search per import: a component may import 100,000.
+    let by_key: std::collections::HashMap<&str, (Term<'a>, bool)> = provided
+        .iter()
+        .map(|(k, f, inline)| (k.as_str(), (*f, *inline)))
+        .collect();
+    let (funs, inline) = link
         .bound
         .iter()
         .map(|b| {
-            let fun = provided
-                .iter()
-                .find(|(k, _)| *k == b.key)
-                .map(|(_, f)| *f)
-                .unwrap_or_else(|| rustler::types::atom::nil().encode(env));
-            owned.save(fun)
+            let (fun, inline) = by_key
+                .get(b.key.as_str())
+                .copied()
+                .unwrap_or_else(|| (rustler::types::atom::nil().encode(env), false));
+            (owned.save(fun), inline)
         })
-        .collect();
+        .unzip();
     let res = InstanceResource {
         id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         component,
         link,
         funs: Mutex::new(Funs { env: owned, funs }),
+        inline,
         limits,
         max_queue: queue.0,
         queue_timeout: queue.1,

@@ -15,6 +15,8 @@ defmodule Capsid.Call do
   #   {:import, ref, token, ms}       the caller's import runner runs the
   #                                   import (taking its arguments from the
   #                                   NIF and answering it there), then poll
+  #   {:inline_import, ref, token, ms}
+  #                                   the same, in this process (`inline: true`)
   #   {:queued, ref, id, ms}          wait for {:capsid_turn, id}, then start
   #   :retired                        the target was replaced: look it up again
   #   :not_found                      not a local Capsid target
@@ -206,6 +208,17 @@ defmodule Capsid.Call do
     after
       remaining -> Native.call_cancel(ref, :timeout)
     end
+  end
+
+  # An inline import cannot be abandoned at the deadline, but a call whose
+  # import took it past the deadline ends the way the runner's would.
+  defp slow({:inline_import, ref, token, remaining}, _ctx) do
+    started = System.monotonic_time(:millisecond)
+    :answered = Imports.run_inline(ref, token)
+
+    if remaining != :infinity and System.monotonic_time(:millisecond) - started > remaining,
+      do: Native.call_cancel(ref, :timeout),
+      else: Native.call_resume(ref)
   end
 
   defp slow({:import, ref, token, remaining}, _ctx) do

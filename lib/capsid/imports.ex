@@ -15,8 +15,9 @@ defmodule Capsid.Imports do
   @runner {__MODULE__, :runner}
 
   @doc false
-  # Checks `imports` against `component`; returns the `[{key, fun}]` list
-  # the NIF links with (sorted, only keys the component imports).
+  # Checks `imports` against `component`; returns the `[{key, fun, inline}]`
+  # list the NIF links with (sorted, only keys the component imports). A
+  # value is a function, or `{function, inline: boolean}`.
   def check!(imports, %Component{} = component) when is_map(imports) do
     wanted = component.imports
 
@@ -33,7 +34,9 @@ defmodule Capsid.Imports do
       end)
 
     imports
-    |> Enum.map(fn {key, fun} ->
+    |> Enum.map(fn {key, value} ->
+      {fun, inline} = import_value!(key, value)
+
       unless is_binary(key) do
         raise ArgumentError, "invalid key in :imports: expected a string, got #{inspect(key)}"
       end
@@ -62,7 +65,7 @@ defmodule Capsid.Imports do
                   "(#{Component.signature(import)}), but the function given takes #{arity}"
 
         true ->
-          {key, fun}
+          {key, fun, inline}
       end
     end)
     |> Enum.sort_by(&elem(&1, 0))
@@ -72,6 +75,20 @@ defmodule Capsid.Imports do
     raise ArgumentError,
           "invalid value for :imports: expected a map of name => function, got #{inspect(other)}"
   end
+
+  defp import_value!(key, {fun, opts}) when is_list(opts) do
+    case opts do
+      [inline: inline] when is_boolean(inline) ->
+        {fun, inline}
+
+      _ ->
+        raise ArgumentError,
+              "invalid options for import #{inspect(key)}: expected [inline: boolean], " <>
+                "got #{inspect(opts)}"
+    end
+  end
+
+  defp import_value!(_key, fun), do: {fun, false}
 
   defp strip_version(interface), do: interface |> String.split("@") |> hd()
 
@@ -145,20 +162,36 @@ defmodule Capsid.Imports do
   defp loop(caller, mref) do
     receive do
       {tag, ref, token} ->
-        reply =
-          case take(ref, token) do
-            {:ok, {fun, args}} -> invoke(fun, args)
-            {:error, _} = error -> error
-            :stale -> nil
-          end
-
-        if reply, do: answer(ref, token, reply)
+        serve(ref, token)
         send(caller, {tag, :answered})
         loop(caller, mref)
 
       {:DOWN, ^mref, :process, _, _} ->
         :ok
     end
+  end
+
+  @doc false
+  # Runs import `token` of instance `ref` in the calling process itself (an
+  # import given with `inline: true`): no runner, no message, but also
+  # nothing to abandon it at the deadline; the call's own deadline stops
+  # the guest when the import returns late. Always answers the import.
+  def run_inline(ref, token) do
+    serve(ref, token)
+    :answered
+  end
+
+  # Takes the arguments of import `token`, runs it and answers it (nothing
+  # to do when the request is stale: the call was cancelled).
+  defp serve(ref, token) do
+    reply =
+      case take(ref, token) do
+        {:ok, {fun, args}} -> invoke(fun, args)
+        {:error, _} = error -> error
+        :stale -> nil
+      end
+
+    if reply, do: answer(ref, token, reply)
   end
 
   # Arguments and answers too large for a normal scheduler are converted

@@ -14,6 +14,16 @@ defmodule Capsid.Instance do
       it: `%{"log" => fn level, msg -> ... end}`. Root imports go by their
       name; functions of imported interfaces by `"ns:pkg/iface#func"` (with
       or without `@version`). WASI 0.2 is provided by Capsid.
+
+      An import runs in a small runner process of the caller, so that a slow
+      one is abandoned at the call's deadline (the call ends in `:timeout`
+      and the runner is killed). `{fun, inline: true}` runs it in the
+      calling process itself instead, for functions that are quick and
+      cannot hang: it sees the caller's process dictionary and Logger
+      metadata, and saves a message round trip (10-15 % of an import's
+      cost, see BENCHMARKS.md). An inline import is never interrupted: a
+      call that it keeps past its deadline ends in `:timeout` once it
+      returns.
     * `:name` — registers the process, as for `GenServer`.
     * limits — see `Capsid.Limits`.
     * `:max_queue` — callers allowed to wait for their turn (default 10_000);
@@ -53,7 +63,7 @@ defmodule Capsid.Instance do
 
   @type option ::
           {:component, Component.t()}
-          | {:imports, %{String.t() => function()}}
+          | {:imports, %{String.t() => function() | {function(), inline: boolean()}}}
           | {:name, GenServer.name()}
           | {:max_queue, pos_integer()}
           | {:queue_timeout, non_neg_integer()}

@@ -196,6 +196,65 @@ defmodule Capsid.SandboxTest do
     end
   end
 
+  describe "inline imports" do
+    test "run in the calling process", %{component: c} do
+      test = self()
+      hook = fn x -> send(test, {:hook_in, self()}) && x * 2 end
+      pid = start_instance(c, hook: {hook, inline: true})
+      assert Capsid.call(pid, "call-hook", [21]) == {:ok, 42}
+      assert_received {:hook_in, ^test}
+    end
+
+    test "a raise is :import_failed, and the instance goes on", %{component: c} do
+      pid = start_instance(c, hook: {fn _ -> raise "inline refused" end, inline: true})
+      {trap, _} = assert_trap(pid, "call-hook", [7], :import_failed)
+      assert trap.message == "inline refused"
+      {trap, _} = assert_trap(pid, "call-hook", [7], :import_failed)
+      assert trap.message == "inline refused"
+    end
+
+    test "one that overruns the deadline ends the call in :timeout when it returns",
+         %{component: c} do
+      hook = fn x -> Process.sleep(400) && x end
+      pid = start_instance(c, hook: {hook, inline: true}, timeout: 100)
+      {trap, ms} = assert_trap(pid, "call-hook", [1], :timeout)
+      assert trap.message =~ "100 ms"
+      assert ms >= 400
+      assert Capsid.call(pid, "ok", [1]) == {:ok, 2}
+    end
+
+    test "a caller killed inside one releases the instance", %{component: c} do
+      test = self()
+
+      hook = fn _ ->
+        send(test, {:hook_in, self()})
+        Process.sleep(:infinity)
+      end
+
+      pid = start_instance(c, hook: {hook, inline: true})
+      caller = spawn(fn -> Capsid.call(pid, "call-hook", [1]) end)
+      assert_receive {:hook_in, ^caller}, 5_000
+      Process.exit(caller, :kill)
+      assert wait_until(fn -> Capsid.call(pid, "ok", [1]) == {:ok, 2} end)
+    end
+
+    test "a call of its own instance from inside one does not deadlock", %{component: c} do
+      test = self()
+      # Inline: the hook runs in this process, so it sees its dictionary.
+      hook = fn x -> send(test, {:nested, Capsid.call(Process.get(:instance), "ok", [x])}) && x end
+      pid = start_instance(c, hook: {hook, inline: true}, queue_timeout: 200)
+      Process.put(:instance, pid)
+      assert Capsid.call(pid, "call-hook", [5]) == {:ok, 5}
+      assert_received {:nested, {:error, %Capsid.Error{kind: :busy}}}
+    end
+
+    test "bad options are refused with the expected shape", %{component: c} do
+      assert_raise ArgumentError, ~r/expected \[inline: boolean\]/, fn ->
+        Capsid.Instance.start(component: c, imports: %{"hook" => {& &1, inline: :yes}})
+      end
+    end
+  end
+
   describe "limits" do
     test "a per-call fuel narrows, but never raises, the instance's", %{component: c} do
       pid = start_instance(c, fuel: 20_000_000)
