@@ -54,6 +54,15 @@ defmodule Capsid.SandboxTest do
       assert ms >= 200 and ms < 2_000, "stopped after #{ms} ms"
     end
 
+    test "with the default fuel, the timeout is what stops a loop", %{component: c} do
+      for timeout <- [100, 1_000] do
+        pid = start_instance(c, timeout: timeout)
+        {trap, ms} = assert_trap(pid, "spin", [], :timeout)
+        assert trap.message =~ "timeout of #{timeout} ms"
+        assert ms >= timeout
+      end
+    end
+
     test "a timeout never fires before its time, in the guest or waiting on an import", %{
       component: c
     } do
