@@ -122,7 +122,8 @@ defmodule Capsid do
     * `:atoms_created` — atoms created from components' names (limit:
       `config :capsid, :max_atoms_total`, default 100,000);
     * `:compiling` — compilations running now (`:max_concurrent_compiles`);
-    * `:ticker_parked` — whether the epoch ticker is asleep (no call running).
+    * `:ticker_parked` — whether the epoch ticker is asleep (no call running);
+    * `:ticker_wakes` — how many times a call has woken the sleeping ticker.
 
       iex> %{mappings: m, atoms_created: a} = Capsid.info()
       iex> is_integer(m) and is_integer(a)

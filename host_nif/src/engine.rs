@@ -6,7 +6,7 @@
 //! `IDLE_PARK` without any busy thread, so an idle node sees no wake-ups from
 //! Capsid at all. A poll that finds the ticker parked wakes it.
 
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::thread::Thread;
 use std::time::{Duration, Instant};
@@ -68,6 +68,8 @@ const SLOTS: usize = 64;
 static BUSY: [Slot; SLOTS] = [const { Slot(AtomicU32::new(0)) }; SLOTS];
 static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
 static PARKED: AtomicBool = AtomicBool::new(false);
+/// How many times a poll found the ticker parked and woke it.
+static WAKES: AtomicU64 = AtomicU64::new(0);
 static TICKER: OnceLock<Thread> = OnceLock::new();
 
 thread_local! {
@@ -104,8 +106,11 @@ fn ticker() -> &'static Thread {
                     // Dekker-style handshake with `Busy::enter`: publish
                     // PARKED, then look at the slots once more; a poll that
                     // raced us either sees PARKED and unparks us, or is seen.
+                    // `park` may return spuriously, and a poll that
+                    // unparked us may be over already: tick again only
+                    // once some thread is running guest code.
                     PARKED.store(true, Ordering::SeqCst);
-                    if !any_busy() {
+                    while !any_busy() {
                         std::thread::park();
                     }
                     PARKED.store(false, Ordering::SeqCst);
@@ -126,6 +131,7 @@ impl Busy {
         let slot = thread_slot();
         BUSY[slot].0.fetch_add(1, Ordering::SeqCst);
         if PARKED.load(Ordering::SeqCst) || TICKER.get().is_none() {
+            WAKES.fetch_add(1, Ordering::Relaxed);
             ticker().unpark();
         }
         Busy(slot)
@@ -141,6 +147,11 @@ impl Drop for Busy {
 /// Whether the ticker is parked right now (for tests and `info`).
 pub fn ticker_parked() -> bool {
     PARKED.load(Ordering::SeqCst)
+}
+
+/// How many times a call woke the parked ticker (for tests and `info`).
+pub fn ticker_wakes() -> u64 {
+    WAKES.load(Ordering::Relaxed)
 }
 
 #[cfg(test)]

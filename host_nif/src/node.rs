@@ -10,6 +10,7 @@ rustler::atoms! {
     stacks,
     atoms_created,
     ticker_parked,
+    ticker_wakes,
     compiling,
 }
 
@@ -21,7 +22,7 @@ fn node_configure(address_space_limit: u64) -> rustler::Atom {
 }
 
 /// `%{address_space_reserved, mappings, memories, stacks, atoms_created,
-/// ticker_parked, compiling}`.
+/// ticker_parked, ticker_wakes, compiling}`.
 #[cfg_attr(not(test), rustler::nif)]
 fn node_info(env: Env) -> Term {
     let (reserved, chunks, live_memories, live_stacks) = crate::arena::usage();
@@ -32,6 +33,7 @@ fn node_info(env: Env) -> Term {
         stacks(),
         atoms_created(),
         ticker_parked(),
+        ticker_wakes(),
         compiling(),
     ]
     .map(|a| a.encode(env));
@@ -42,6 +44,7 @@ fn node_info(env: Env) -> Term {
         live_stacks.encode(env),
         crate::shape::atoms_created().encode(env),
         crate::engine::ticker_parked().encode(env),
+        crate::engine::ticker_wakes().encode(env),
         crate::component::compiling().encode(env),
     ];
     Term::map_from_term_arrays(env, &keys, &vals).unwrap_or_else(|_| Term::map_new(env))
