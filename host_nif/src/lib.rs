@@ -4,7 +4,7 @@
 //! Layers, lowest first (a file only uses files above it in this list):
 //! `error`, `arena`, `engine`, `limits`, `shape`, `value`, `abi`, `convert`,
 //! `stdio`, `types`, `cache`, `host`, `component`, `imports`, `run`,
-//! `instance`, `pool`, `registry`, `call`, `node`.
+//! `instance`, `pool`, `registry`, `call`, `node`, `wit`.
 //!
 //! `cargo test` runs outside the BEAM, where the `enif_*` symbols do not
 //! exist: test builds therefore register no NIFs and no resource types, so
@@ -37,6 +37,7 @@ mod shape;
 mod stdio;
 mod types;
 mod value;
+mod wit;
 
 #[cfg(not(test))]
 rustler::init!("Elixir.Capsid.Native");

@@ -14,7 +14,9 @@ defmodule Capsid.Component do
   alias Capsid.{Error, Native, Types}
 
   @enforce_keys [:ref, :hash, :exports, :imports, :size]
-  defstruct [:ref, :hash, :exports, :imports, :size, cache: :disabled]
+  # `bytes` is the component's own binary (shared, not copied): `describe/1`
+  # decodes its WIT on request.
+  defstruct [:ref, :hash, :exports, :imports, :size, bytes: nil, cache: :disabled]
 
   @typedoc """
   One function: `name` is what `Capsid.call/4` accepts (`"add"` or
@@ -43,6 +45,7 @@ defmodule Capsid.Component do
           exports: [function_info()],
           imports: [function_info()],
           size: non_neg_integer(),
+          bytes: binary() | nil,
           cache: cache_outcome()
         }
 
@@ -105,6 +108,7 @@ defmodule Capsid.Component do
              exports: Enum.map(exports, &function_info/1),
              imports: Enum.map(imports, &function_info/1),
              size: byte_size(bytes),
+             bytes: bytes,
              cache: cache_outcome
            }}
 
@@ -178,6 +182,60 @@ defmodule Capsid.Component do
   """
   @spec imports(t()) :: [function_info()]
   def imports(%__MODULE__{imports: imports}), do: imports
+
+  @doc """
+  The imports that the host must provide in `:imports` (see
+  `Capsid.Instance`): those of `imports/1` that are not WASI, which Capsid
+  provides itself.
+
+      iex> component = Capsid.Component.load!(Capsid.Guests.path(:toolkit))
+      iex> Capsid.Component.host_imports(component) |> Enum.map(& &1.name)
+      ["log", "get-config"]
+  """
+  @spec host_imports(t()) :: [function_info()]
+  def host_imports(%__MODULE__{imports: imports}),
+    do: Enum.reject(imports, &match?(%{interface: "wasi:" <> _}, &1))
+
+  @doc """
+  The component's API as WIT text, with its type names and doc comments,
+  as `wasm-tools component wit` prints it: the component's world (named
+  `root`), then every package it uses. Takes a component, a path or wasm
+  bytes.
+
+      iex> {:ok, wit} = Capsid.Component.describe(Capsid.Guests.path(:toolkit))
+      iex> wit =~ "export add: func(a: s32, b: s32) -> s32;"
+      true
+      iex> wit =~ "analyze: func(input: string) -> text-stats;"
+      true
+  """
+  @spec describe(t() | Path.t() | binary()) :: {:ok, String.t()} | {:error, Error.t()}
+  def describe(component_or_source) do
+    with {:ok, api} <- api(component_or_source), do: {:ok, api.wit}
+  end
+
+  @doc "Like `describe/1`, but raises on error."
+  @spec describe!(t() | Path.t() | binary()) :: String.t()
+  def describe!(component_or_source) do
+    case describe(component_or_source) do
+      {:ok, wit} -> wit
+      {:error, e} -> raise e
+    end
+  end
+
+  @doc false
+  # The decoded WIT as data (what `Capsid.Bindings` generates code from):
+  # `%{wit, world, docs, exports, imports, types}`, see host_nif/src/wit.rs.
+  @spec api(t() | Path.t() | binary()) :: {:ok, map()} | {:error, Error.t()}
+  def api(%__MODULE__{bytes: bytes}) when is_binary(bytes), do: api(bytes)
+
+  def api(source) when is_binary(source) do
+    with {:ok, bytes} <- read(source) do
+      case Native.component_wit(bytes) do
+        {:ok, api} -> {:ok, api}
+        {:error, {kind, message}} -> {:error, Error.new(kind, message)}
+      end
+    end
+  end
 
   @doc """
   The WIT signature of a function from `exports/1` or `imports/1`.

@@ -16,15 +16,55 @@ defmodule Capsid.Imports do
 
   @doc false
   # Checks `imports` against `component`; returns the `[{key, fun, inline}]`
-  # list the NIF links with (sorted, only keys the component imports). A
-  # value is a function, or `{function, inline: boolean}`.
-  def check!(imports, %Component{} = component) when is_map(imports) do
-    wanted = component.imports
+  # list the NIF links with (sorted, canonical names, only the imports the
+  # component has). A value is a function, `{module, name}`, or either with
+  # `inline: boolean` as `{value, inline: boolean}`. A key the component does
+  # not import is ignored, unless `strict` (then it is an `ArgumentError`).
+  def check!(imports, component, strict \\ false)
 
-    # Each import by its name and its version-less qualified name: one map,
-    # so that checking n imports costs n lookups (a component may import
-    # tens of thousands of functions).
-    by_key =
+  def check!(imports, %Component{} = component, strict) when is_map(imports) do
+    wanted = component.imports
+    by_key = keys(wanted)
+
+    imports
+    |> Enum.flat_map(fn {key, value} ->
+      unless is_binary(key) do
+        raise ArgumentError, "invalid key in :imports: expected a string, got #{inspect(key)}"
+      end
+
+      {fun, inline} = import_value!(key, value)
+
+      case Map.get(by_key, key) do
+        nil when strict ->
+          raise ArgumentError, unknown_import(key, wanted)
+
+        nil ->
+          []
+
+        {:ambiguous, names} ->
+          raise ArgumentError,
+                "import name #{inspect(key)} is ambiguous: the component imports " <>
+                  Enum.map_join(names, " and ", &inspect/1) <> "; use the full name"
+
+        import ->
+          [{import.name, function!(key, fun, import), inline}]
+      end
+    end)
+    |> Enum.sort_by(&elem(&1, 0))
+    |> reject_duplicates!()
+  end
+
+  def check!(other, _component, _strict) do
+    raise ArgumentError,
+          "invalid value for :imports: expected a map of name => function, got #{inspect(other)}"
+  end
+
+  # Every import by its name, its version-less qualified name and, when no
+  # other non-WASI import has the same one, its short name: one map, so that
+  # checking n imports costs n lookups (a component may import tens of
+  # thousands of functions).
+  defp keys(wanted) do
+    full =
       Enum.reduce(wanted, %{}, fn i, acc ->
         acc = Map.put_new(acc, i.name, i)
 
@@ -33,47 +73,68 @@ defmodule Capsid.Imports do
           else: acc
       end)
 
-    imports
-    |> Enum.map(fn {key, value} ->
-      {fun, inline} = import_value!(key, value)
-
-      unless is_binary(key) do
-        raise ArgumentError, "invalid key in :imports: expected a string, got #{inspect(key)}"
-      end
-
-      import = Map.get(by_key, key)
-
-      cond do
-        import == nil ->
-          names = wanted |> Enum.reject(&wasi?/1) |> Enum.map(&inspect(&1.name))
-          listed = Enum.take(names, 20) |> Enum.join(", ")
-          more = if length(names) > 20, do: " and #{length(names) - 20} more", else: ""
-
-          raise ArgumentError,
-                "unknown import #{inspect(key)} in :imports; the component imports: " <>
-                  if(names == [], do: "nothing besides WASI", else: listed <> more)
-
-        not is_function(fun) ->
-          raise ArgumentError,
-                "invalid value for import #{inspect(key)}: expected a function, got #{inspect(fun)}"
-
-        :erlang.fun_info(fun, :arity) != {:arity, length(import.params)} ->
-          {:arity, arity} = :erlang.fun_info(fun, :arity)
-
-          raise ArgumentError,
-                "import #{inspect(key)} takes #{length(import.params)} argument(s) " <>
-                  "(#{Component.signature(import)}), but the function given takes #{arity}"
-
-        true ->
-          {key, fun, inline}
-      end
+    wanted
+    |> Enum.filter(&(&1.interface != nil and not wasi?(&1)))
+    |> Enum.group_by(& &1.function)
+    |> Enum.reduce(full, fn
+      {short, _}, acc when is_map_key(acc, short) -> acc
+      {short, [one]}, acc -> Map.put(acc, short, one)
+      {short, many}, acc -> Map.put(acc, short, {:ambiguous, Enum.map(many, & &1.name)})
     end)
-    |> Enum.sort_by(&elem(&1, 0))
   end
 
-  def check!(other, _component) do
+  defp unknown_import(key, wanted) do
+    names = wanted |> Enum.reject(&wasi?/1) |> Enum.map(&inspect(&1.name))
+    listed = Enum.take(names, 20) |> Enum.join(", ")
+    more = if length(names) > 20, do: " and #{length(names) - 20} more", else: ""
+
+    "unknown import #{inspect(key)} in :imports (strict_imports: true); the component imports: " <>
+      if(names == [], do: "nothing besides WASI", else: listed <> more)
+  end
+
+  # Two keys naming the same import (say its short and its full name).
+  defp reject_duplicates!(links) do
+    links
+    |> Enum.chunk_by(&elem(&1, 0))
+    |> Enum.map(fn
+      [one] ->
+        one
+
+      [{name, _, _} | _] ->
+        raise ArgumentError, "import #{inspect(name)} is given more than once in :imports"
+    end)
+  end
+
+  defp function!(key, {mod, name}, import) when is_atom(mod) and is_atom(name) do
+    arity = length(import.params)
+    Code.ensure_loaded(mod)
+
+    if function_exported?(mod, name, arity) do
+      Function.capture(mod, name, arity)
+    else
+      raise ArgumentError,
+            "import #{inspect(key)} takes #{arity} argument(s) " <>
+              "(#{Component.signature(import)}), but #{inspect(mod)}.#{name}/#{arity} " <>
+              "is not an exported function"
+    end
+  end
+
+  defp function!(key, fun, import) when is_function(fun) do
+    {:arity, arity} = :erlang.fun_info(fun, :arity)
+
+    if arity != length(import.params) do
+      raise ArgumentError,
+            "import #{inspect(key)} takes #{length(import.params)} argument(s) " <>
+              "(#{Component.signature(import)}), but the function given takes #{arity}"
+    end
+
+    fun
+  end
+
+  defp function!(key, other, _import) do
     raise ArgumentError,
-          "invalid value for :imports: expected a map of name => function, got #{inspect(other)}"
+          "invalid value for import #{inspect(key)}: expected a function or " <>
+            "{module, function_name}, got #{inspect(other)}"
   end
 
   defp import_value!(key, {fun, opts}) when is_list(opts) do

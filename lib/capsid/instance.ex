@@ -11,9 +11,15 @@ defmodule Capsid.Instance do
 
     * `:component` (required) — a `Capsid.Component`.
     * `:imports` — a map from import name to an Elixir function implementing
-      it: `%{"log" => fn level, msg -> ... end}`. Root imports go by their
-      name; functions of imported interfaces by `"ns:pkg/iface#func"` (with
-      or without `@version`). WASI 0.2 is provided by Capsid.
+      it: `%{"log" => fn level, msg -> ... end}`, or to `{module, name}` of
+      an exported function (`{MyHost, :log}`; `&MyHost.log/2` works too).
+      Root imports go by their name; functions of imported interfaces by
+      `"ns:pkg/iface#func"` (with or without `@version`), or by the short
+      `"func"` when no other imported interface has a function of that name.
+      Names the component does not import are ignored, so one map of host
+      functions can serve many components. WASI 0.2 is provided by Capsid.
+    * `:strict_imports` — `true` makes a name in `:imports` that the
+      component does not import an `ArgumentError` (default `false`).
 
       An import runs in a small runner process of the caller, so that a slow
       one is abandoned at the call's deadline (the call ends in `:timeout`
@@ -57,7 +63,8 @@ defmodule Capsid.Instance do
 
   alias Capsid.{Component, Error, Imports, Limits, Native, Trap}
 
-  @instance_keys [:component, :imports, :max_queue, :queue_timeout] ++ Limits.keys()
+  @instance_keys [:component, :imports, :strict_imports, :max_queue, :queue_timeout] ++
+                   Limits.keys()
   @default_max_queue 10_000
   @default_queue_timeout 5_000
 
@@ -183,11 +190,22 @@ defmodule Capsid.Instance do
 
     %{
       component: component,
-      imports: Imports.check!(Keyword.get(opts, :imports, %{}), component),
+      imports: Imports.check!(Keyword.get(opts, :imports, %{}), component, strict!(opts)),
       limits: Limits.new(opts),
       max_queue: non_negative!(opts, :max_queue, @default_max_queue),
       queue_timeout: non_negative!(opts, :queue_timeout, @default_queue_timeout)
     }
+  end
+
+  defp strict!(opts) do
+    case Keyword.get(opts, :strict_imports, false) do
+      strict when is_boolean(strict) ->
+        strict
+
+      other ->
+        raise ArgumentError,
+              "invalid value for :strict_imports: expected a boolean, got #{inspect(other)}"
+    end
   end
 
   defp non_negative!(opts, key, default) do

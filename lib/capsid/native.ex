@@ -23,6 +23,7 @@ defmodule Capsid.Native do
   def cache_clear(_dir), do: nif_error()
   def node_configure(_address_space_limit), do: nif_error()
   def node_info, do: nif_error()
+  def component_wit(_bytes), do: nif_error()
 
   # instance.rs, pool.rs, registry.rs
   def instance_new(_component, _imports, _limits, _queue), do: nif_error()

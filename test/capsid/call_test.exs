@@ -109,9 +109,13 @@ defmodule Capsid.CallTest do
       refute msg =~ ~s("log")
     end
 
-    test "an unknown import key or a wrong arity raises ArgumentError" do
+    test "with strict_imports, an unknown import key raises; a wrong arity always does" do
       assert_raise ArgumentError, ~r/unknown import "lgo".*"log"/, fn ->
-        Capsid.Instance.start_link(component: toolkit(), imports: %{"lgo" => fn _, _ -> :ok end})
+        Capsid.Instance.start_link(
+          component: toolkit(),
+          imports: %{"lgo" => fn _, _ -> :ok end},
+          strict_imports: true
+        )
       end
 
       assert_raise ArgumentError, ~r/import "log" takes 2 argument\(s\).*takes 1/, fn ->

@@ -1,0 +1,476 @@
+defmodule Capsid.Bindings do
+  @moduledoc """
+  A typed Elixir API generated from a component, at compile time.
+
+      defmodule MyPlugin do
+        use Capsid.Bindings, component: "priv/guests/my_plugin.wasm"
+      end
+
+      {:ok, pid} = Capsid.Instance.start_link(component: Capsid.Component.load!("priv/guests/my_plugin.wasm"))
+      {:ok, quote} = MyPlugin.Pricing.quote(pid, items, :none, :eur)
+      quote = MyPlugin.Pricing.quote!(pid, items, :none, :eur, timeout: 100)
+
+  What is generated:
+
+    * **a module per exported interface**, named after the interface in
+      CamelCase (`pricing` → `MyPlugin.Pricing`; when two exported
+      interfaces share a name, the package is added: `MyPlugin.AcmePricing`);
+      the component's root exports are functions of the `use`-ing module
+      itself;
+    * **a function per exported function**, snake_case (`word-frequencies`
+      → `word_frequencies`), taking the call's target first (anything
+      `Capsid.call/4` accepts: an instance, a pool, a deployment) and call
+      options last (`:timeout`, `:fuel`, ... of `Capsid.call/4`, optional).
+      `name/n` returns `{:ok, value} | {:error, exception}`; `name!/n`
+      returns the value or raises;
+    * **a `@spec` per function** from its WIT types, as Capsid maps values
+      (records as maps with atom keys, variants as tagged tuples, enums as
+      atoms, `option<T>` as `T | nil`, ...), and a `@type` per named WIT
+      type of the interface (`record text-stats` → `text_stats/0`);
+    * **a `@doc` per function** with its WIT signature (named types) and
+      the WIT doc comment when the component carries one.
+
+  The component file is an `@external_resource`: changing it recompiles
+  the module. `:component` is a path (relative to the project's root) or an
+  expression evaluated at compile time that gives one, such as
+  `Capsid.Guests.path(:toolkit)` for a dependency's guest.
+
+  Resource constructors, methods and statics (`[constructor]cart`, ...) are
+  not generated yet: call them with `Capsid.call/4`.
+
+  A function whose snake_case name is an Elixir keyword (`end`, `do`, ...)
+  gets a trailing underscore (`end_`), as do parameters named `target` or
+  `opts`.
+  """
+
+  alias Capsid.Bindings.Generate
+
+  @doc false
+  defmacro __using__(opts) do
+    component =
+      case Keyword.fetch(opts, :component) do
+        {:ok, expr} ->
+          {path, _} = Code.eval_quoted(expr, [], __CALLER__)
+          path
+
+        :error ->
+          raise ArgumentError,
+                "use Capsid.Bindings needs component: path (a .wasm component file)"
+      end
+
+    unless is_binary(component) do
+      raise ArgumentError,
+            "use Capsid.Bindings: expected component: to give a path, got #{inspect(component)}"
+    end
+
+    path = Path.expand(component)
+
+    api =
+      case Capsid.Component.api(path) do
+        {:ok, api} ->
+          api
+
+        {:error, e} ->
+          raise CompileError,
+            file: __CALLER__.file,
+            line: __CALLER__.line,
+            description: "Capsid.Bindings: #{path}: #{Exception.message(e)}"
+      end
+
+    Generate.module(__CALLER__.module, path, api)
+  end
+end
+
+defmodule Capsid.Bindings.Generate do
+  @moduledoc false
+  # The code of `use Capsid.Bindings`: quoted modules, types and functions
+  # from the component's decoded WIT (`Capsid.Component.api/1`).
+
+  alias Capsid.Bindings.Spec
+
+  @reserved ~w(do end fn nil true false when and or not in catch rescue after else
+               __MODULE__ __CALLER__ __ENV__ __DIR__ __STACKTRACE__ module_info)
+
+  def module(root, path, api) do
+    exported = Enum.filter(api.exports, &match?({:interface, _}, &1))
+    modules = interface_modules(root, exported)
+    # Named types, and the module that defines each one as a `@type`.
+    homes = type_homes(api.types, modules, root)
+
+    interfaces =
+      for {:interface, iface} <- exported do
+        mod = Map.fetch!(modules, iface.id)
+        funs = for f <- iface.function, f.kind == :freestanding, do: {f, "#{iface.key}##{f.name}"}
+        own = for {:ref, id} <- iface.types, do: id
+
+        body = module_body(mod, funs, own, homes, api.types)
+        doc = module_doc(iface.docs, "the `#{iface.key}` interface", path)
+
+        quote do
+          defmodule unquote(mod) do
+            @moduledoc unquote(doc)
+            unquote(body)
+          end
+        end
+      end
+
+    root_funs = for {:function, f} <- api.exports, f.kind == :freestanding, do: {f, f.name}
+    root_types = for {:types, {:ref, id}} <- api.exports, do: id
+    root_body = module_body(root, root_funs, root_types, homes, api.types)
+
+    listing =
+      Enum.map_join(exported, "\n", fn {:interface, i} ->
+        "  * `#{inspect(Map.fetch!(modules, i.id))}`: `#{i.key}`"
+      end)
+
+    root_doc =
+      module_doc(api.docs, "a component", path) <>
+        if(listing == "", do: "", else: "\n\nExported interfaces:\n\n" <> listing <> "\n")
+
+    quote do
+      @external_resource unquote(path)
+      @moduledoc unquote(root_doc)
+      unquote(root_body)
+      unquote_splicing(interfaces)
+    end
+  end
+
+  defp module_doc(docs, what, path) do
+    intro = "Generated by `Capsid.Bindings` from #{what} in `#{Path.relative_to_cwd(path)}`."
+    if docs, do: docs <> "\n\n" <> intro, else: intro
+  end
+
+  # Interface id => module; a name two interfaces share gets its package.
+  defp interface_modules(root, exported) do
+    counts =
+      exported
+      |> Enum.map(fn {:interface, i} -> base_name(i) end)
+      |> Enum.frequencies()
+
+    Map.new(exported, fn {:interface, i} ->
+      name =
+        if counts[base_name(i)] > 1,
+          do: camel(package_of(i.key)) <> camel(base_name(i)),
+          else: camel(base_name(i))
+
+      {i.id, Module.concat(root, name)}
+    end)
+  end
+
+  defp base_name(%{name: name}) when is_binary(name), do: name
+  defp base_name(%{key: key}), do: key |> String.split("/") |> List.last() |> strip_version()
+
+  defp package_of(key), do: key |> String.split("/") |> hd() |> String.replace(":", "-")
+  defp strip_version(name), do: name |> String.split("@") |> hd()
+
+  defp camel(kebab) do
+    kebab
+    |> String.split(["-", ".", ":", "_"], trim: true)
+    |> Enum.map_join(&String.capitalize/1)
+  end
+
+  @doc false
+  def snake(kebab) do
+    name = String.replace(kebab, "-", "_")
+    if name in @reserved, do: name <> "_", else: name
+  end
+
+  # Type id => {module, type name}: a named type is defined in the module of
+  # the exported interface (or root world) that owns it; any other named
+  # type it refers to (say, of an imported interface) is defined beside
+  # its first user.
+  defp type_homes(types, modules, root) do
+    owned =
+      for {id, t} <- types, reduce: %{} do
+        acc ->
+          case t.owner do
+            owner when is_integer(owner) and is_map_key(modules, owner) ->
+              Map.put(acc, id, Map.fetch!(modules, owner))
+
+            :world ->
+              Map.put(acc, id, root)
+
+            _ ->
+              acc
+          end
+      end
+
+    Map.new(owned, fn {id, mod} -> {id, {mod, Spec.type_name(types[id].name)}} end)
+  end
+
+  # `@type`s and functions of one module.
+  defp module_body(mod, funs, own_types, homes, types) do
+    # Types this module defines: its own, then every named type they and
+    # its functions refer to that no module owns.
+    specs = Spec.new(mod, homes, types)
+    {spec_funs, specs} = Enum.map_reduce(funs, specs, &function_specs/2)
+    {own_defs, specs} = Enum.map_reduce(own_types, specs, &Spec.type_def(&2, &1))
+    {extra_defs, _specs} = Spec.pending_defs(specs)
+
+    type_defs =
+      for {name, docs, ast} <- own_defs ++ extra_defs do
+        typedoc = if docs, do: quote(do: @typedoc(unquote(docs)))
+
+        quote do
+          unquote(typedoc)
+          @type unquote({name, [], []}) :: unquote(ast)
+        end
+      end
+
+    fun_defs =
+      for {f, name, {arg_specs, result_spec}} <- spec_funs,
+          do: function(f, name, arg_specs, result_spec)
+
+    {:__block__, [], type_defs ++ fun_defs}
+  end
+
+  defp function_specs({f, call_name}, specs) do
+    {args, specs} = Enum.map_reduce(f.params, specs, fn {_, t}, acc -> Spec.ast(acc, t) end)
+
+    {result, specs} =
+      case f.result do
+        nil -> {nil, specs}
+        t -> Spec.ast(specs, t)
+      end
+
+    {{f, call_name, {args, result}}, specs}
+  end
+
+  defp function(f, call_name, arg_specs, result_spec) do
+    name = String.to_atom(snake(f.name))
+    bang = :"#{name}!"
+    params = Enum.map(f.params, fn {p, _} -> Macro.var(param(p), nil) end)
+    target = Macro.var(:target, nil)
+    opts = Macro.var(:opts, nil)
+    value = result_spec || nil
+    target_t = quote(do: term())
+    opts_t = quote(do: keyword())
+    error_t = quote(do: Capsid.Error.t() | Capsid.Trap.t())
+
+    doc = """
+    `#{f.name}: #{f.signature}`
+
+    #{if f.docs, do: f.docs <> "\n\n", else: ""}Calls `#{call_name}` on `target` (an instance, pool or deployment, see
+    `Capsid.call/4`); `opts` are its call options. The `!` form returns the
+    value or raises.
+    """
+
+    quote do
+      @doc unquote(doc)
+      @spec unquote(name)(unquote_splicing([target_t | arg_specs])) ::
+              {:ok, unquote(value)} | {:error, unquote(error_t)}
+      @spec unquote(name)(unquote_splicing([target_t | arg_specs] ++ [opts_t])) ::
+              {:ok, unquote(value)} | {:error, unquote(error_t)}
+      def unquote(name)(unquote_splicing([target | params]), unquote(opts) \\ []) do
+        Capsid.call(unquote(target), unquote(call_name), unquote(params), unquote(opts))
+      end
+
+      @doc unquote("Like `#{name}/#{length(params) + 2}`, but returns the value or raises.")
+      @spec unquote(bang)(unquote_splicing([target_t | arg_specs])) :: unquote(value)
+      @spec unquote(bang)(unquote_splicing([target_t | arg_specs] ++ [opts_t])) ::
+              unquote(value)
+      def unquote(bang)(unquote_splicing([target | params]), unquote(opts) \\ []) do
+        Capsid.call!(unquote(target), unquote(call_name), unquote(params), unquote(opts))
+      end
+    end
+  end
+
+  defp param(name) do
+    case snake(name) do
+      n when n in ["target", "opts"] -> String.to_atom(n <> "_")
+      n -> String.to_atom(n)
+    end
+  end
+end
+
+defmodule Capsid.Bindings.Spec do
+  @moduledoc false
+  # WIT types as typespec AST, as Capsid maps values (DESIGN.md §2).
+  # Named types become type calls: local (`text_stats()`), remote
+  # (`Shop.Carts.cart()`), or, for a named type no generated module owns, a
+  # `@type` added to the current module (`pending_defs/1`).
+
+  # Past these many cases or fields a type is written as `atom()` / `map()`:
+  # a component's names must not become an unbounded number of atoms.
+  @max_names 256
+
+  defstruct [:mod, :homes, :types, local: %{}, pending: []]
+
+  def new(mod, homes, types), do: %__MODULE__{mod: mod, homes: homes, types: types}
+
+  # `{name, docs, ast}` of a type the module owns.
+  def type_def(specs, id) do
+    t = Map.fetch!(specs.types, id)
+    {_mod, name} = Map.fetch!(specs.homes, id)
+    {ast, specs} = ast(specs, t.def)
+    {{name, t.docs, ast}, specs}
+  end
+
+  # Definitions of named types referred to that no module owns; each may
+  # refer to more of them.
+  def pending_defs(specs, acc \\ [])
+  def pending_defs(%{pending: []} = specs, acc), do: {Enum.reverse(acc), specs}
+
+  def pending_defs(%{pending: [{id, name} | rest]} = specs, acc) do
+    t = Map.fetch!(specs.types, id)
+    {ast, specs} = ast(%{specs | pending: rest}, t.def)
+    pending_defs(specs, [{name, t.docs, ast} | acc])
+  end
+
+  def ast(specs, {:ref, id}) do
+    case specs.homes do
+      %{^id => {mod, name}} when mod == specs.mod ->
+        {{name, [], []}, specs}
+
+      %{^id => {mod, name}} ->
+        {quote(do: unquote(mod).unquote(name)()), specs}
+
+      _ ->
+        case specs.local do
+          %{^id => name} ->
+            {{name, [], []}, specs}
+
+          _ ->
+            name = free_name(specs, Map.fetch!(specs.types, id).name)
+
+            specs = %{
+              specs
+              | local: Map.put(specs.local, id, name),
+                pending: specs.pending ++ [{id, name}]
+            }
+
+            {{name, [], []}, specs}
+        end
+    end
+  end
+
+  def ast(specs, type), do: walk(specs, type)
+
+  defp walk(specs, :bool), do: {quote(do: boolean()), specs}
+  defp walk(specs, :u8), do: {quote(do: 0..255), specs}
+  defp walk(specs, :s8), do: {quote(do: -128..127), specs}
+  defp walk(specs, :u16), do: {quote(do: 0..65_535), specs}
+  defp walk(specs, :s16), do: {quote(do: -32_768..32_767), specs}
+  defp walk(specs, :u32), do: {quote(do: 0..4_294_967_295), specs}
+  defp walk(specs, :s32), do: {quote(do: -2_147_483_648..2_147_483_647), specs}
+  defp walk(specs, :u64), do: {quote(do: non_neg_integer()), specs}
+  defp walk(specs, :s64), do: {quote(do: integer()), specs}
+
+  defp walk(specs, f) when f in [:f32, :f64],
+    do: {quote(do: float() | :nan | :infinity | :neg_infinity), specs}
+
+  defp walk(specs, :char), do: {quote(do: char()), specs}
+  defp walk(specs, :string), do: {quote(do: String.t()), specs}
+  defp walk(specs, {:list, :u8}), do: {quote(do: binary()), specs}
+  defp walk(specs, {:ref, _} = ref), do: ast(specs, ref)
+
+  defp walk(specs, {:list, t}) do
+    {t, specs} = walk(specs, t)
+    {quote(do: [unquote(t)]), specs}
+  end
+
+  defp walk(specs, {:tuple, ts}) do
+    {ts, specs} = Enum.map_reduce(ts, specs, &walk(&2, &1))
+    {{:{}, [], ts}, specs}
+  end
+
+  defp walk(specs, {:option, {:option, _} = inner}) do
+    {t, specs} = walk(specs, inner)
+    {quote(do: {:some, unquote(t)} | nil), specs}
+  end
+
+  defp walk(specs, {:option, t}) do
+    {t, specs} = walk(specs, t)
+    {quote(do: unquote(t) | nil), specs}
+  end
+
+  defp walk(specs, {:result, ok, err}) do
+    {ok, specs} = tagged(specs, :ok, ok)
+    {err, specs} = tagged(specs, :error, err)
+    {quote(do: unquote(ok) | unquote(err)), specs}
+  end
+
+  defp walk(specs, {:record, fields}) when length(fields) > @max_names,
+    do: {quote(do: map()), specs}
+
+  defp walk(specs, {:record, fields}) do
+    {kvs, specs} =
+      Enum.map_reduce(fields, specs, fn {name, t}, acc ->
+        {t, acc} = walk(acc, t)
+        {{String.to_atom(String.replace(name, "-", "_")), t}, acc}
+      end)
+
+    {{:%{}, [], kvs}, specs}
+  end
+
+  defp walk(specs, {:variant, cases}) when length(cases) > @max_names,
+    do: {quote(do: atom() | {atom(), term()}), specs}
+
+  defp walk(specs, {:variant, cases}) do
+    {alts, specs} =
+      Enum.map_reduce(cases, specs, fn {name, t}, acc -> tagged(acc, atom(name), t) end)
+
+    {union(alts), specs}
+  end
+
+  defp walk(specs, {:enum, names}) when length(names) > @max_names,
+    do: {quote(do: atom()), specs}
+
+  defp walk(specs, {:enum, names}), do: {union(Enum.map(names, &atom/1)), specs}
+
+  defp walk(specs, {:flags, names}) when length(names) > @max_names,
+    do: {quote(do: [atom()]), specs}
+
+  defp walk(specs, {:flags, []}), do: {quote(do: []), specs}
+
+  defp walk(specs, {:flags, names}),
+    do: {quote(do: [unquote(union(Enum.map(names, &atom/1)))]), specs}
+
+  defp walk(specs, {:resource}), do: {quote(do: term()), specs}
+  defp walk(specs, {handle, _}) when handle in [:own, :borrow], do: {quote(do: term()), specs}
+  defp walk(specs, _unsupported), do: {quote(do: term()), specs}
+
+  defp tagged(specs, tag, nil), do: {tag, specs}
+
+  defp tagged(specs, tag, t) do
+    {t, specs} = walk(specs, t)
+    {{tag, t}, specs}
+  end
+
+  defp atom(name), do: String.to_atom(String.replace(name, "-", "_"))
+
+  defp union([]), do: quote(do: none())
+  defp union([one]), do: one
+  defp union([a | rest]), do: {:|, [], [a, union(rest)]}
+
+  defp free_name(specs, wit_name) do
+    taken =
+      MapSet.new(
+        Map.values(specs.local) ++
+          for({_, {mod, n}} <- specs.homes, mod == specs.mod, do: n)
+      )
+
+    base = type_name(wit_name)
+
+    Stream.iterate(1, &(&1 + 1))
+    |> Stream.map(fn
+      1 -> base
+      n -> :"#{base}_#{n}"
+    end)
+    |> Enum.find(&(&1 not in taken))
+  end
+
+  @builtin ~w(any none atom map pid port reference struct tuple float integer neg_integer
+              non_neg_integer pos_integer list nonempty_list maybe_improper_list
+              nonempty_improper_list nonempty_maybe_improper_list term arity as_boolean
+              binary bitstring boolean byte char charlist nonempty_charlist fun function
+              identifier iodata iolist keyword module mfa no_return node number timeout
+              string nonempty_string nil dynamic)a
+
+  @doc false
+  # A WIT type name as an Elixir type name; built-in names get `_type`.
+  def type_name(wit_name) do
+    name = String.to_atom(String.replace(wit_name, "-", "_"))
+    if name in @builtin, do: :"#{name}_type", else: name
+  end
+end

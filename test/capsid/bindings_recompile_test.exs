@@ -1,0 +1,71 @@
+defmodule Capsid.BindingsRecompileTest do
+  # Not async: it loads and purges the modules of another Mix project.
+  use ExUnit.Case, async: false
+
+  import Capsid.AdoptionHelpers, only: [tmp_dir!: 1]
+
+  @root CapsidBindingsRecompile.Plugin
+
+  test "a changed component file recompiles the module" do
+    dir = tmp_dir!("bindings")
+    wasm = Path.join(dir, "plugin.wasm")
+    File.mkdir_p!(Path.join(dir, "lib"))
+
+    File.write!(Path.join(dir, "mix.exs"), """
+    defmodule CapsidBindingsRecompile.MixProject do
+      use Mix.Project
+      def project, do: [app: :capsid_bindings_recompile, version: "0.1.0"]
+    end
+    """)
+
+    File.write!(Path.join(dir, "lib/plugin.ex"), """
+    defmodule #{inspect(@root)} do
+      use Capsid.Bindings, component: #{inspect(wasm)}
+    end
+    """)
+
+    # A separate `mix compile`, as a user's project runs it, with Capsid's
+    # compiled application on the code path.
+    lib = Path.dirname(Application.app_dir(:capsid))
+
+    compile = fn ->
+      {out, status} =
+        System.cmd("mix", ["compile"],
+          cd: dir,
+          env: [{"ERL_LIBS", lib}, {"MIX_ENV", "dev"}],
+          stderr_to_stdout: true
+        )
+
+      assert status == 0, out
+      Code.prepend_path(Path.join(dir, "_build/dev/lib/capsid_bindings_recompile/ebin"))
+
+      for m <- [@root, Module.concat(@root, Greet), Module.concat(@root, State)] do
+        :code.purge(m)
+        :code.delete(m)
+      end
+    end
+
+    File.cp!(Capsid.Guests.path(:greeter_v1), wasm)
+    compile.()
+    assert Code.ensure_loaded?(Module.concat(@root, Greet))
+    assert function_exported?(Module.concat(@root, Greet), :hello, 2)
+
+    # Another component in the same file, with a newer time stamp.
+    File.cp!(Capsid.Guests.path(:stateful), wasm)
+    File.touch!(wasm, System.os_time(:second) + 5)
+    compile.()
+    refute Code.ensure_loaded?(Module.concat(@root, Greet))
+    assert Code.ensure_loaded?(Module.concat(@root, State))
+    assert function_exported?(Module.concat(@root, State), :bump, 1)
+  after
+    for m <- [
+          @root,
+          Module.concat(@root, Greet),
+          Module.concat(@root, State),
+          CapsidBindingsRecompile.MixProject
+        ] do
+      :code.purge(m)
+      :code.delete(m)
+    end
+  end
+end

@@ -1,0 +1,172 @@
+defmodule Capsid.BindingsTest do
+  use ExUnit.Case, async: true
+
+  import Capsid.TestHelpers
+
+  alias Capsid.Test.{CalcPy, Toolkit}
+
+  @calc_py "test/fixtures/foreign/calc_py.wasm"
+
+  # Every exported freestanding function of `component` with the module and
+  # function name that the bindings of `root` give it.
+  defp bound(component, root) do
+    for f <- Capsid.Component.exports(component), not String.starts_with?(f.function, "[") do
+      mod =
+        case f.interface do
+          nil -> root
+          iface -> Module.concat(root, iface |> String.split(["/", "@"]) |> Enum.at(1) |> camel())
+        end
+
+      {f, mod, String.to_atom(String.replace(f.function, "-", "_"))}
+    end
+  end
+
+  defp camel(name), do: name |> String.split("-") |> Enum.map_join(&String.capitalize/1)
+
+  describe "the toolkit's bindings" do
+    setup do
+      %{pid: start_toolkit()}
+    end
+
+    test "every export is a function, its bang form too, and both call it", %{pid: pid} do
+      component = toolkit()
+      funs = bound(component, Toolkit)
+      assert length(funs) == length(Capsid.Component.exports(component))
+
+      for {f, mod, name} <- funs do
+        n = length(f.params)
+        Code.ensure_loaded!(mod)
+        assert function_exported?(mod, name, n + 1), "#{inspect(mod)}.#{name}/#{n + 1}"
+        assert function_exported?(mod, name, n + 2)
+        assert function_exported?(mod, :"#{name}!", n + 1)
+
+        # Any valid arguments: the generated function gives what
+        # Capsid.call gives for the same ones.
+        args = Enum.map(f.params, fn {_, t} -> Capsid.Fuzz.value(t).(5) end)
+        expected = Capsid.call(pid, f.name, args)
+        assert apply(mod, name, [pid | args]) == expected, f.name
+        assert apply(mod, name, [pid | args] ++ [[timeout: 1_000]]) == expected
+
+        case expected do
+          {:ok, value} -> assert apply(mod, :"#{name}!", [pid | args]) == value
+          {:error, _} -> :ok
+        end
+      end
+    end
+
+    test "values as Capsid maps them", %{pid: pid} do
+      assert Toolkit.add(pid, 1, 2) == {:ok, 3}
+      assert Toolkit.add!(pid, 1, 2) == 3
+      assert %{words: 2, longest_word: "hello"} = Toolkit.Text.analyze!(pid, "hello world")
+
+      items = [%{sku: "book", quantity: 2, unit_price_cents: 1500, tags: [:taxable]}]
+      assert {:ok, {:ok, %{currency: :eur}}} = Toolkit.Pricing.quote(pid, items, :none, :eur)
+      assert Toolkit.Pricing.divide!(pid, 7, 0) == {:error, "division by zero"}
+    end
+
+    test "the bang form raises the error, call options are passed on", %{pid: pid} do
+      assert_raise Capsid.Error, ~r/args\[1\]: expected s32/, fn -> Toolkit.add!(pid, 1, "2") end
+      assert {:error, %Capsid.Error{kind: :bad_argument}} = Toolkit.add(pid, 1, "2")
+
+      assert {:error, %Capsid.Trap{kind: :out_of_fuel}} =
+               Toolkit.Text.word_frequencies(pid, String.duplicate("a b ", 10_000), 3, fuel: 1_000)
+    end
+  end
+
+  describe "specs and docs" do
+    test "every function has a spec for both arities, from its WIT types" do
+      for {f, mod, name} <- bound(toolkit(), Toolkit) do
+        {:ok, specs} = Code.Typespec.fetch_specs(mod)
+        n = length(f.params)
+
+        for arity <- [n + 1, n + 2], fun <- [name, :"#{name}!"] do
+          assert List.keymember?(specs, {fun, arity}, 0), "no spec for #{fun}/#{arity}"
+        end
+      end
+
+      assert spec(Toolkit, :add, 3) ==
+               "add(term(), -2_147_483_648..2_147_483_647, -2_147_483_648..2_147_483_647) ::\n" <>
+                 "  {:ok, -2_147_483_648..2_147_483_647} | {:error, Capsid.Error.t() | Capsid.Trap.t()}"
+
+      assert spec(Toolkit.Pricing, :quote!, 4) ==
+               "quote!(term(), [line_item()], discount(), currency()) ::\n" <>
+                 "  {:ok, basket_quote()} | {:error, String.t()}"
+
+      assert spec(Toolkit.Text, :word_frequencies!, 3) ==
+               "word_frequencies!(term(), String.t(), 0..4_294_967_295) :: [{String.t(), 0..4_294_967_295}]"
+    end
+
+    test "named WIT types are @types of their interface's module" do
+      assert type(Toolkit.Pricing, :currency) == "currency() :: :eur | :usd | :gbp"
+      assert type(Toolkit.Pricing, :item_tags) =~ "[:taxable | :discountable | :fragile | :digital]"
+
+      assert type(Toolkit.Pricing, :discount) ==
+               "discount() ::\n  :none\n  | {:percent, 0..255}\n  | {:fixed_cents, non_neg_integer()}\n" <>
+                 "  | {:buy_x_get_y, {0..4_294_967_295, 0..4_294_967_295}}"
+
+      assert type(Toolkit.Echo, :nested) =~ "maybe_maybe: {:some, 0..4_294_967_295 | nil} | nil"
+      assert type(Toolkit.Echo, :nested) =~ "outcome: {:ok, binary()} | {:error, String.t()}"
+    end
+
+    test "docs give the WIT signature with type names" do
+      assert doc(Toolkit.Pricing, :quote, 5) =~
+               "quote: func(items: list<line-item>, discount: discount, currency: currency) -> " <>
+                 "result<basket-quote, string>"
+
+      assert doc(Toolkit.Pricing, :quote, 5) =~ "acme:toolkit/pricing@0.1.0#quote"
+      assert doc(Toolkit.Pricing, :quote!, 5) =~ "raises"
+      assert {:docs_v1, _, _, _, %{"en" => moduledoc}, _, _} = Code.fetch_docs(Toolkit.Pricing)
+      assert moduledoc =~ "acme:toolkit/pricing@0.1.0"
+    end
+  end
+
+  describe "a componentize-py component" do
+    test "its interface becomes a module whose functions work" do
+      {:ok, pid} =
+        Capsid.Instance.start_link(component: Capsid.Component.load!(@calc_py), timeout: 30_000)
+
+      assert CalcPy.Math.add(pid, 2, 3) == {:ok, 5}
+      assert CalcPy.Math.stats!(pid, [1.0, 2.0, 4.5]) == %{count: 3, mean: 2.5, max: 4.5}
+      assert CalcPy.Math.safe_div!(pid, 1, 0) == {:error, "division by zero"}
+      assert CalcPy.Math.greet!(pid, nil) == "Hello, stranger!"
+      assert spec(CalcPy.Math, :stats!, 2) =~ ":: summary()"
+      assert type(CalcPy.Math, :summary) =~ "count: 0..4_294_967_295"
+      # componentize-py's own unnamed "exports" instance has a module too.
+      assert Code.ensure_loaded?(CalcPy.Exports)
+      assert function_exported?(CalcPy.Exports, :init, 4)
+    end
+  end
+
+  test "a file that is not a component is a compile error naming it" do
+    assert_raise CompileError, ~r/not_a_component\.wasm/, fn ->
+      Code.compile_string("""
+      defmodule CapsidBindingsBad do
+        use Capsid.Bindings, component: "#{__DIR__}/not_a_component.wasm"
+      end
+      """)
+    end
+  end
+
+  defp spec(mod, fun, arity) do
+    {:ok, specs} = Code.Typespec.fetch_specs(mod)
+    {_, [s | _]} = List.keyfind(specs, {fun, arity}, 0)
+    fun |> Code.Typespec.spec_to_quoted(s) |> Macro.to_string()
+  end
+
+  defp type(mod, name) do
+    {:ok, types} = Code.Typespec.fetch_types(mod)
+
+    Enum.find_value(types, fn {_, {n, _, _} = t} ->
+      n == name && t |> Code.Typespec.type_to_quoted() |> Macro.to_string()
+    end)
+  end
+
+  defp doc(mod, fun, arity) do
+    {:docs_v1, _, _, _, _, _, docs} = Code.fetch_docs(mod)
+
+    Enum.find_value(docs, fn
+      {{_, ^fun, ^arity}, _, _, %{"en" => d}, _} -> d
+      _ -> nil
+    end)
+  end
+end
