@@ -45,17 +45,35 @@ fn component_wit<'a>(env: Env<'a>, bytes: Binary) -> Term<'a> {
 }
 
 fn describe<'a>(env: Env<'a>, bytes: &[u8]) -> Result<Term<'a>, Error> {
-    let (resolve, world) = match wit_parser::decoding::decode(bytes) {
+    // wit-parser applies a `package-docs` section to the component's own
+    // `root:component` package and fails the decode when it documents
+    // other packages' interfaces: then decode without it, and give its docs
+    // to whichever package it fits.
+    let decoded = wit_parser::decoding::decode(bytes).or_else(|first| {
+        let (stripped, docs) = split_package_docs(bytes);
+        if docs.is_empty() {
+            return Err(first);
+        }
+        let mut decoded = wit_parser::decoding::decode(&stripped)?;
+        if let DecodedWasm::Component(resolve, _) = &mut decoded {
+            // Each try copies the resolve: a few sections are plenty.
+            for section in docs.into_iter().take(8) {
+                inject_docs(resolve, section);
+            }
+        }
+        Ok(decoded)
+    });
+    let (resolve, world) = match decoded {
         Ok(DecodedWasm::Component(resolve, world)) => (resolve, world),
         Ok(DecodedWasm::WitPackage(..)) => {
             return Err(Error::InvalidComponent(
                 "this is a WIT package, not a component".into(),
-            ))
+            ));
         }
         Err(e) => {
             return Err(Error::InvalidComponent(format!(
                 "cannot decode the component's WIT: {e:#}"
-            )))
+            )));
         }
     };
     let mut enc = Describer {
@@ -70,8 +88,15 @@ fn describe<'a>(env: Env<'a>, bytes: &[u8]) -> Result<Term<'a>, Error> {
     let types = enc.type_table()?;
 
     let text = print(&resolve, world)?;
-    let keys = [wit(), self::world(), docs(), self::exports(), self::imports(), self::types()]
-        .map(|a| a.encode(env));
+    let keys = [
+        wit(),
+        self::world(),
+        docs(),
+        self::exports(),
+        self::imports(),
+        self::types(),
+    ]
+    .map(|a| a.encode(env));
     let vals = [
         text.encode(env),
         w.name.encode(env),
@@ -83,6 +108,66 @@ fn describe<'a>(env: Env<'a>, bytes: &[u8]) -> Result<Term<'a>, Error> {
     let map = Term::map_from_term_arrays(env, &keys, &vals)
         .map_err(|_| Error::Internal("building the WIT description".into()))?;
     Ok(make_tuple(env, &[ok().encode(env), map]))
+}
+
+/// The component without its top-level `package-docs` custom sections, and
+/// their contents. A top-level section is an id byte, a LEB128 size and its
+/// contents; a custom section's contents start with its name.
+fn split_package_docs(bytes: &[u8]) -> (Vec<u8>, Vec<&[u8]>) {
+    const NAME: &[u8] = b"package-docs";
+    let mut kept = bytes[..bytes.len().min(8)].to_vec();
+    let mut docs = Vec::new();
+    let mut at = 8;
+    while at < bytes.len() {
+        let start = at;
+        let id = bytes[at];
+        let Some((size, after)) = leb_u32(bytes, at + 1) else {
+            break;
+        };
+        let end = after.saturating_add(size as usize).min(bytes.len());
+        let contents = &bytes[after..end];
+        let named = leb_u32(contents, 0).and_then(|(n, p)| {
+            contents
+                .get(p..p + n as usize)
+                .map(|name| (name, p + n as usize))
+        });
+        match named {
+            Some((name, data)) if id == 0 && name == NAME => docs.push(&contents[data..]),
+            _ => kept.extend_from_slice(&bytes[start..end]),
+        }
+        at = end;
+    }
+    (kept, docs)
+}
+
+fn leb_u32(bytes: &[u8], mut at: usize) -> Option<(u32, usize)> {
+    let mut value: u32 = 0;
+    for shift in (0..35).step_by(7) {
+        let b = *bytes.get(at)?;
+        at += 1;
+        value |= u32::from(b & 0x7f).checked_shl(shift)?;
+        if b & 0x80 == 0 {
+            return Some((value, at));
+        }
+    }
+    None
+}
+
+/// Gives the docs of a `package-docs` section to the first package that
+/// has every world and interface it documents (tried on a copy, so that a
+/// package it does not fit is left as it was).
+fn inject_docs(resolve: &mut Resolve, section: &[u8]) {
+    let Ok(meta) = wit_parser::PackageMetadata::decode(section) else {
+        return;
+    };
+    let packages: Vec<_> = resolve.packages.iter().map(|(id, _)| id).collect();
+    for pkg in packages {
+        let mut attempt = resolve.clone();
+        if meta.inject(&mut attempt, pkg).is_ok() {
+            *resolve = attempt;
+            return;
+        }
+    }
 }
 
 /// The world's package and every package it uses, as `wasm-tools component
@@ -194,8 +279,7 @@ impl<'r, 'a> Describer<'r, 'a> {
             Some(t) => self.ty(t)?,
             None => nil().encode(env),
         };
-        let keys =
-            [name(), kind(), docs(), params(), result(), signature()].map(|a| a.encode(env));
+        let keys = [name(), kind(), docs(), params(), result(), signature()].map(|a| a.encode(env));
         let vals = [
             f.name.encode(env),
             kind_term,
@@ -245,7 +329,10 @@ impl<'r, 'a> Describer<'r, 'a> {
             if !self.named.contains(&id) {
                 self.named.push(id);
             }
-            return Ok(make_tuple(env, &[r#ref().encode(env), id.index().encode(env)]));
+            return Ok(make_tuple(
+                env,
+                &[r#ref().encode(env), id.index().encode(env)],
+            ));
         }
         self.def(id)
     }
@@ -267,9 +354,10 @@ impl<'r, 'a> Describer<'r, 'a> {
             Type::F64 => f64().encode(env),
             Type::Char => char().encode(env),
             Type::String => string().encode(env),
-            Type::ErrorContext => {
-                make_tuple(env, &[unsupported().encode(env), "error-context".encode(env)])
-            }
+            Type::ErrorContext => make_tuple(
+                env,
+                &[unsupported().encode(env), "error-context".encode(env)],
+            ),
             Type::Id(id) => return self.reference(*id),
         })
     }
@@ -380,7 +468,12 @@ impl<'r, 'a> Describer<'r, 'a> {
             };
             let d = self.def(id)?;
             let ks = [name(), docs(), owner(), def()].map(|a| a.encode(env));
-            let vs = [t.name.encode(env), t.docs.contents.encode(env), owner_term, d];
+            let vs = [
+                t.name.encode(env),
+                t.docs.contents.encode(env),
+                owner_term,
+                d,
+            ];
             keys.push(id.index().encode(env));
             vals.push(
                 Term::map_from_term_arrays(env, &ks, &vs)

@@ -147,6 +147,82 @@ defmodule Capsid.BindingsTest do
     end
   end
 
+  describe "doc comments from a package-docs section" do
+    # The toolkit with a `package-docs` custom section (version byte 1, then
+    # JSON) documenting two functions of its `text` interface.
+    defp documented_toolkit do
+      json =
+        ~s({"docs":"The toolkit.","interfaces":{"text":{"docs":"Text analysis.",) <>
+          ~s("funcs":{"analyze":"Counts words.\\nAnd characters.","slugify":"Slugs."}}}})
+
+      name = "package-docs"
+      contents = <<byte_size(name)>> <> name <> <<1>> <> json
+      File.read!(Capsid.Guests.path(:toolkit)) <> <<0>> <> leb(byte_size(contents)) <> contents
+    end
+
+    defp leb(n) when n < 128, do: <<n>>
+    defp leb(n), do: <<1::1, Bitwise.band(n, 127)::7>> <> leb(Bitwise.bsr(n, 7))
+
+    test "reach describe/1 and the generated @doc" do
+      bytes = documented_toolkit()
+      wit = Capsid.Component.describe!(bytes)
+      assert wit =~ "/// Counts words.\n    /// And characters.\n    analyze: func"
+      assert wit =~ "/// Text analysis.\n  interface text"
+
+      dir = Path.join(System.tmp_dir!(), "capsid-docs-#{System.unique_integer([:positive])}")
+      File.mkdir_p!(dir)
+      on_exit(fn -> File.rm_rf(dir) end)
+      File.write!(Path.join(dir, "documented.wasm"), bytes)
+
+      File.write!(Path.join(dir, "documented.ex"), """
+      defmodule CapsidDocumented do
+        use Capsid.Bindings, component: #{inspect(Path.join(dir, "documented.wasm"))}
+      end
+      """)
+
+      {:ok, _, _} =
+        Kernel.ParallelCompiler.compile_to_path([Path.join(dir, "documented.ex")], dir,
+          return_diagnostics: true
+        )
+
+      {:docs_v1, _, _, _, %{"en" => moduledoc}, _, docs} =
+        Code.fetch_docs(Path.join(dir, "Elixir.CapsidDocumented.Text.beam"))
+
+      assert moduledoc =~ "Text analysis."
+
+      assert Enum.find_value(docs, fn
+               {{:function, :analyze, 3}, _, _, %{"en" => d}, _} -> d
+               _ -> nil
+             end) =~ "Counts words.\nAnd characters."
+    after
+      for m <- [
+            CapsidDocumented,
+            CapsidDocumented.Text,
+            CapsidDocumented.Pricing,
+            CapsidDocumented.Echo
+          ] do
+        :code.purge(m)
+        :code.delete(m)
+      end
+    end
+  end
+
+  describe "hostile components" do
+    test "a type of 2^18 leaves is refused with a clear error, nothing crashes" do
+      assert {:error, %Capsid.Error{kind: :resource_limit, message: msg}} =
+               Capsid.Component.describe(Capsid.Hostile.deep_type(18))
+
+      assert msg =~ "too large to describe"
+      # Smaller ones describe fine.
+      assert {:ok, _} = Capsid.Component.describe(Capsid.Hostile.deep_type(4))
+    end
+
+    test "garbage is an invalid component, not a crash" do
+      assert {:error, %Capsid.Error{kind: :invalid_component}} =
+               Capsid.Component.describe(<<0, "asm", 13, 0, 1, 0, 255, 255>>)
+    end
+  end
+
   defp spec(mod, fun, arity) do
     {:ok, specs} = Code.Typespec.fetch_specs(mod)
     {_, [s | _]} = List.keyfind(specs, {fun, arity}, 0)
