@@ -5,6 +5,12 @@
 
 alias Capsid.Component
 
+# Typed bindings, generated from the component itself at compile time: a
+# module per exported interface, a function (with @spec and @doc) per export.
+defmodule Toolkit do
+  use Capsid.Bindings, component: Capsid.Guests.path(:toolkit)
+end
+
 section = fn title -> IO.puts("\n\e[1m== #{title}\e[0m") end
 
 show = fn label, value ->
@@ -22,7 +28,7 @@ IO.puts("  #{inspect(component)} compiled in #{div(micros, 1000)} ms")
 section.("Exports (callable names and WIT types)")
 
 component
-|> Component.exports()
+|> Component.exports(named: true)
 |> Enum.reject(&String.contains?(&1.name, "#echo-"))
 |> Enum.each(&IO.puts("  " <> Component.signature(&1)))
 
@@ -30,11 +36,23 @@ IO.puts(
   "  ... and #{Enum.count(Component.exports(component), &String.contains?(&1.name, "#echo-"))} echo-* round-trip functions"
 )
 
-section.("Imports the host must provide (besides WASI)")
+section.("The pricing interface as WIT, with its type names (Component.describe/1)")
 
 component
-|> Component.imports()
-|> Enum.reject(&(&1.interface && String.starts_with?(&1.interface, "wasi:")))
+|> Component.describe!()
+|> String.split("interface pricing {")
+|> Enum.at(1)
+|> String.split("\n  }")
+|> hd()
+|> String.split("\n")
+|> Enum.reject(&(&1 == ""))
+|> Enum.each(&IO.puts(String.replace_prefix(&1, "  ", "")))
+
+section.("Imports the host must provide (Component.host_imports/1; WASI is Capsid's)")
+
+component
+|> Component.imports(named: true)
+|> Enum.reject(&String.starts_with?(&1.name, "wasi:"))
 |> Enum.each(&IO.puts("  " <> Component.signature(&1)))
 
 imports = %{
@@ -48,21 +66,26 @@ imports = %{
 {:ok, instance} = Capsid.Instance.start_link(component: component, imports: imports)
 
 section.("Calls")
-show.(~s|Capsid.call(instance, "add", [1, 2])|, Capsid.call(instance, "add", [1, 2]))
+show.(~s|Toolkit.add(instance, 1, 2)|, Toolkit.add(instance, 1, 2))
 
 show.(
-  ~s|Capsid.call(instance, "greet", ["Zoë"])  # calls the Elixir imports|,
-  Capsid.call(instance, "greet", ["Zoë"])
+  ~s|Capsid.call(instance, "add", [1, 2])  # the same call, untyped|,
+  Capsid.call(instance, "add", [1, 2])
 )
 
 show.(
-  ~s|Capsid.call(instance, "analyze", ["The quick brown fox jumps over the lazy dog"])|,
-  Capsid.call(instance, "analyze", ["The quick brown fox jumps over the lazy dog"])
+  ~s|Toolkit.greet(instance, "Zoë")  # calls the Elixir imports|,
+  Toolkit.greet(instance, "Zoë")
 )
 
 show.(
-  ~s|Capsid.call(instance, "acme:toolkit/text#slugify", ["Crème Brûlée à la carte!"])|,
-  Capsid.call(instance, "acme:toolkit/text#slugify", ["Crème Brûlée à la carte!"])
+  ~s|Toolkit.Text.analyze(instance, "The quick brown fox jumps over the lazy dog")|,
+  Toolkit.Text.analyze(instance, "The quick brown fox jumps over the lazy dog")
+)
+
+show.(
+  ~s|Toolkit.Text.slugify!(instance, "Crème Brûlée à la carte!")  # ! returns the value|,
+  Toolkit.Text.slugify!(instance, "Crème Brûlée à la carte!")
 )
 
 items = [
@@ -76,33 +99,39 @@ IO.puts(
 )
 
 show.(
-  ~s|Capsid.call(instance, "quote", [items, {:buy_x_get_y, {2, 1}}, :eur])|,
-  Capsid.call(instance, "quote", [items, {:buy_x_get_y, {2, 1}}, :eur])
+  ~s|Toolkit.Pricing.quote(instance, items, {:buy_x_get_y, {2, 1}}, :eur)|,
+  Toolkit.Pricing.quote(instance, items, {:buy_x_get_y, {2, 1}}, :eur)
 )
 
 show.(
-  ~s|Capsid.call(instance, "divide", [10, 0])  # the guest's own result<s64, string>|,
-  Capsid.call(instance, "divide", [10, 0])
+  ~s|Toolkit.Pricing.divide(instance, 10, 0)  # the guest's own result<s64, string>|,
+  Toolkit.Pricing.divide(instance, 10, 0)
 )
 
 section.("Bad input is a clear error, and the instance carries on")
 bad_items = [%{sku: "book", quantity: "three", unit_price_cents: 1_500, tags: []}]
-{:error, error} = Capsid.call(instance, "quote", [bad_items, :none, :eur])
+{:error, error} = Toolkit.Pricing.quote(instance, bad_items, :none, :eur)
 
 show.(
-  ~s|Capsid.call(instance, "quote", [[%{sku: "book", quantity: "three", ...}], :none, :eur])|,
+  ~s|Toolkit.Pricing.quote(instance, [%{sku: "book", quantity: "three", ...}], :none, :eur)|,
   error
 )
 
 IO.puts("    message: #{Exception.message(error)}")
-{:error, error} = Capsid.call(instance, "quote", [items, :none, :yen])
+{:error, error} = Toolkit.Pricing.quote(instance, items, :none, :yen)
 
 IO.puts(
-  "  Capsid.call(instance, \"quote\", [items, :none, :yen])\n    message: #{Exception.message(error)}"
+  "  Toolkit.Pricing.quote(instance, items, :none, :yen)\n    message: #{Exception.message(error)}"
 )
 
 {:error, error} = Capsid.call(instance, "describe", [])
 IO.puts("  Capsid.call(instance, \"describe\", [])\n    message: #{Exception.message(error)}")
+{:error, error} = Capsid.call(instance, "word_frequency", ["a b", 1])
+
+IO.puts(
+  "  Capsid.call(instance, \"word_frequency\", [\"a b\", 1])\n    message: #{Exception.message(error)}"
+)
+
 show.(~s|Capsid.call(instance, "add", [2, 2])  # still fine|, Capsid.call(instance, "add", [2, 2]))
 
 info = Capsid.Instance.info(instance)

@@ -255,11 +255,19 @@ impl ComponentResource {
                 break;
             }
         }
-        let mut listed: Vec<&str> = self.exports.iter().map(|e| e.info.name.as_str()).collect();
+        // Names only, each as short as a call may spell it.
+        let mut listed: Vec<&str> = self
+            .exports
+            .iter()
+            .map(|e| match self.lookup.get(&e.info.short) {
+                Some(Lookup::One(_)) => e.info.short.as_str(),
+                _ => e.info.name.as_str(),
+            })
+            .collect();
         let total = listed.len();
-        listed.truncate(20);
-        let more = if total > 20 {
-            format!(" and {} more", total - 20)
+        listed.truncate(12);
+        let more = if total > 12 {
+            format!(" and {} more", total - 12)
         } else {
             String::new()
         };

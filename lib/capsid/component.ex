@@ -164,24 +164,63 @@ defmodule Capsid.Component do
   @doc """
   The component's exported functions with their WIT types.
 
+  With `named: true`, each function also has `:signature`, its WIT
+  signature with the component's type names (`func(input: string) ->
+  text-stats` where `params`/`result` spell the record out), and `:docs`,
+  its WIT doc comment or `nil`: the component's WIT is decoded for this
+  (about a millisecond for a small component), so it is not done by default.
+
       iex> component = Capsid.Component.load!(Capsid.Guests.path(:toolkit))
       iex> add = Enum.find(Capsid.Component.exports(component), &(&1.name == "add"))
       iex> add.params
       [{"a", :s32}, {"b", :s32}]
+      iex> analyze = Enum.find(Capsid.Component.exports(component, named: true), &(&1.function == "analyze"))
+      iex> analyze.signature
+      "func(input: string) -> text-stats"
+      iex> Capsid.Component.signature(analyze)
+      "acme:toolkit/text@0.1.0#analyze: func(input: string) -> text-stats"
   """
-  @spec exports(t()) :: [function_info()]
-  def exports(%__MODULE__{exports: exports}), do: exports
+  @spec exports(t(), keyword()) :: [function_info()]
+  def exports(component, opts \\ [])
+  def exports(%__MODULE__{exports: exports}, []), do: exports
+  def exports(%__MODULE__{} = c, opts), do: named(c, c.exports, :exports, opts)
 
   @doc """
   What the component needs from the host: its imported functions (root
-  imports and functions of imported interfaces, WASI included).
+  imports and functions of imported interfaces, WASI included; see
+  `host_imports/1` for only those the host must provide). `named: true` as
+  for `exports/2`.
 
       iex> component = Capsid.Component.load!(Capsid.Guests.path(:toolkit))
       iex> Enum.find(Capsid.Component.imports(component), &(&1.name == "log")).params
       [{"level", {:enum, ["debug", "info", "warn", "error"]}}, {"msg", :string}]
   """
-  @spec imports(t()) :: [function_info()]
-  def imports(%__MODULE__{imports: imports}), do: imports
+  @spec imports(t(), keyword()) :: [function_info()]
+  def imports(component, opts \\ [])
+  def imports(%__MODULE__{imports: imports}, []), do: imports
+  def imports(%__MODULE__{} = c, opts), do: named(c, c.imports, :imports, opts)
+
+  # `named: true`: each function also gets `:signature` (WIT with the type
+  # names) and `:docs`, from the component's decoded WIT.
+  defp named(component, functions, which, opts) do
+    Capsid.Options.validate!(opts, [:named], "Capsid.Component.#{which}/2")
+
+    with true <- Keyword.get(opts, :named, false),
+         {:ok, api} <- api(component) do
+      by_name =
+        for item <- Map.fetch!(api, which), {name, f} <- wit_functions(item), into: %{} do
+          {name, %{signature: f.signature, docs: f.docs}}
+        end
+
+      Enum.map(functions, &Map.merge(&1, Map.get(by_name, &1.name, %{signature: nil, docs: nil})))
+    else
+      _ -> functions
+    end
+  end
+
+  defp wit_functions({:function, f}), do: [{f.name, f}]
+  defp wit_functions({:interface, i}), do: for(f <- i.function, do: {"#{i.key}##{f.name}", f})
+  defp wit_functions(_type), do: []
 
   @doc """
   The imports that the host must provide in `:imports` (see
@@ -246,6 +285,8 @@ defmodule Capsid.Component do
       "add: func(a: s32, b: s32) -> s32"
   """
   @spec signature(function_info()) :: String.t()
+  def signature(%{name: name, signature: wit}) when is_binary(wit), do: "#{name}: #{wit}"
+
   def signature(%{name: name, params: params, result: result}),
     do: "#{name}: #{Types.signature(params, result)}"
 

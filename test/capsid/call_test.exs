@@ -43,7 +43,22 @@ defmodule Capsid.CallTest do
                Capsid.call(pid, "subtract", [1, 2])
 
       assert msg =~ ~s(no exported function "subtract")
-      assert msg =~ "add, greet, acme:toolkit/text@0.1.0#analyze"
+      # Names only, as short as a call may spell them, and not all 40.
+      assert msg =~
+               "add, greet, analyze, slugify, word-frequencies, " <>
+                 "acme:toolkit/text@0.1.0#describe"
+
+      refute msg =~ "func("
+      assert msg =~ "and 28 more"
+    end
+
+    test "snake_case names resolve; a near miss gets \"did you mean\"", %{pid: pid} do
+      assert Capsid.call(pid, "word_frequencies", ["a b a", 1]) == {:ok, [{"a", 2}]}
+
+      assert {:error, %Error{kind: :unknown_function, message: msg}} =
+               Capsid.call(pid, "word_frequency", ["a b a", 1])
+
+      assert msg =~ ~s(did you mean "word-frequencies")
     end
   end
 

@@ -66,6 +66,10 @@ defmodule Capsid.Integration.NewAppTest do
     # The guide's call, in a module: `mix run` runs it, and so does the
     # release below (`-s`, once it booted), which then stops.
     File.write!(Path.join(app, "lib/check.ex"), """
+    defmodule HelloApp.Hello do
+      use Capsid.Bindings, component: "priv/guests/hello.wasm"
+    end
+
     defmodule HelloApp.Check do
       def run do
         path = Application.app_dir(:hello_app, "priv/guests/hello.wasm")
@@ -79,6 +83,9 @@ defmodule Capsid.Integration.NewAppTest do
 
         {:ok, greeting} = Capsid.call(instance, "greet", ["Ada"])
         IO.puts("result: " <> greeting)
+        # The quick start's generated module gives the same.
+        {:ok, ^greeting} = HelloApp.Hello.greet(instance, "Ada")
+        IO.puts("bindings: " <> HelloApp.Hello.greet!(instance, "Ada"))
       end
 
       def in_release do
@@ -97,6 +104,7 @@ defmodule Capsid.Integration.NewAppTest do
     {out, timings} = run!(app, env, ["run", "-e", "HelloApp.Check.run()"], timings)
     assert out =~ "log: greeting Ada"
     assert out =~ "result: Hello, Ada!"
+    assert out =~ "bindings: Hello, Ada!"
 
     # Nothing changed: cargo does not even run.
     {out, timings} = run!(app, env, ["compile"], timings)
@@ -115,6 +123,7 @@ defmodule Capsid.Integration.NewAppTest do
     assert out =~ "Building guest hello"
     {out, timings} = run!(app, env, ["run", "-e", "HelloApp.Check.run()"], timings)
     assert out =~ "result: Howdy, Ada!"
+    assert out =~ "bindings: Howdy, Ada!"
 
     # So does an edit of its WIT.
     wit = Path.join(app, "wit/hello/hello.wit")
