@@ -140,18 +140,22 @@ defmodule Capsid.Bindings.Generate do
     if docs, do: docs <> "\n\n" <> intro, else: intro
   end
 
-  # Interface id => module; a name two interfaces share gets its package.
+  # Interface id => module; a name two interfaces share gets its package,
+  # and one that two versions of a package share gets its whole key.
   defp interface_modules(root, exported) do
-    counts =
-      exported
-      |> Enum.map(fn {:interface, i} -> base_name(i) end)
-      |> Enum.frequencies()
+    ifaces = for {:interface, i} <- exported, do: i
+    short = Enum.frequencies_by(ifaces, &base_name/1)
+    long = Enum.frequencies_by(ifaces, &(package_of(&1.key) <> "-" <> base_name(&1)))
 
-    Map.new(exported, fn {:interface, i} ->
+    Map.new(ifaces, fn i ->
+      with_package = package_of(i.key) <> "-" <> base_name(i)
+
       name =
-        if counts[base_name(i)] > 1,
-          do: camel(package_of(i.key)) <> camel(base_name(i)),
-          else: camel(base_name(i))
+        cond do
+          short[base_name(i)] == 1 -> camel(base_name(i))
+          long[with_package] == 1 -> camel(with_package)
+          true -> camel(String.replace(i.key, ~r/[^A-Za-z0-9]+/, "-"))
+        end
 
       {i.id, Module.concat(root, name)}
     end)

@@ -180,6 +180,10 @@ defmodule Capsid.BindingsTest do
       end
       """)
 
+      # `mix test` may still be loading test files (with docs off) while
+      # async tests run: docs on, as in a project's own compile.
+      Code.put_compiler_option(:docs, true)
+
       {:ok, _, _} =
         Kernel.ParallelCompiler.compile_to_path([Path.join(dir, "documented.ex")], dir,
           return_diagnostics: true
@@ -200,6 +204,58 @@ defmodule Capsid.BindingsTest do
             CapsidDocumented.Text,
             CapsidDocumented.Pricing,
             CapsidDocumented.Echo
+          ] do
+        :code.purge(m)
+        :code.delete(m)
+      end
+    end
+  end
+
+  describe "names" do
+    test "clashing interface names, keywords and parameters named like ours" do
+      dir = Path.join(System.tmp_dir!(), "capsid-names-#{System.unique_integer([:positive])}")
+      File.mkdir_p!(dir)
+      on_exit(fn -> File.rm_rf(dir) end)
+      wasm = Path.join(dir, "names.wasm")
+      wat = Path.expand("../fixtures/hand/names.wat", __DIR__)
+      {_, 0} = System.cmd(Capsid.Hostile.wat2wasm!(), [wat, wasm], stderr_to_stdout: true)
+
+      File.write!(Path.join(dir, "names.ex"), """
+      defmodule CapsidNames do
+        use Capsid.Bindings, component: #{inspect(wasm)}
+      end
+      """)
+
+      {:ok, mods, _} =
+        Kernel.ParallelCompiler.compile_to_path([Path.join(dir, "names.ex")], dir,
+          return_diagnostics: true
+        )
+
+      assert Enum.sort(mods) ==
+               [
+                 CapsidNames,
+                 CapsidNames.AcmeAMath,
+                 CapsidNames.AcmeBMath100,
+                 CapsidNames.AcmeBMath200
+               ]
+
+      # Modules compiled by this test: called through variables, so that
+      # the test file compiles without them.
+      [root, a, b1, b2] = mods |> Enum.sort()
+      {:ok, pid} = Capsid.Instance.start_link(component: Capsid.Component.load!(wasm, cache: false))
+      assert a.get(pid) == {:ok, 1}
+      assert b1.get(pid) == {:ok, 2}
+      assert b2.get!(pid) == 3
+      assert root.end_(pid) == {:ok, 1}
+      # sub(target: u32, opts: u32): our own target and opts stay first and last.
+      assert root.sub(pid, 10, 4) == {:ok, 6}
+      assert root.sub(pid, 10, 4, timeout: 1_000) == {:ok, 6}
+    after
+      for m <- [
+            CapsidNames,
+            CapsidNames.AcmeAMath,
+            CapsidNames.AcmeBMath100,
+            CapsidNames.AcmeBMath200
           ] do
         :code.purge(m)
         :code.delete(m)
