@@ -195,8 +195,18 @@ defmodule Capsid.Deployment do
 
       pid ->
         case DynamicSupervisor.terminate_child(Capsid.DeploymentSupervisor, pid) do
-          :ok -> :ok
-          {:error, :not_found} -> GenServer.stop(pid, :shutdown)
+          :ok ->
+            :ok
+
+          {:error, :not_found} ->
+            # Not supervised, or already gone while its name was still
+            # registered (an undeploy that raced another one).
+            try do
+              GenServer.stop(pid, :shutdown)
+            catch
+              :exit, _ ->
+                {:error, Error.new(:instance_down, "no deployment named #{inspect(name)}")}
+            end
         end
     end
   end

@@ -35,6 +35,9 @@ defmodule Capsid.DeploymentTest do
     assert Capsid.call(name, "hello", ["Ada"]) == {:ok, "Hello, Ada!"}
 
     assert Capsid.undeploy(name) == :ok
+    # At once again (its name may still be registered for a moment): an
+    # error, never an exit.
+    assert {:error, %Error{kind: :instance_down}} = Capsid.undeploy(name)
     assert {:error, %Error{kind: :instance_down}} = Capsid.call(name, "hello", ["Ada"])
     assert {:error, %Error{kind: :instance_down}} = Capsid.versions(name)
   end
