@@ -44,8 +44,10 @@ defmodule Capsid.Call do
   # A call that must not lose the instance's state even if it traps: its
   # memories are copied first and put back into its next store (used to
   # take a snapshot for a hot swap).
+  # It queues like any call, behind the callers already waiting; a hot
+  # swap under heavy load must not fail for the instance's default 5 s.
   def call_preserving(target, function, args) do
-    run(target, function, args, {nil, nil, nil, true}, nil) |> elem(0)
+    run(target, function, args, {nil, nil, nil, true}, 30_000) |> elem(0)
   end
 
   defp options!([]), do: {{nil, nil, nil, false}, nil}

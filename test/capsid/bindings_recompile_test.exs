@@ -18,21 +18,24 @@ defmodule Capsid.BindingsRecompileTest do
     end
     """)
 
+    # Capsid as this test has it compiled (a path dependency would build
+    # its NIF again), put on the code path where Mix 1.15+ does not prune it.
     File.write!(Path.join(dir, "lib/plugin.ex"), """
+    Code.prepend_path(System.fetch_env!("CAPSID_EBIN"))
+
     defmodule #{inspect(@root)} do
       use Capsid.Bindings, component: #{inspect(wasm)}
     end
     """)
 
-    # A separate `mix compile`, as a user's project runs it, with Capsid's
-    # compiled application on the code path.
-    lib = Path.dirname(Application.app_dir(:capsid))
+    # A separate `mix compile`, as a user's project runs it.
+    ebin = Application.app_dir(:capsid, "ebin")
 
     compile = fn ->
       {out, status} =
         System.cmd("mix", ["compile"],
           cd: dir,
-          env: [{"ERL_LIBS", lib}, {"MIX_ENV", "dev"}],
+          env: [{"CAPSID_EBIN", ebin}, {"MIX_ENV", "dev"}, {"MIX_BUILD_ROOT", nil}],
           stderr_to_stdout: true
         )
 
