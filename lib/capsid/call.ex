@@ -45,9 +45,13 @@ defmodule Capsid.Call do
   # memories are copied first and put back into its next store (used to
   # take a snapshot for a hot swap).
   # It queues like any call, behind the callers already waiting; a hot
-  # swap under heavy load must not fail for the instance's default 5 s.
+  # swap under heavy load must not fail for the instance's default 5 s. It
+  # starts on a dirty scheduler: a snapshot's `list<u8>` would otherwise
+  # pause for one while holding the instance, and when dirty schedulers are
+  # busy (large garbage collections run there) the callers queued behind
+  # it waited seconds.
   def call_preserving(target, function, args) do
-    run(target, function, args, {nil, nil, nil, true}, 30_000) |> elem(0)
+    run(target, function, args, {nil, nil, nil, true}, 30_000, true) |> elem(0)
   end
 
   defp options!([]), do: {{nil, nil, nil, false}, nil}
@@ -77,7 +81,7 @@ defmodule Capsid.Call do
   end
 
   # Returns `{result, fuel_used}`.
-  defp run(target, function, args, narrow, queue_timeout) do
+  defp run(target, function, args, narrow, queue_timeout, dirty \\ false) do
     ctx = %{
       target: target,
       function: function,
@@ -87,7 +91,9 @@ defmodule Capsid.Call do
       retries: @retries
     }
 
-    start(ctx)
+    if dirty,
+      do: step(Native.call_start_dirty(target, function, args, narrow), ctx),
+      else: start(ctx)
   end
 
   defp start(ctx) do
