@@ -12,6 +12,7 @@ use crate::convert::{Conv, Path, Work, proper_list, term_to_value};
 use crate::error::{Error, TrapKind};
 use crate::instance::{InstanceResource, Turn};
 use crate::registry::{self, Entry};
+use crate::resource::HandleResource;
 use crate::shape::wit_name;
 use crate::value::Value;
 use rustler::types::tuple::make_tuple;
@@ -99,11 +100,13 @@ fn queued_status<'a>(env: Env<'a>, this: &ResourceArc<InstanceResource>) -> Term
 }
 
 /// Takes the turn on `this` (queueing unless `queue` is false) and starts.
+#[allow(clippy::too_many_arguments)]
 fn go<'a>(
     env: Env<'a>,
     this: &ResourceArc<InstanceResource>,
-    index: usize,
+    index: Option<usize>,
     values: Vec<Value>,
+    handles: &[(ResourceArc<HandleResource>, bool)],
     narrow: Narrow,
     queue: bool,
     dirty: bool,
@@ -112,13 +115,7 @@ fn go<'a>(
         Ok(Turn::Go) => {
             let limits = this.call_limits(narrow);
             Ok(InstanceResource::begin(
-                this,
-                env,
-                Some(index),
-                values,
-                limits,
-                narrow.3,
-                dirty,
+                this, env, index, values, handles, limits, narrow.3, dirty,
             ))
         }
         Ok(Turn::Queued) => Ok(queued_status(env, this)),
@@ -139,17 +136,40 @@ fn start<'a>(
     let Some(entry) = registry::resolve(env, target) else {
         return not_found().encode(env);
     };
+    if function.as_slice().starts_with(DROP) {
+        return drop_start(env, entry, args, narrow, dirty);
+    }
+    // Handles in the arguments are recorded while converting them.
+    crate::resource::take_used();
+    let component = match &entry {
+        Entry::Instance(this) => this.component.clone(),
+        Entry::Pool(pool) => match pool.members().first() {
+            Some(m) => m.component.clone(),
+            None => return retired().encode(env),
+        },
+    };
+    let prepared = prepare(&component, function, args, &mut work(dirty));
+    let handles = crate::resource::take_used();
+    let (index, values) = match prepared {
+        Ok(p) => p,
+        Err(Conv::Over) => return dirty_start().encode(env),
+        Err(Conv::Bad(e)) => return e.encode(env),
+    };
     match entry {
         Entry::Instance(this) => {
             if this.is_retired() {
                 return retired().encode(env);
             }
-            let (index, values) = match prepare(&this.component, function, args, &mut work(dirty)) {
-                Ok(p) => p,
-                Err(Conv::Over) => return dirty_start().encode(env),
-                Err(Conv::Bad(e)) => return e.encode(env),
-            };
-            match go(env, &this, index, values, narrow, true, dirty) {
+            match go(
+                env,
+                &this,
+                Some(index),
+                values,
+                &handles,
+                narrow,
+                true,
+                dirty,
+            ) {
                 Ok(t) => t,
                 Err((status, _)) => status.encode(env),
             }
@@ -159,26 +179,110 @@ fn start<'a>(
             if pool.is_retired() || members.is_empty() {
                 return retired().encode(env);
             }
-            let (index, mut values) =
-                match prepare(&members[0].component, function, args, &mut work(dirty)) {
-                    Ok(p) => p,
-                    Err(Conv::Over) => return dirty_start().encode(env),
-                    Err(Conv::Bad(e)) => return e.encode(env),
+            // A call with resource handles runs on the member that made
+            // them (if it is still one).
+            if let Some(id) = crate::resource::instance_of(&handles) {
+                return match members.iter().find(|m| m.id == id) {
+                    Some(member) => {
+                        match go(
+                            env,
+                            member,
+                            Some(index),
+                            values,
+                            &handles,
+                            narrow,
+                            true,
+                            dirty,
+                        ) {
+                            Ok(t) => t,
+                            Err((status, _)) => status.encode(env),
+                        }
+                    }
+                    None => Error::StaleResource(format!(
+                        "the {} handle is stale: its instance is no longer a member of this pool \
+                         or deployment (a hot swap replaced it, or it was restarted)",
+                        handles[0].0.name
+                    ))
+                    .encode(env),
                 };
+            }
             // The member of this scheduler first: callers on different
             // schedulers never share one. Busy members are skipped; the
             // last one tried queues the caller.
             let n = members.len();
             let first = crate::engine::thread_slot() % n;
+            let mut values = values;
             for k in 0..n {
                 let member = &members[(first + k) % n];
-                match go(env, member, index, values, narrow, k == n - 1, dirty) {
+                match go(
+                    env,
+                    member,
+                    Some(index),
+                    values,
+                    &[],
+                    narrow,
+                    k == n - 1,
+                    dirty,
+                ) {
                     Ok(t) => return t,
                     Err((_, v)) => values = v,
                 }
             }
             retired().encode(env)
         }
+    }
+}
+
+/// `"[resource-drop]R"`: the name a component gives to dropping an `R`.
+const DROP: &[u8] = b"[resource-drop]";
+
+/// Drops the handle in `args` (`[handle]`), then runs its destructor at
+/// once with a call that runs nothing else on the handle's instance.
+fn drop_start<'a>(
+    env: Env<'a>,
+    entry: Entry,
+    args: Term<'a>,
+    narrow: Narrow,
+    dirty: bool,
+) -> Term<'a> {
+    let handle = match args.decode::<Vec<Term>>().ok().as_deref() {
+        Some([h]) => h
+            .map_get(crate::resource::ref_atom())
+            .ok()
+            .and_then(|r| r.decode::<ResourceArc<HandleResource>>().ok()),
+        _ => None,
+    };
+    let Some(handle) = handle else {
+        return Error::BadArgument(
+            "[resource-drop] takes one argument, a Capsid.Resource handle".into(),
+        )
+        .encode(env);
+    };
+    let this = match entry {
+        Entry::Instance(this) => Some(this),
+        Entry::Pool(pool) => pool
+            .members()
+            .iter()
+            .find(|m| m.id == handle.instance)
+            .cloned(),
+    };
+    if let Err(e) = crate::resource::drop_handle(&handle) {
+        return e.encode(env);
+    }
+    match this {
+        Some(this) if this.id == handle.instance && !this.is_retired() => {
+            match go(env, &this, None, Vec::new(), &[], narrow, true, dirty) {
+                Ok(t) => t,
+                Err((status, _)) => status.encode(env),
+            }
+        }
+        // Its instance is gone, and the object with it.
+        _ => (
+            rustler::types::atom::ok(),
+            rustler::types::atom::nil(),
+            0u64,
+        )
+            .encode(env),
     }
 }
 
@@ -214,7 +318,18 @@ fn start_on<'a>(
     narrow: Narrow,
     dirty: bool,
 ) -> Term<'a> {
-    let (index, values) = match prepare(&this.component, function, args, &mut work(dirty)) {
+    if function.as_slice().starts_with(DROP) {
+        // The handle was dropped when the call first started; what is left
+        // is running its destructor.
+        return match go(env, &this, None, Vec::new(), &[], narrow, true, dirty) {
+            Ok(t) => t,
+            Err((status, _)) => status.encode(env),
+        };
+    }
+    crate::resource::take_used();
+    let prepared = prepare(&this.component, function, args, &mut work(dirty));
+    let handles = crate::resource::take_used();
+    let (index, values) = match prepared {
         Ok(p) => p,
         Err(Conv::Over) => return dirty_start().encode(env),
         Err(Conv::Bad(e)) => {
@@ -223,7 +338,16 @@ fn start_on<'a>(
             return e.encode(env);
         }
     };
-    match go(env, &this, index, values, narrow, true, dirty) {
+    match go(
+        env,
+        &this,
+        Some(index),
+        values,
+        &handles,
+        narrow,
+        true,
+        dirty,
+    ) {
         Ok(t) => t,
         Err((status, _)) => status.encode(env),
     }

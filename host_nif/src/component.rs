@@ -125,6 +125,20 @@ impl ComponentResource {
         let engine = engine();
         let ty = component.component_type();
         let mut builder = Builder::new(budget);
+        // Resource types first: functions refer to them.
+        for (name, item) in ty.exports(engine).chain(ty.imports(engine)) {
+            match item.ty {
+                ComponentItem::Resource(r) => builder.resource_type(name, r)?,
+                ComponentItem::ComponentInstance(inst) => {
+                    for (rname, ritem) in inst.exports(engine) {
+                        if let ComponentItem::Resource(r) = ritem.ty {
+                            builder.resource_type(rname, r)?;
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
         let mut exports = Vec::new();
         for (name, item) in ty.exports(engine) {
             match item.ty {

@@ -739,8 +739,19 @@ pub fn term_to_value(
                 _ => Err(path.error(expected(), term)),
             }
         }
-        Shape::Own | Shape::Borrow => {
-            Err(path.fail("resource handles are not supported by Capsid yet"))
+        Shape::Own(r) | Shape::Borrow(r) => {
+            let own = matches!(shape, Shape::Own(_));
+            match crate::resource::from_term(term, own) {
+                Ok(Some(resource)) => Ok(Value::Resource(resource)),
+                Ok(None) => Err(path.error(
+                    format!(
+                        "a Capsid.Resource handle of {} (as a call returned it)",
+                        names.resource(*r)
+                    ),
+                    term,
+                )),
+                Err(e) => Err(Conv::Bad(e)),
+            }
         }
         Shape::Unsupported(what) => {
             Err(path.fail(format!("{what} values are not supported by Capsid yet")))
@@ -875,6 +886,9 @@ pub fn value_to_term<'a>(
                 }
                 _ => tag,
             }
+        }
+        (Value::Resource(r), Shape::Own(id)) => {
+            crate::resource::to_term(env, *r, names.resource(*id)).map_err(Conv::Bad)?
         }
         _ => {
             return Err(Conv::Bad(Error::Internal(format!(

@@ -21,6 +21,7 @@ rustler::atoms! {
     busy,
     internal,
     resource_limit,
+    stale_resource,
     out_of_fuel,
     timeout,
     memory_limit,
@@ -106,6 +107,9 @@ pub enum Error {
     /// A host resource limit was reached (atoms, address space, compile
     /// size...); the message names the limit and how to raise it.
     ResourceLimit(String),
+    /// A resource handle that no longer names anything in its instance
+    /// (dropped, consumed, its store recycled or swapped away).
+    StaleResource(String),
     Internal(String),
 }
 
@@ -120,6 +124,7 @@ impl fmt::Display for Error {
             | Error::Link(m)
             | Error::Busy(m)
             | Error::ResourceLimit(m)
+            | Error::StaleResource(m)
             | Error::Internal(m) => f.write_str(m),
         }
     }
@@ -134,6 +139,7 @@ impl Encoder for Error {
             Error::Link(m) => (link(), m),
             Error::Busy(m) => (busy(), m),
             Error::ResourceLimit(m) => (resource_limit(), m),
+            Error::StaleResource(m) => (stale_resource(), m),
             Error::Internal(m) => (internal(), m),
         };
         (rustler::types::atom::error(), (kind, message.as_str())).encode(env)

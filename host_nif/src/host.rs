@@ -14,11 +14,11 @@ use crate::stdio::Capture;
 use crate::value::Value;
 use std::future::{Future, poll_fn};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
-use wasmtime::component::ResourceTable;
+use wasmtime::component::{ResourceAny, ResourceTable};
 use wasmtime::{CallHook, CallHookHandler, Store, StoreContextMut, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
@@ -100,6 +100,13 @@ pub struct Shared {
     pub wants_dirty: AtomicBool,
     /// The current poll runs on a dirty scheduler: no need to pause.
     pub on_dirty: AtomicBool,
+    /// Counts the instance's stores: a resource handle names the store it
+    /// came from, and is stale in any other.
+    pub generation: AtomicU64,
+    /// Guest resources whose handles were dropped in Elixir (explicitly or
+    /// by garbage collection), with their store's generation: their
+    /// destructors run at the start of the instance's next call.
+    pub drops: Mutex<Vec<(u64, ResourceAny)>>,
 }
 
 impl Shared {

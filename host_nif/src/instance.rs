@@ -12,6 +12,7 @@ use crate::error::{Error, Failure, TrapInfo, TrapKind};
 use crate::host::{ImportCall, Shared};
 use crate::imports;
 use crate::limits::Limits;
+use crate::resource::HandleResource;
 use crate::run::{self, CallFuture, CallWaker, Done, Live, Target, poll_slice};
 use crate::value::Value;
 use rustler::env::SavedTerm;
@@ -149,6 +150,9 @@ impl Funs {
 
 pub struct InstanceResource {
     pub id: u64,
+    /// The process registered as its owner (its `Capsid.Instance`):
+    /// resource handles name it, so that calls with them find it.
+    owner: Mutex<Option<LocalPid>>,
     pub component: ResourceArc<ComponentResource>,
     link: Arc<Link>,
     funs: Mutex<Funs>,
@@ -173,6 +177,22 @@ pub struct InstanceResource {
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+impl InstanceResource {
+    /// Where handles made by converting this instance's values belong.
+    fn origin(&self) -> crate::resource::Origin {
+        crate::resource::Origin {
+            instance: self.id,
+            owner: *lock(&self.owner),
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Records the process that owns it (see `registry_register`).
+    pub fn set_owner(&self, pid: LocalPid) {
+        *lock(&self.owner) = Some(pid);
+    }
+}
 
 #[cfg_attr(not(test), rustler::resource_impl)]
 impl Resource for InstanceResource {
@@ -354,16 +374,28 @@ impl InstanceResource {
     /// `preserve`, a trap does not lose the instance's state: its memories
     /// are copied first and put back into the next store.
     #[allow(clippy::too_many_arguments)]
+    #[allow(clippy::too_many_arguments)]
     pub fn begin<'a>(
         this: &ResourceArc<Self>,
         env: Env<'a>,
         export: Option<usize>,
         args: Vec<Value>,
+        handles: &[(ResourceArc<HandleResource>, bool)],
         limits: Limits,
         preserve: bool,
         dirty: bool,
     ) -> Term<'a> {
         let mut slot = lock(&this.slot);
+        if !handles.is_empty() {
+            // Checked here, with the turn and the slot held: the store they
+            // name cannot change before the call runs.
+            let has_store = matches!(*slot, Slot::Ready(_));
+            if let Err(e) = crate::resource::check_used(handles, this.id, &this.shared, has_store) {
+                drop(slot);
+                Self::release(this, env);
+                return e.encode(env);
+            }
+        }
         let live = match std::mem::replace(&mut *slot, Slot::Empty) {
             Slot::Ready(live) => Some(live),
             Slot::Empty => None,
@@ -513,7 +545,10 @@ impl InstanceResource {
                 } else {
                     Work::bounded()
                 };
-                match value_to_term(env, value, shape, &this.component.names, &mut work) {
+                let converted = crate::resource::with_origin(this.origin(), || {
+                    value_to_term(env, value, shape, &this.component.names, &mut work)
+                });
+                match converted {
                     Ok(t) => Ok(t),
                     Err(Conv::Over) => {
                         if let Slot::Running(r) = &mut **slot {
@@ -587,7 +622,10 @@ impl InstanceResource {
         };
         let mut args = Vec::with_capacity(import.call.args.len());
         for (v, (_, shape)) in import.call.args.iter().zip(info.params.iter()) {
-            match value_to_term(env, v, shape, &this.component.names, &mut work) {
+            let converted = crate::resource::with_origin(this.origin(), || {
+                value_to_term(env, v, shape, &this.component.names, &mut work)
+            });
+            match converted {
                 Ok(t) => args.push(t),
                 Err(Conv::Over) => return go_dirty().encode(env),
                 Err(Conv::Bad(e)) => {
@@ -776,6 +814,7 @@ fn instance_new<'a>(
         .unzip();
     let res = InstanceResource {
         id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+        owner: Mutex::new(None),
         component,
         link,
         funs: Mutex::new(Funs { env: owned, funs }),
@@ -801,7 +840,7 @@ fn instance_new<'a>(
 fn instance_warm<'a>(env: Env<'a>, this: ResourceArc<InstanceResource>) -> Term<'a> {
     match InstanceResource::acquire(&this, env, true) {
         Ok(Turn::Go) => {
-            InstanceResource::begin(&this, env, None, Vec::new(), this.limits, false, false)
+            InstanceResource::begin(&this, env, None, Vec::new(), &[], this.limits, false, false)
         }
         Ok(Turn::Queued) => make_tuple(
             env,

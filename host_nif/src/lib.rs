@@ -2,9 +2,9 @@
 //! mirrored by one Elixir module per concept in `lib/capsid/`.
 //!
 //! Layers, lowest first (a file only uses files above it in this list):
-//! `error`, `arena`, `engine`, `limits`, `shape`, `value`, `abi`, `convert`,
-//! `stdio`, `types`, `cache`, `host`, `component`, `imports`, `run`,
-//! `instance`, `pool`, `registry`, `call`, `node`, `wit`.
+//! `error`, `arena`, `engine`, `limits`, `shape`, `value`, `abi`, `stdio`,
+//! `cache`, `host`, `resource`, `convert`, `component`, `types`, `imports`,
+//! `run`, `instance`, `pool`, `registry`, `call`, `node`, `wit`.
 //!
 //! `cargo test` runs outside the BEAM, where the `enif_*` symbols do not
 //! exist: test builds therefore register no NIFs and no resource types, so
@@ -32,6 +32,7 @@ mod limits;
 mod node;
 mod pool;
 mod registry;
+mod resource;
 mod run;
 mod shape;
 mod stdio;

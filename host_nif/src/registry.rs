@@ -178,6 +178,9 @@ fn registry_register<'a>(
     let Some(entry) = target_of(target) else {
         return (error(), rustler::types::atom::badarg()).encode(env);
     };
+    if let Entry::Instance(this) = &entry {
+        this.set_owner(pid);
+    }
     let mut keys = vec![pid_key(&pid)];
     if !is_nil(name) {
         let Some(key) = name_key(name) else {

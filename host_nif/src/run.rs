@@ -180,6 +180,8 @@ async fn instantiate(
         .as_ref()
         .map(|t| t.iter().map(Vec::len).collect());
     let mut store = Host::new_store(limits, shared, sizes);
+    // Handles of the store this one replaces are stale from now on.
+    shared.generation.fetch_add(1, Ordering::SeqCst);
     Host::arm(&mut store, &limits, false, false);
     match pre.instantiate_async(&mut store).await {
         Ok(instance) => {
@@ -213,7 +215,24 @@ async fn instantiate(
     }
 }
 
-/// Runs `target` on `live` (or just hands `live` back when there is none).
+/// Runs the destructors of the resources dropped in Elixir that belong to
+/// this store (those of a store since replaced are gone with it).
+async fn run_drops(live: &mut Live, shared: &Shared) -> wasmtime::Result<()> {
+    let pending = std::mem::take(&mut *crate::error::lock(&shared.drops));
+    if pending.is_empty() {
+        return Ok(());
+    }
+    let generation = shared.generation.load(Ordering::SeqCst);
+    for (g, resource) in pending {
+        if g == generation {
+            resource.resource_drop_async(&mut live.store).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs `target` on `live` (or just hands `live` back when there is none),
+/// after the destructors of resources dropped in Elixir.
 async fn call(
     mut live: Live,
     target: Option<Target>,
@@ -223,15 +242,30 @@ async fn call(
     pause_on_host: bool,
     instantiated: bool,
 ) -> Done {
+    Host::arm(
+        &mut live.store,
+        &limits,
+        target.as_ref().is_some_and(|t| t.heavy_result),
+        pause_on_host,
+    );
+    // Resources dropped in Elixir since the last call: their destructors
+    // run first, under this call's limits.
+    if let Err(e) = run_drops(&mut live, &shared).await {
+        return Done {
+            outcome: Err(failure(&e, &live.store)),
+            fuel_used: fuel_used(&live.store, limits.fuel),
+            live: None,
+            instantiated,
+        };
+    }
     let Some(target) = target else {
         return Done {
+            fuel_used: fuel_used(&live.store, limits.fuel),
             live: Some(live),
             outcome: Ok(None),
-            fuel_used: 0,
             instantiated,
         };
     };
-    Host::arm(&mut live.store, &limits, target.heavy_result, pause_on_host);
     let Some(func) = live.func(target.slot, &target.index) else {
         let e = wasmtime::Error::msg("export vanished from the instance");
         return Done {

@@ -12,6 +12,7 @@ use crate::error::{Error, Result};
 use rustler::{Atom, Env};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use wasmtime::component::ResourceType;
 use wasmtime::component::types::Type;
 
 /// Index into `Names`.
@@ -25,6 +26,9 @@ pub struct Names {
     wit: Vec<Box<str>>,
     atoms: Vec<Atom>,
     by_atom: HashMap<rustler::sys::ErlNifTerm, NameId>,
+    /// Names of the resource types the component exports or imports, for
+    /// `Shape::Own` and `Shape::Borrow` (strings: never atoms).
+    resources: Vec<Box<str>>,
 }
 
 impl Names {
@@ -34,6 +38,12 @@ impl Names {
 
     pub fn wit(&self, id: NameId) -> &str {
         &self.wit[id.0 as usize]
+    }
+
+    /// A resource type's name (`"resource"` when the component does not
+    /// name it).
+    pub fn resource(&self, id: u32) -> &str {
+        self.resources.get(id as usize).map_or("resource", |r| r)
     }
 
     /// The name an atom stands for, if the component has it.
@@ -67,8 +77,9 @@ pub enum Shape {
     Flags(Box<[NameId]>),
     Option(Box<Shape>),
     Result(Option<Box<Shape>>, Option<Box<Shape>>),
-    Own,
-    Borrow,
+    /// A handle, with the index of its resource type's name in `Names`.
+    Own(u32),
+    Borrow(u32),
     /// A type Capsid cannot convert (`map`, `future`, `stream`, ...): named
     /// in the error a call gets.
     Unsupported(&'static str),
@@ -137,6 +148,7 @@ pub struct Builder {
     nodes: usize,
     ids: HashMap<String, NameId>,
     wit: Vec<Box<str>>,
+    resources: Vec<(ResourceType, Box<str>)>,
 }
 
 impl Builder {
@@ -146,7 +158,25 @@ impl Builder {
             nodes: 0,
             ids: HashMap::new(),
             wit: Vec::new(),
+            resources: Vec::new(),
         }
+    }
+
+    /// Names a resource type the component exports or imports, so that
+    /// handles of it say what they are.
+    pub fn resource_type(&mut self, name: &str, ty: ResourceType) -> Result<()> {
+        self.node()?;
+        if !self.resources.iter().any(|(t, _)| *t == ty) {
+            self.resources.push((ty, name.into()));
+        }
+        Ok(())
+    }
+
+    fn resource_id(&self, ty: &ResourceType) -> u32 {
+        self.resources
+            .iter()
+            .position(|(t, _)| t == ty)
+            .map_or(u32::MAX, |i| i as u32)
     }
 
     /// Counts one node of type information against the budget.
@@ -274,8 +304,8 @@ impl Builder {
                 };
                 Shape::Result(ok, err)
             }
-            Type::Own(_) => Shape::Own,
-            Type::Borrow(_) => Shape::Borrow,
+            Type::Own(t) => Shape::Own(self.resource_id(t)),
+            Type::Borrow(t) => Shape::Borrow(self.resource_id(t)),
             Type::Map(_) => Shape::Unsupported("map"),
             Type::Future(_) => Shape::Unsupported("future"),
             Type::Stream(_) => Shape::Unsupported("stream"),
@@ -326,6 +356,7 @@ impl Builder {
             wit: self.wit,
             atoms,
             by_atom,
+            resources: self.resources.into_iter().map(|(_, n)| n).collect(),
         })
     }
 }
@@ -398,8 +429,8 @@ pub fn wit_name(shape: &Shape, names: &Names) -> String {
                 |s: &Option<Box<Shape>>| s.as_ref().map_or("_".into(), |s| wit_name(s, names));
             format!("result<{}, {}>", side(ok), side(err))
         }
-        Shape::Own => "own<resource>".into(),
-        Shape::Borrow => "borrow<resource>".into(),
+        Shape::Own(r) => format!("own<{}>", names.resource(*r)),
+        Shape::Borrow(r) => format!("borrow<{}>", names.resource(*r)),
         Shape::Unsupported(what) => (*what).into(),
     }
 }

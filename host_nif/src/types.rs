@@ -85,8 +85,8 @@ pub fn encode_shape<'a>(env: Env<'a>, shape: &Shape, names: &Names) -> Term<'a> 
                 opt(env, err.as_deref(), names),
             ],
         ),
-        Shape::Own => tagged(env, own(), &[]),
-        Shape::Borrow => tagged(env, borrow(), &[]),
+        Shape::Own(r) => tagged(env, own(), &[names.resource(*r).encode(env)]),
+        Shape::Borrow(r) => tagged(env, borrow(), &[names.resource(*r).encode(env)]),
         Shape::Unsupported(what) => tagged(env, unsupported(), &[what.encode(env)]),
     }
 }

@@ -431,7 +431,10 @@ defmodule Capsid.Bindings.Spec do
     do: {quote(do: [unquote(union(Enum.map(names, &atom/1)))]), specs}
 
   defp walk(specs, {:resource}), do: {quote(do: term()), specs}
-  defp walk(specs, {handle, _}) when handle in [:own, :borrow], do: {quote(do: term()), specs}
+
+  defp walk(specs, {handle, _}) when handle in [:own, :borrow],
+    do: {quote(do: Capsid.Resource.t()), specs}
+
   defp walk(specs, _unsupported), do: {quote(do: term()), specs}
 
   defp tagged(specs, tag, nil), do: {tag, specs}

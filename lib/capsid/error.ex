@@ -26,6 +26,10 @@ defmodule Capsid.Error do
       it and the setting that raises it: atoms a component may create, the
       address space for linear memories and stacks, the size of a component
       or of its type information, concurrent compilations.
+    * `:stale_resource` — a resource handle (`Capsid.Resource`) that no
+      longer names anything: dropped, passed as an `own` argument (the guest
+      took it), its instance recycled after a trap or swapped away, or used
+      with another instance.
     * `:internal` — a Capsid bug; please report it.
 
   Guest faults are `Capsid.Trap`, not this exception.
@@ -47,6 +51,7 @@ defmodule Capsid.Error do
           | :busy
           | :instance_down
           | :resource_limit
+          | :stale_resource
           | :not_found
           | :internal
 

@@ -16,7 +16,7 @@ defmodule Capsid.Types do
   | `flags { a, b }`        | `{:flags, ["a", "b"]}`                     |
   | `option<T>`             | `{:option, t}`                             |
   | `result<T, E>`          | `{:result, t | nil, e | nil}`              |
-  | `own<R>` / `borrow<R>`  | `{:own}` / `{:borrow}`                     |
+  | `own<R>` / `borrow<R>`  | `{:own, "r"}` / `{:borrow, "r"}`           |
 
   Names are WIT's own (kebab-case); values in calls use snake_case atoms (see
   `Capsid`).
@@ -44,8 +44,8 @@ defmodule Capsid.Types do
           | {:flags, [String.t()]}
           | {:option, t()}
           | {:result, t() | nil, t() | nil}
-          | {:own}
-          | {:borrow}
+          | {:own, String.t()}
+          | {:borrow, String.t()}
           | atom()
 
   @doc """
@@ -69,8 +69,8 @@ defmodule Capsid.Types do
   def to_wit({:result, ok, err}), do: "result<#{to_wit(ok)}, #{to_wit(err)}>"
   def to_wit({:enum, names}), do: "enum { #{Enum.join(names, ", ")} }"
   def to_wit({:flags, names}), do: "flags { #{Enum.join(names, ", ")} }"
-  def to_wit({:own}), do: "own<resource>"
-  def to_wit({:borrow}), do: "borrow<resource>"
+  def to_wit({:own, name}), do: "own<#{name}>"
+  def to_wit({:borrow, name}), do: "borrow<#{name}>"
 
   def to_wit({:record, fields}),
     do: "record { #{Enum.map_join(fields, ", ", fn {n, t} -> "#{n}: #{to_wit(t)}" end)} }"

@@ -1,0 +1,81 @@
+defmodule Capsid.Resource do
+  @moduledoc """
+  A handle to a guest resource: an object with identity and state that lives
+  inside a component instance (a cart, a parser, a connection), as WIT's
+  `resource` types describe them.
+
+  A call whose result is an `own<R>` returns a handle; `own<R>` and
+  `borrow<R>` parameters take one, anywhere in a value (lists, records,
+  options, results, variants). Constructors, methods and statics go by
+  their canonical names, like any other function:
+
+      {:ok, cart} = Capsid.call(instance, "[constructor]cart", ["ada"])
+      {:ok, nil} = Capsid.call(instance, "[method]cart.add", [cart, "apple", 2])
+      {:ok, both} = Capsid.call(instance, "[static]cart.merge", [cart, other])
+      :ok = Capsid.Resource.drop(cart)
+
+  ## Lifetimes
+
+    * `drop/1` drops the object now: the guest's destructor runs before
+      `drop/1` returns.
+    * A handle that is garbage-collected in Elixir is dropped in the guest
+      at the start of its instance's next call (a destructor needs the
+      instance, which a garbage collection cannot enter).
+    * Passing a handle as an `own<R>` argument gives the object to the guest:
+      the handle is used up. Passing it as `borrow<R>` lends it for the call.
+    * A handle is bound to the instance that made it. Used after `drop/1`,
+      after being given away, after its instance recycled (a trap resets
+      the guest, its objects with it), after a hot swap replaced its
+      instance, or with another instance, a call returns
+      `{:error, %Capsid.Error{kind: :stale_resource}}`. Nothing crashes and
+      nothing leaks.
+    * Only handles that Capsid made are accepted: a map that looks like one,
+      or another reference, is a `:bad_argument`.
+
+  A call with handles through a pool or a deployment runs on the member that
+  made them.
+
+  Resources the *host* provides (imported by the component) are not
+  supported yet.
+  """
+
+  @enforce_keys [:ref, :name]
+  defstruct [:ref, :name, :instance]
+
+  @typedoc """
+  `name` is the resource type's WIT name; `instance` the pid of the
+  `Capsid.Instance` that holds the object. `ref` is opaque.
+  """
+  @type t :: %__MODULE__{ref: reference(), name: String.t(), instance: pid() | nil}
+
+  @doc """
+  Drops the object: its destructor runs in the guest before this returns.
+  A handle already dropped or given to the guest is `:stale_resource`.
+  """
+  @spec drop(t()) :: :ok | {:error, Capsid.Error.t() | Capsid.Trap.t()}
+  def drop(%__MODULE__{instance: instance, name: name} = handle) when is_pid(instance) do
+    case Capsid.call(instance, "[resource-drop]#{name}", [handle]) do
+      {:ok, nil} -> :ok
+      {:error, _} = error -> error
+    end
+  end
+
+  def drop(%__MODULE__{} = handle) do
+    {:error, Capsid.Error.new(:stale_resource, "the #{handle.name} handle has no live instance")}
+  end
+
+  @doc "Like `drop/1`, but raises on error."
+  @spec drop!(t()) :: :ok
+  def drop!(handle) do
+    case drop(handle) do
+      :ok -> :ok
+      {:error, e} -> raise e
+    end
+  end
+
+  defimpl Inspect do
+    def inspect(%{name: name, instance: instance}, _opts) do
+      "#Capsid.Resource<#{name} in #{Kernel.inspect(instance)}>"
+    end
+  end
+end
