@@ -28,15 +28,17 @@ defmodule Capsid.Bindings do
       atoms, `option<T>` as `T | nil`, ...), and a `@type` per named WIT
       type of the interface (`record text-stats` → `text_stats/0`);
     * **a `@doc` per function** with its WIT signature (named types) and
-      the WIT doc comment when the component carries one.
+      the WIT doc comment when the component carries one;
+    * **a module per resource** inside its interface's module
+      (`MyPlugin.Shop.Cart`): `new` for the constructor, methods taking
+      the `Capsid.Resource` handle first (the call goes to the handle's
+      instance), statics taking the target first; handles are typed
+      `Capsid.Resource.t()`.
 
   The component file is an `@external_resource`: changing it recompiles
   the module. `:component` is a path (relative to the project's root) or an
   expression evaluated at compile time that gives one, such as
   `Capsid.Guests.path(:toolkit)` for a dependency's guest.
-
-  Resource constructors, methods and statics (`[constructor]cart`, ...) are
-  not generated yet: call them with `Capsid.call/4`.
 
   A function whose snake_case name is an Elixir keyword (`end`, `do`, ...)
   gets a trailing underscore (`end_`), as do parameters named `target` or
@@ -105,11 +107,13 @@ defmodule Capsid.Bindings.Generate do
 
         body = module_body(mod, funs, own, homes, api.types)
         doc = module_doc(iface.docs, "the `#{iface.key}` interface", path)
+        resources = resource_modules(mod, iface, homes, api.types, path)
 
         quote do
           defmodule unquote(mod) do
             @moduledoc unquote(doc)
             unquote(body)
+            unquote_splicing(resources)
           end
         end
       end
@@ -133,6 +137,43 @@ defmodule Capsid.Bindings.Generate do
       unquote(root_body)
       unquote_splicing(interfaces)
     end
+  end
+
+  # A module per resource of the interface (`Shop.Carts.Cart`): `new` for
+  # its constructor, its methods taking the handle first (its instance is
+  # where they run), its statics taking the target first.
+  defp resource_modules(mod, iface, homes, types, path) do
+    iface.function
+    |> Enum.reject(&(&1.kind == :freestanding))
+    |> Enum.group_by(fn %{kind: {_, {:ref, rid}}} -> rid end)
+    |> Enum.map(fn {rid, funs} ->
+      res = Map.fetch!(types, rid)
+      res_mod = Module.concat(mod, camel(res.name))
+
+      funs =
+        for f <- funs do
+          {kind, _} = f.kind
+
+          elixir_name =
+            case kind do
+              :constructor -> "new"
+              _ -> f.name |> String.split(".", parts: 2) |> List.last()
+            end
+
+          f = Map.merge(f, %{elixir_name: elixir_name, style: kind})
+          {f, "#{iface.key}##{f.name}"}
+        end
+
+      doc = module_doc(res.docs, "the resource `#{res.name}` of `#{iface.key}`", path)
+      body = module_body(res_mod, funs, [], homes, types)
+
+      quote do
+        defmodule unquote(res_mod) do
+          @moduledoc unquote(doc)
+          unquote(body)
+        end
+      end
+    end)
   end
 
   defp module_doc(docs, what, path) do
@@ -241,39 +282,50 @@ defmodule Capsid.Bindings.Generate do
   end
 
   defp function(f, call_name, arg_specs, result_spec) do
-    name = String.to_atom(snake(f.name))
+    name = String.to_atom(snake(Map.get(f, :elixir_name, f.name)))
     bang = :"#{name}!"
     params = Enum.map(f.params, fn {p, _} -> Macro.var(param(p), nil) end)
-    target = Macro.var(:target, nil)
     opts = Macro.var(:opts, nil)
     value = result_spec || nil
-    target_t = quote(do: term())
     opts_t = quote(do: keyword())
     error_t = quote(do: Capsid.Error.t() | Capsid.Trap.t())
+
+    # A method's first parameter is the handle, which knows its instance;
+    # everything else takes the call's target first.
+    {head, head_t, target, on} =
+      case Map.get(f, :style) do
+        :method ->
+          [handle | _] = params
+          {params, arg_specs, quote(do: unquote(handle).instance), "the handle's instance"}
+
+        _ ->
+          target = Macro.var(:target, nil)
+
+          {[target | params], [quote(do: term()) | arg_specs], target,
+           "`target` (an instance, pool or deployment, see `Capsid.call/4`)"}
+      end
 
     doc = """
     `#{f.name}: #{f.signature}`
 
-    #{if f.docs, do: f.docs <> "\n\n", else: ""}Calls `#{call_name}` on `target` (an instance, pool or deployment, see
-    `Capsid.call/4`); `opts` are its call options. The `!` form returns the
-    value or raises.
+    #{if f.docs, do: f.docs <> "\n\n", else: ""}Calls `#{call_name}` on #{on}; `opts` are its call options. The `!` form
+    returns the value or raises.
     """
 
     quote do
       @doc unquote(doc)
-      @spec unquote(name)(unquote_splicing([target_t | arg_specs])) ::
+      @spec unquote(name)(unquote_splicing(head_t)) ::
               {:ok, unquote(value)} | {:error, unquote(error_t)}
-      @spec unquote(name)(unquote_splicing([target_t | arg_specs] ++ [opts_t])) ::
+      @spec unquote(name)(unquote_splicing(head_t ++ [opts_t])) ::
               {:ok, unquote(value)} | {:error, unquote(error_t)}
-      def unquote(name)(unquote_splicing([target | params]), unquote(opts) \\ []) do
+      def unquote(name)(unquote_splicing(head), unquote(opts) \\ []) do
         Capsid.call(unquote(target), unquote(call_name), unquote(params), unquote(opts))
       end
 
-      @doc unquote("Like `#{name}/#{length(params) + 2}`, but returns the value or raises.")
-      @spec unquote(bang)(unquote_splicing([target_t | arg_specs])) :: unquote(value)
-      @spec unquote(bang)(unquote_splicing([target_t | arg_specs] ++ [opts_t])) ::
-              unquote(value)
-      def unquote(bang)(unquote_splicing([target | params]), unquote(opts) \\ []) do
+      @doc unquote("Like `#{name}/#{length(head) + 1}`, but returns the value or raises.")
+      @spec unquote(bang)(unquote_splicing(head_t)) :: unquote(value)
+      @spec unquote(bang)(unquote_splicing(head_t ++ [opts_t])) :: unquote(value)
+      def unquote(bang)(unquote_splicing(head), unquote(opts) \\ []) do
         Capsid.call!(unquote(target), unquote(call_name), unquote(params), unquote(opts))
       end
     end
@@ -430,7 +482,7 @@ defmodule Capsid.Bindings.Spec do
   defp walk(specs, {:flags, names}),
     do: {quote(do: [unquote(union(Enum.map(names, &atom/1)))]), specs}
 
-  defp walk(specs, {:resource}), do: {quote(do: term()), specs}
+  defp walk(specs, {:resource}), do: {quote(do: Capsid.Resource.t()), specs}
 
   defp walk(specs, {handle, _}) when handle in [:own, :borrow],
     do: {quote(do: Capsid.Resource.t()), specs}

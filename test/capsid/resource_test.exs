@@ -173,4 +173,79 @@ defmodule Capsid.ResourceTest do
       assert Resource.drop(cart) == :ok
     end
   end
+
+  test "a hot swap makes the old version's handles stale", %{component: c} do
+    name = :"res_swap_#{System.unique_integer([:positive])}"
+    path = Capsid.Guests.path(:res)
+    {:ok, _} = Capsid.deploy(name, path, size: 2)
+    on_exit(fn -> Capsid.undeploy(name) end)
+    {:ok, cart} = Capsid.call(name, "[constructor]cart", ["ada"])
+    assert Capsid.call(name, "[method]cart.count", [cart]) == {:ok, 0}
+
+    # The same component again, as a new version: new instances.
+    {:ok, %{current: %{version: 2}}} = Capsid.deploy(name, File.read!(path), force: true)
+    assert_stale(Capsid.call(name, "[method]cart.count", [cart]))
+    assert {:ok, fresh} = Capsid.call(name, "[constructor]cart", ["bob"])
+    assert Capsid.call(name, "[method]cart.owner", [fresh]) == {:ok, "bob"}
+    assert c.hash == Capsid.Component.load!(path).hash
+  end
+
+  @tag :stress
+  test "100,000 create/drop cycles: every object is dropped, memory stays flat",
+       %{pid: pid} do
+    base = live(pid)
+
+    cycle = fn n ->
+      for _ <- 1..n do
+        {:ok, cart} = Capsid.call(pid, "[constructor]cart", ["x"])
+        :ok = Resource.drop(cart)
+      end
+    end
+
+    cycle.(10_000)
+    :erlang.garbage_collect()
+    before = :erlang.memory(:total)
+    cycle.(90_000)
+    :erlang.garbage_collect()
+    assert live(pid) == base
+    grown = :erlang.memory(:total) - before
+    assert grown < 5_000_000, "the VM grew by #{grown} bytes"
+    assert %{recycles: 0} = Capsid.Instance.info(pid)
+  end
+
+  describe "bindings" do
+    alias Capsid.Test.Res.Shop
+    alias Capsid.Test.Res.Shop.Cart
+
+    test "a module per resource: new, methods on the handle, statics on the target",
+         %{pid: pid} do
+      assert {:ok, %Resource{} = cart} = Cart.new(pid, "ada")
+      assert Cart.add(cart, "apple", 2) == {:ok, nil}
+      assert Cart.add!(cart, "pear", 1, timeout: 1_000) == nil
+      assert Cart.count!(cart) == 3
+      other = Cart.new!(pid, "bob")
+      both = Cart.merge!(pid, cart, other)
+      assert Cart.owner!(both) == "ada+bob"
+      assert Shop.consume!(pid, both) == 3
+      assert {:error, %Error{kind: :stale_resource}} = Cart.count(both)
+    end
+
+    test "specs and docs use Capsid.Resource.t()" do
+      {:ok, specs} = Code.Typespec.fetch_specs(Cart)
+      {_, [spec | _]} = List.keyfind(specs, {:add, 3}, 0)
+
+      assert Code.Typespec.spec_to_quoted(:add, spec) |> Macro.to_string() =~
+               "add(Capsid.Resource.t(), String.t(), 0..4_294_967_295)"
+
+      {:docs_v1, _, _, _, _, _, docs} = Code.fetch_docs(Cart)
+
+      assert Enum.any?(docs, fn
+               {{:function, :add, 4}, _, _, %{"en" => d}, _} ->
+                 d =~ "[method]cart.add: func(self: borrow<cart>, item: string, qty: u32)"
+
+               _ ->
+                 false
+             end)
+    end
+  end
 end

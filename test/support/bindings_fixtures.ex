@@ -7,3 +7,7 @@ end
 defmodule Capsid.Test.CalcPy do
   use Capsid.Bindings, component: "test/fixtures/foreign/calc_py.wasm"
 end
+
+defmodule Capsid.Test.Res do
+  use Capsid.Bindings, component: Capsid.Guests.path(:res)
+end
