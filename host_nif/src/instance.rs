@@ -545,9 +545,12 @@ impl InstanceResource {
                 } else {
                     Work::bounded()
                 };
-                let converted = crate::resource::with_origin(this.origin(), || {
+                let (converted, made) = crate::resource::with_origin(this.origin(), || {
                     value_to_term(env, value, shape, &this.component.names, &mut work)
                 });
+                if matches!(converted, Err(Conv::Over)) {
+                    crate::resource::forget(&made);
+                }
                 match converted {
                     Ok(t) => Ok(t),
                     Err(Conv::Over) => {
@@ -621,13 +624,18 @@ impl InstanceResource {
             Work::bounded()
         };
         let mut args = Vec::with_capacity(import.call.args.len());
+        let mut all_made = Vec::new();
         for (v, (_, shape)) in import.call.args.iter().zip(info.params.iter()) {
-            let converted = crate::resource::with_origin(this.origin(), || {
+            let (converted, made) = crate::resource::with_origin(this.origin(), || {
                 value_to_term(env, v, shape, &this.component.names, &mut work)
             });
+            all_made.extend(made);
             match converted {
                 Ok(t) => args.push(t),
-                Err(Conv::Over) => return go_dirty().encode(env),
+                Err(Conv::Over) => {
+                    crate::resource::forget(&all_made);
+                    return go_dirty().encode(env);
+                }
                 Err(Conv::Bad(e)) => {
                     let message = format!(
                         "import {:?} got arguments Capsid cannot convert: {e}",

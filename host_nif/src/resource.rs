@@ -94,19 +94,31 @@ pub struct Origin {
 
 thread_local! {
     /// The instance whose result is being converted (set around
-    /// `value_to_term`): conversions have no other way to know it.
-    static ORIGIN: RefCell<Option<Origin>> = const { RefCell::new(None) };
+    /// `value_to_term`): conversions have no other way to know it. With the
+    /// handles made so far.
+    static ORIGIN: RefCell<Option<(Origin, Vec<ResourceArc<HandleResource>>)>> =
+        const { RefCell::new(None) };
     /// Handles met while converting arguments, with whether they go as
     /// `own` (taken by `prepare`, checked and consumed by `begin`).
     static USED: RefCell<Vec<(ResourceArc<HandleResource>, bool)>> = const { RefCell::new(Vec::new()) };
 }
 
-/// Runs `f` with `origin` as the owner of the handles it makes.
-pub fn with_origin<T>(origin: Origin, f: impl FnOnce() -> T) -> T {
-    ORIGIN.with(|o| *o.borrow_mut() = Some(origin));
+/// Runs `f` with `origin` as the owner of the handles it makes; returns
+/// them too (see `forget`).
+pub fn with_origin<T>(origin: Origin, f: impl FnOnce() -> T) -> (T, Vec<ResourceArc<HandleResource>>) {
+    ORIGIN.with(|o| *o.borrow_mut() = Some((origin, Vec::new())));
     let out = f();
-    ORIGIN.with(|o| *o.borrow_mut() = None);
-    out
+    let made = ORIGIN.with(|o| o.borrow_mut().take().map(|(_, made)| made).unwrap_or_default());
+    (out, made)
+}
+
+/// Handles made by a conversion that is abandoned to be done again (on a
+/// dirty scheduler): they must not drop the guest's objects when they are
+/// garbage-collected, since the retry hands out new handles to them.
+pub fn forget(made: &[ResourceArc<HandleResource>]) {
+    for h in made {
+        *lock(&h.state) = State::Consumed;
+    }
 }
 
 /// Clears the handles recorded on this thread and returns them.
@@ -118,8 +130,8 @@ pub fn take_used() -> Vec<(ResourceArc<HandleResource>, bool)> {
 /// returned.
 pub fn to_term<'a>(env: Env<'a>, resource: ResourceAny, name: &str) -> Result<Term<'a>, Error> {
     ORIGIN.with(|o| {
-        let o = o.borrow();
-        let Some(origin) = o.as_ref() else {
+        let mut o = o.borrow_mut();
+        let Some((origin, made)) = o.as_mut() else {
             return Err(Error::Internal(
                 "a resource handle outside of a call's result".into(),
             ));
@@ -132,6 +144,7 @@ pub fn to_term<'a>(env: Env<'a>, resource: ResourceAny, name: &str) -> Result<Te
             state: Mutex::new(State::Live),
             shared: origin.shared.clone(),
         });
+        made.push(handle.clone());
         let keys = [__struct__(), r#ref(), self::name(), instance()].map(|a| a.encode(env));
         let vals = [
             resource_struct().encode(env),

@@ -119,6 +119,21 @@ defmodule Capsid.ResourceTest do
     assert live(pid) <= base + 1
   end
 
+  test "a result of 30,000 handles (converted on a dirty scheduler)",
+       %{component: c} do
+    pid = start_supervised!({Capsid.Instance, component: c, max_handles: 70_000}, id: make_ref())
+    base = live(pid)
+    # A list's size is not bounded by its type: the result is lifted and
+    # converted on a dirty scheduler, and every handle stays usable.
+    assert {:ok, carts} = Capsid.call(pid, "make-many", ["bulk", 30_000])
+    assert length(carts) == 30_000
+    assert live(pid) == base + 30_000
+    assert Capsid.call(pid, "[method]cart.owner", [List.last(carts)]) == {:ok, "bulk"}
+    assert Capsid.call(pid, "total", [carts]) == {:ok, 0}
+    for c <- carts, do: :ok = Resource.drop(c)
+    assert live(pid) == base
+  end
+
   test "a bad argument next to a handle loses nothing", %{pid: pid} do
     cart = cart(pid)
     Capsid.call!(pid, "[method]cart.add", [cart, "apple", 1])
