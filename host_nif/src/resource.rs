@@ -105,10 +105,18 @@ thread_local! {
 
 /// Runs `f` with `origin` as the owner of the handles it makes; returns
 /// them too (see `forget`).
-pub fn with_origin<T>(origin: Origin, f: impl FnOnce() -> T) -> (T, Vec<ResourceArc<HandleResource>>) {
+pub fn with_origin<T>(
+    origin: Origin,
+    f: impl FnOnce() -> T,
+) -> (T, Vec<ResourceArc<HandleResource>>) {
     ORIGIN.with(|o| *o.borrow_mut() = Some((origin, Vec::new())));
     let out = f();
-    let made = ORIGIN.with(|o| o.borrow_mut().take().map(|(_, made)| made).unwrap_or_default());
+    let made = ORIGIN.with(|o| {
+        o.borrow_mut()
+            .take()
+            .map(|(_, made)| made)
+            .unwrap_or_default()
+    });
     (out, made)
 }
 
