@@ -125,6 +125,22 @@ fn go<'a>(
     }
 }
 
+/// `go`, queueing, with a refused turn answered as its status.
+fn go_or_status<'a>(
+    env: Env<'a>,
+    this: &ResourceArc<InstanceResource>,
+    index: Option<usize>,
+    values: Vec<Value>,
+    handles: &[(ResourceArc<HandleResource>, bool)],
+    narrow: Narrow,
+    dirty: bool,
+) -> Term<'a> {
+    match go(env, this, index, values, handles, narrow, true, dirty) {
+        Ok(t) => t,
+        Err((status, _)) => status.encode(env),
+    }
+}
+
 fn start<'a>(
     env: Env<'a>,
     target: Term<'a>,
@@ -160,19 +176,7 @@ fn start<'a>(
             if this.is_retired() {
                 return retired().encode(env);
             }
-            match go(
-                env,
-                &this,
-                Some(index),
-                values,
-                &handles,
-                narrow,
-                true,
-                dirty,
-            ) {
-                Ok(t) => t,
-                Err((status, _)) => status.encode(env),
-            }
+            go_or_status(env, &this, Some(index), values, &handles, narrow, dirty)
         }
         Entry::Pool(pool) => {
             let members = pool.members();
@@ -184,19 +188,7 @@ fn start<'a>(
             if let Some(id) = crate::resource::instance_of(&handles) {
                 return match members.iter().find(|m| m.id == id) {
                     Some(member) => {
-                        match go(
-                            env,
-                            member,
-                            Some(index),
-                            values,
-                            &handles,
-                            narrow,
-                            true,
-                            dirty,
-                        ) {
-                            Ok(t) => t,
-                            Err((status, _)) => status.encode(env),
-                        }
+                        go_or_status(env, member, Some(index), values, &handles, narrow, dirty)
                     }
                     None => Error::StaleResource(format!(
                         "the {} handle is stale: its instance is no longer a member of this pool \
@@ -271,10 +263,7 @@ fn drop_start<'a>(
     }
     match this {
         Some(this) if this.id == handle.instance && !this.is_retired() => {
-            match go(env, &this, None, Vec::new(), &[], narrow, true, dirty) {
-                Ok(t) => t,
-                Err((status, _)) => status.encode(env),
-            }
+            go_or_status(env, &this, None, Vec::new(), &[], narrow, dirty)
         }
         // Its instance is gone, and the object with it.
         _ => (
@@ -321,10 +310,7 @@ fn start_on<'a>(
     if function.as_slice().starts_with(DROP) {
         // The handle was dropped when the call first started; what is left
         // is running its destructor.
-        return match go(env, &this, None, Vec::new(), &[], narrow, true, dirty) {
-            Ok(t) => t,
-            Err((status, _)) => status.encode(env),
-        };
+        return go_or_status(env, &this, None, Vec::new(), &[], narrow, dirty);
     }
     crate::resource::take_used();
     let prepared = prepare(&this.component, function, args, &mut work(dirty));
@@ -338,19 +324,7 @@ fn start_on<'a>(
             return e.encode(env);
         }
     };
-    match go(
-        env,
-        &this,
-        Some(index),
-        values,
-        &handles,
-        narrow,
-        true,
-        dirty,
-    ) {
-        Ok(t) => t,
-        Err((status, _)) => status.encode(env),
-    }
+    go_or_status(env, &this, Some(index), values, &handles, narrow, dirty)
 }
 
 /// Starts the call on the instance whose turn the caller was granted.

@@ -42,10 +42,7 @@ defmodule Capsid.BindingsRecompileTest do
       assert status == 0, out
       Code.prepend_path(Path.join(dir, "_build/dev/lib/capsid_bindings_recompile/ebin"))
 
-      for m <- [@root, Module.concat(@root, Greet), Module.concat(@root, State)] do
-        :code.purge(m)
-        :code.delete(m)
-      end
+      purge([@root, Module.concat(@root, Greet), Module.concat(@root, State)])
     end
 
     File.cp!(Capsid.Guests.path(:greeter_v1), wasm)
@@ -61,12 +58,11 @@ defmodule Capsid.BindingsRecompileTest do
     assert Code.ensure_loaded?(Module.concat(@root, State))
     assert function_exported?(Module.concat(@root, State), :bump, 1)
   after
-    for m <- [
-          @root,
-          Module.concat(@root, Greet),
-          Module.concat(@root, State),
-          CapsidBindingsRecompile.MixProject
-        ] do
+    purge([@root, Module.concat(@root, Greet), Module.concat(@root, State)])
+  end
+
+  defp purge(modules) do
+    for m <- modules do
       :code.purge(m)
       :code.delete(m)
     end

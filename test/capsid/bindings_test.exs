@@ -199,15 +199,12 @@ defmodule Capsid.BindingsTest do
                _ -> nil
              end) =~ "Counts words.\nAnd characters."
     after
-      for m <- [
-            CapsidDocumented,
-            CapsidDocumented.Text,
-            CapsidDocumented.Pricing,
-            CapsidDocumented.Echo
-          ] do
-        :code.purge(m)
-        :code.delete(m)
-      end
+      purge([
+        CapsidDocumented,
+        CapsidDocumented.Text,
+        CapsidDocumented.Pricing,
+        CapsidDocumented.Echo
+      ])
     end
   end
 
@@ -251,15 +248,7 @@ defmodule Capsid.BindingsTest do
       assert root.sub(pid, 10, 4) == {:ok, 6}
       assert root.sub(pid, 10, 4, timeout: 1_000) == {:ok, 6}
     after
-      for m <- [
-            CapsidNames,
-            CapsidNames.AcmeAMath,
-            CapsidNames.AcmeBMath100,
-            CapsidNames.AcmeBMath200
-          ] do
-        :code.purge(m)
-        :code.delete(m)
-      end
+      purge([CapsidNames, CapsidNames.AcmeAMath, CapsidNames.AcmeBMath100, CapsidNames.AcmeBMath200])
     end
   end
 
@@ -276,6 +265,14 @@ defmodule Capsid.BindingsTest do
     test "garbage is an invalid component, not a crash" do
       assert {:error, %Capsid.Error{kind: :invalid_component}} =
                Capsid.Component.describe(<<0, "asm", 13, 0, 1, 0, 255, 255>>)
+    end
+  end
+
+  # Modules a test compiled: gone again afterwards.
+  defp purge(modules) do
+    for m <- modules do
+      :code.purge(m)
+      :code.delete(m)
     end
   end
 
