@@ -205,29 +205,6 @@ defmodule Capsid.ResourceTest do
     assert c.hash == Capsid.Component.load!(path).hash
   end
 
-  @tag :stress
-  test "100,000 create/drop cycles: every object is dropped, memory stays flat",
-       %{pid: pid} do
-    base = live(pid)
-
-    cycle = fn n ->
-      for _ <- 1..n do
-        {:ok, cart} = Capsid.call(pid, "[constructor]cart", ["x"])
-        :ok = Resource.drop(cart)
-      end
-    end
-
-    cycle.(10_000)
-    :erlang.garbage_collect()
-    before = :erlang.memory(:total)
-    cycle.(90_000)
-    :erlang.garbage_collect()
-    assert live(pid) == base
-    grown = :erlang.memory(:total) - before
-    assert grown < 5_000_000, "the VM grew by #{grown} bytes"
-    assert %{recycles: 0} = Capsid.Instance.info(pid)
-  end
-
   describe "bindings" do
     alias Capsid.Test.Res.Shop
     alias Capsid.Test.Res.Shop.Cart
