@@ -248,7 +248,12 @@ defmodule Capsid.BindingsTest do
       assert root.sub(pid, 10, 4) == {:ok, 6}
       assert root.sub(pid, 10, 4, timeout: 1_000) == {:ok, 6}
     after
-      purge([CapsidNames, CapsidNames.AcmeAMath, CapsidNames.AcmeBMath100, CapsidNames.AcmeBMath200])
+      purge([
+        CapsidNames,
+        CapsidNames.AcmeAMath,
+        CapsidNames.AcmeBMath100,
+        CapsidNames.AcmeBMath200
+      ])
     end
   end
 
