@@ -32,7 +32,9 @@ use wasmtime::ValRaw;
 use wasmtime::component::__internal::{
     CanonicalAbiInfo, ComponentTypes, InstanceType, InterfaceType, LiftContext, LowerContext,
 };
-use wasmtime::component::{ComponentNamedList, ComponentType, Lift, Lower, ResourceAny};
+use wasmtime::component::{
+    ComponentNamedList, ComponentType, Lift, Lower, ResourceAny, ResourceDynamic,
+};
 
 /// Flat values the canonical ABI passes directly; beyond, through memory.
 pub const MAX_FLAT_PARAMS: usize = 16;
@@ -297,6 +299,15 @@ fn cases<'t>(
     })
 }
 
+/// A host resource's handle for the guest, `own` or `borrow` as its type
+/// says (wasmtime checks the resource type itself).
+fn host_handle(ty: &InterfaceType, rep: u32, id: u32) -> ResourceDynamic {
+    match ty {
+        InterfaceType::Own(_) => ResourceDynamic::new_own(rep, id),
+        _ => ResourceDynamic::new_borrow(rep, id),
+    }
+}
+
 fn mismatch(ty: &InterfaceType, v: &Value) -> wasmtime::Error {
     bad(format!(
         "internal: a value does not match its type ({ty:?} vs {v:?})"
@@ -367,6 +378,9 @@ fn store<T>(
         }
         (I::Own(_) | I::Borrow(_), Value::Resource(r)) => {
             r.linear_lower_to_memory(cx, *ty, offset)?
+        }
+        (I::Own(_) | I::Borrow(_), Value::HostRep(rep, id)) => {
+            host_handle(ty, *rep, *id).linear_lower_to_memory(cx, *ty, offset)?
         }
         (_, Value::Case(d, payload)) => {
             let (case_tys, dsize, payload_at) = cases(types, ty).ok_or_else(|| mismatch(ty, v))?;
@@ -461,6 +475,14 @@ fn lower_flat<T>(
             // one-element array as it.
             let dst = unsafe { &mut *one.as_mut_ptr().cast::<MaybeUninit<ValRaw>>() };
             r.linear_lower_to_flat(cx, *ty, dst)?;
+            // SAFETY: initialised by the successful lowering above.
+            out.extend(unsafe { one.assume_init() });
+        }
+        (I::Own(_) | I::Borrow(_), Value::HostRep(rep, id)) => {
+            let mut one = MaybeUninit::<[ValRaw; 1]>::uninit();
+            // SAFETY: `ResourceDynamic::Lower` is one `ValRaw`, as above.
+            let dst = unsafe { &mut *one.as_mut_ptr().cast::<MaybeUninit<ValRaw>>() };
+            host_handle(ty, *rep, *id).linear_lower_to_flat(cx, *ty, dst)?;
             // SAFETY: initialised by the successful lowering above.
             out.extend(unsafe { one.assume_init() });
         }

@@ -30,6 +30,9 @@ pub struct FuncInfo {
     pub short: String,
     pub params: Vec<(String, Shape)>,
     pub result: Option<Shape>,
+    /// Its parameters or result can hold host resources (see
+    /// `host_resource`): their values are walked on the way in and out.
+    pub host: bool,
 }
 
 impl FuncInfo {
@@ -49,13 +52,39 @@ impl FuncInfo {
             Some(t) => Some(builder.shape(&t)?),
             None => None,
         };
+        let pick = |id| builder.is_host(id);
+        let host = params.iter().any(|(_, s)| s.mentions(&pick))
+            || result.as_ref().is_some_and(|s| s.mentions(&pick));
         Ok(FuncInfo {
             name,
             interface,
             short,
             params,
             result,
+            host,
         })
+    }
+
+    /// The optional import `[resource-drop]R` that a host resource `R`
+    /// (type `id`) offers Elixir: run with the state when the guest drops it.
+    fn resource_drop(interface: Option<&str>, name: &str, id: u32) -> Self {
+        let short = format!("[resource-drop]{name}");
+        FuncInfo {
+            name: match interface {
+                Some(i) => format!("{i}#{short}"),
+                None => short.clone(),
+            },
+            interface: interface.map(str::to_string),
+            short,
+            params: vec![("self".to_string(), Shape::Own(id))],
+            result: None,
+            host: true,
+        }
+    }
+
+    /// An import Elixir may leave out (a host resource's drop function).
+    pub fn is_optional(&self) -> bool {
+        self.short.starts_with("[resource-drop]")
     }
 
     /// Core values the parameters flatten to: the `N` of `abi::Lowered<N>`
@@ -75,6 +104,16 @@ pub struct Export {
     pub index: ComponentExportIndex,
     pub flat_params: usize,
     pub heavy_result: bool,
+}
+
+/// A resource the component imports from the host (not WASI), implemented
+/// in Elixir.
+pub struct HostResource {
+    pub interface: Option<String>,
+    pub name: String,
+    /// Its resource type: an index into the component's resource names,
+    /// and its `ResourceType::host_dynamic` payload.
+    pub id: u32,
 }
 
 /// An import implemented in Elixir: which component import it is and which
@@ -106,6 +145,9 @@ pub struct ComponentResource {
     pub exports: Vec<Export>,
     lookup: HashMap<String, Lookup, foldhash::fast::RandomState>,
     pub imports: Vec<FuncInfo>,
+    /// The resources the component imports from Elixir; each also has a
+    /// `[resource-drop]` entry at the end of `imports`.
+    pub host_resources: Vec<HostResource>,
     pub names: Names,
     pub links: Mutex<HashMap<Vec<String>, Arc<Link>>>,
 }
@@ -125,14 +167,50 @@ impl ComponentResource {
         let engine = engine();
         let ty = component.component_type();
         let mut builder = Builder::new(budget);
-        // Resource types first: functions refer to them.
-        for (name, item) in ty.exports(engine).chain(ty.imports(engine)) {
+        // Resource types first: functions refer to them. Imported ones
+        // first, so that a type an exported interface re-uses stays the
+        // host's; those of WASI are wasmtime-wasi's own.
+        let mut host_resources = Vec::new();
+        for (name, item) in ty.imports(engine) {
             match item.ty {
-                ComponentItem::Resource(r) => builder.resource_type(name, r)?,
+                // A type seen before is an alias (`use`): defined where it
+                // was first imported, and only there.
+                ComponentItem::Resource(r) => {
+                    if let Some(id) = builder.resource_type(name, r, true)? {
+                        host_resources.push(HostResource {
+                            interface: None,
+                            name: name.to_string(),
+                            id,
+                        });
+                    }
+                }
+                ComponentItem::ComponentInstance(inst) => {
+                    let wasi = name.starts_with("wasi:");
+                    for (rname, ritem) in inst.exports(engine) {
+                        if let ComponentItem::Resource(r) = ritem.ty
+                            && let Some(id) = builder.resource_type(rname, r, !wasi)?
+                            && !wasi
+                        {
+                            host_resources.push(HostResource {
+                                interface: Some(name.to_string()),
+                                name: rname.to_string(),
+                                id,
+                            });
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        for (name, item) in ty.exports(engine) {
+            match item.ty {
+                ComponentItem::Resource(r) => {
+                    builder.resource_type(name, r, false)?;
+                }
                 ComponentItem::ComponentInstance(inst) => {
                     for (rname, ritem) in inst.exports(engine) {
                         if let ComponentItem::Resource(r) = ritem.ty {
-                            builder.resource_type(rname, r)?;
+                            builder.resource_type(rname, r, false)?;
                         }
                     }
                 }
@@ -208,6 +286,13 @@ impl ComponentResource {
                 _ => {}
             }
         }
+        for r in &host_resources {
+            imports.push(FuncInfo::resource_drop(
+                r.interface.as_deref(),
+                &r.name,
+                r.id,
+            ));
+        }
 
         let names = builder.finish(env)?;
         let lookup = build_lookup(&exports);
@@ -217,6 +302,7 @@ impl ComponentResource {
             exports,
             lookup,
             imports,
+            host_resources,
             names,
             links: Mutex::new(HashMap::new()),
         })

@@ -12,6 +12,7 @@
 //! `Conv::Over`, so that the caller redoes the work on a dirty scheduler.
 
 use crate::error::Error;
+use crate::host_resource::{HostTerm, Stored};
 use crate::shape::{Names, Shape, kebab_to_snake, wit_name};
 use crate::value::Value;
 use rustler::types::map::MapIterator;
@@ -739,6 +740,14 @@ pub fn term_to_value(
                 _ => Err(path.error(expected(), term)),
             }
         }
+        Shape::Own(r) | Shape::Borrow(r) if names.is_host(*r) => {
+            // Any term is a host resource's state: it is kept as it is.
+            Ok(Value::HostTerm(HostTerm {
+                stored: Stored::new(term),
+                resource: *r,
+                own: matches!(shape, Shape::Own(_)),
+            }))
+        }
         Shape::Own(r) | Shape::Borrow(r) => {
             let own = matches!(shape, Shape::Own(_));
             match crate::resource::from_term(term, own) {
@@ -890,6 +899,7 @@ pub fn value_to_term<'a>(
         (Value::Resource(r), Shape::Own(id)) => {
             crate::resource::to_term(env, *r, names.resource(*id)).map_err(Conv::Bad)?
         }
+        (Value::HostTerm(h), Shape::Own(_) | Shape::Borrow(_)) => h.stored.load(env),
         _ => {
             return Err(Conv::Bad(Error::Internal(format!(
                 "a guest value does not match its type ({})",

@@ -122,6 +122,9 @@ impl Shared {
 pub struct Host {
     wasi: Option<WasiCtx>,
     table: ResourceTable,
+    /// The state of the host resources (implemented in Elixir) the guest
+    /// holds.
+    pub host_resources: crate::host_resource::Table,
     pub limiter: Limiter,
     pub shared: Arc<Shared>,
     pub timeout_ms: u64,
@@ -174,6 +177,7 @@ impl Host {
         let host = Host {
             wasi: None,
             table: ResourceTable::new(),
+            host_resources: crate::host_resource::Table::new(limits.max_handles),
             limiter,
             shared: shared.clone(),
             timeout_ms: limits.timeout,

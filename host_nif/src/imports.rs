@@ -14,10 +14,11 @@ use crate::engine::engine;
 use crate::error::lock;
 use crate::error::{Error, HostTrap, Result, TrapKind, root_message};
 use crate::host::{Host, ImportCall};
+use crate::shape::Shape;
 use crate::value::Value;
 use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
-use wasmtime::component::{Linker, LinkerInstance};
+use wasmtime::component::{Linker, LinkerInstance, ResourceType};
 
 /// The user's key for `import`: exact name, or the version-less qualified name.
 fn provided_key(import: &FuncInfo, provided: &HashSet<&str>) -> Option<String> {
@@ -83,8 +84,12 @@ fn make_link(component: &ComponentResource, provided: &[String]) -> Result<Link>
                     .push(bound.len());
                 bound.push(Bound { key, import: i });
             }
+            None if import.is_optional() => {}
             None => missing.push(import.name.clone()),
         }
+    }
+    for r in &component.host_resources {
+        by_interface.entry(r.interface.as_deref()).or_default();
     }
     if !missing.is_empty() {
         let hints: Vec<String> = missing
@@ -105,8 +110,24 @@ fn make_link(component: &ComponentResource, provided: &[String]) -> Result<Link>
                 .instance(name)
                 .map_err(|e| Error::Link(format!("import {name}: {}", root_message(&e))))?,
         };
+        for r in component
+            .host_resources
+            .iter()
+            .filter(|r| r.interface.as_deref() == interface)
+        {
+            let drop_slot = slots.iter().copied().find(|s| {
+                let info = &component.imports[bound[*s].import];
+                info.is_optional()
+                    && matches!(info.params.first(), Some((_, Shape::Own(id))) if *id == r.id)
+            });
+            define_resource(&mut inst, &r.name, r.id, drop_slot)
+                .map_err(|e| Error::Link(format!("resource {}: {}", r.name, root_message(&e))))?;
+        }
         for slot in slots {
             let info = &component.imports[bound[slot].import];
+            if info.is_optional() {
+                continue;
+            }
             define(&mut inst, info, slot)
                 .map_err(|e| Error::Link(format!("import {}: {}", info.name, root_message(&e))))?;
         }
@@ -125,6 +146,19 @@ fn make_link(component: &ComponentResource, provided: &[String]) -> Result<Link>
     })
 }
 
+/// Defines host resource type `id` (named `name` in its interface); its
+/// destructor runs the `[resource-drop]` import in slot `drop_slot`, if any.
+fn define_resource(
+    inst: &mut LinkerInstance<'_, Host>,
+    name: &str,
+    id: u32,
+    drop_slot: Option<usize>,
+) -> wasmtime::Result<()> {
+    inst.resource_async(name, ResourceType::host_dynamic(id), move |store, rep| {
+        Box::new(crate::host_resource::drop_rep(store, rep, id, drop_slot))
+    })
+}
+
 /// Defines the host function for Elixir import number `slot`, typed by its
 /// parameters' and results' flat counts (see `abi`).
 fn define(
@@ -138,15 +172,16 @@ fn define(
         Some(s) if shape_flat_count(s) <= MAX_FLAT_RESULTS => shape_flat_count(s),
         _ => 0,
     };
+    let host = info.host;
     macro_rules! arms {
         ($($n:literal)*) => {
             match (n, m) {
                 $(
                     ($n, 0) => inst.func_wrap_async(&info.short, move |store, params: Lifted<$n>| {
-                        Box::new(call_elixir::<0>(store, slot, params.0))
+                        Box::new(call_elixir::<0>(store, slot, params.0, host))
                     }),
                     ($n, 1) => inst.func_wrap_async(&info.short, move |store, params: Lifted<$n>| {
-                        Box::new(call_elixir::<1>(store, slot, params.0))
+                        Box::new(call_elixir::<1>(store, slot, params.0, host))
                     }),
                 )*
                 _ => Err(wasmtime::Error::msg("unsupported import signature")),
@@ -157,15 +192,26 @@ fn define(
 }
 
 /// The body of every Elixir-implemented import: post the request, park until
-/// the answer arrives, then hand the result to the guest.
+/// the answer arrives, then hand the result to the guest. With `host`, its
+/// values can hold host resources: terms on the way out, reps on the way in.
 async fn call_elixir<const M: usize>(
-    store: wasmtime::StoreContextMut<'_, Host>,
+    mut store: wasmtime::StoreContextMut<'_, Host>,
     slot: usize,
-    args: Vec<Value>,
+    mut args: Vec<Value>,
+    host: bool,
 ) -> wasmtime::Result<Lowered<M>> {
+    if host {
+        crate::host_resource::leave(&mut args, &mut store)?;
+    }
     let shared = store.data().shared.clone();
     match shared.imports.ask(ImportCall { import: slot, args }).await {
-        Ok(value) => Ok(Lowered(value.into_iter().collect())),
+        Ok(value) => {
+            let mut values: Vec<Value> = value.into_iter().collect();
+            if host {
+                crate::host_resource::enter(&mut values, &mut store.data_mut().host_resources)?;
+            }
+            Ok(Lowered(values))
+        }
         Err(message) => Err(wasmtime::Error::new(HostTrap {
             kind: TrapKind::ImportFailed,
             message,

@@ -415,6 +415,7 @@ impl InstanceResource {
                 flat_params: e.flat_params,
                 has_result: e.info.result.is_some(),
                 heavy_result: e.heavy_result,
+                host: e.info.host,
             }
         });
         let checkpoint = match &live {

@@ -26,6 +26,7 @@ mod convert;
 mod engine;
 mod error;
 mod host;
+mod host_resource;
 mod imports;
 mod instance;
 mod limits;

@@ -18,8 +18,8 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
-use wasmtime::Store;
 use wasmtime::component::{ComponentExportIndex, Func, Instance, InstancePre, TypedFunc};
+use wasmtime::{AsContextMut, Store};
 
 rustler::atoms! {
     capsid_wake,
@@ -59,6 +59,8 @@ pub struct Target {
     pub has_result: bool,
     /// Pause before lifting the result: its size is not bounded by its type.
     pub heavy_result: bool,
+    /// Its arguments or result can hold host resources.
+    pub host: bool,
 }
 
 /// What a finished call leaves: the live instance (unless it trapped, in
@@ -119,6 +121,25 @@ async fn invoke(
     }
     let results = arms!(0 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16)?;
     Ok(results.into_iter().next())
+}
+
+/// `invoke` for a function whose values can hold host resources: their
+/// terms get reps on the way in, and come back as terms on the way out;
+/// borrows lent to the call end with it.
+async fn invoke_with_host_resources(
+    func: Func,
+    store: &mut Store<Host>,
+    target: &Target,
+    mut args: Vec<Value>,
+) -> wasmtime::Result<Option<Value>> {
+    crate::host_resource::enter(&mut args, &mut store.data_mut().host_resources)?;
+    let result = invoke(func, store, target, args).await;
+    store.data_mut().host_resources.end_loans();
+    let mut result = result?;
+    if let Some(v) = result.as_mut() {
+        crate::host_resource::leave(std::slice::from_mut(v), &mut store.as_context_mut())?;
+    }
+    Ok(result)
 }
 
 /// Builds the future for one call of `target` (`None`: only make sure the
@@ -275,7 +296,11 @@ async fn call(
             instantiated,
         };
     };
-    let result = invoke(func, &mut live.store, &target, args).await;
+    let result = if target.host {
+        invoke_with_host_resources(func, &mut live.store, &target, args).await
+    } else {
+        invoke(func, &mut live.store, &target, args).await
+    };
     let fuel_used = fuel_used(&live.store, limits.fuel);
     match result {
         Ok(value) => {
@@ -447,6 +472,7 @@ mod bench {
             flat_params: 2,
             has_result: true,
             heavy_result: false,
+            host: false,
         };
         let mut fut = start(
             Some(pre),

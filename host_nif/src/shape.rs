@@ -29,6 +29,8 @@ pub struct Names {
     /// Names of the resource types the component exports or imports, for
     /// `Shape::Own` and `Shape::Borrow` (strings: never atoms).
     resources: Vec<Box<str>>,
+    /// Which of them the host implements (imported, not WASI).
+    host: Vec<bool>,
 }
 
 impl Names {
@@ -44,6 +46,11 @@ impl Names {
     /// name it).
     pub fn resource(&self, id: u32) -> &str {
         self.resources.get(id as usize).map_or("resource", |r| r)
+    }
+
+    /// Whether resource type `id` is implemented by the host (in Elixir).
+    pub fn is_host(&self, id: u32) -> bool {
+        self.host.get(id as usize).copied().unwrap_or(false)
     }
 
     /// The name an atom stands for, if the component has it.
@@ -99,6 +106,25 @@ impl Shape {
         }
     }
 
+    /// Whether a value of this type can hold a handle of a resource for
+    /// which `pick` is true.
+    pub fn mentions(&self, pick: &impl Fn(u32) -> bool) -> bool {
+        match self {
+            Shape::Own(r) | Shape::Borrow(r) => pick(*r),
+            Shape::List(s) | Shape::Option(s) => s.mentions(pick),
+            Shape::Record(fields) => fields.iter().any(|(_, s)| s.mentions(pick)),
+            Shape::Tuple(items) => items.iter().any(|s| s.mentions(pick)),
+            Shape::Variant(cases) => cases
+                .iter()
+                .any(|(_, s)| s.as_ref().is_some_and(|s| s.mentions(pick))),
+            Shape::Result(ok, err) => {
+                ok.as_ref().is_some_and(|s| s.mentions(pick))
+                    || err.as_ref().is_some_and(|s| s.mentions(pick))
+            }
+            _ => false,
+        }
+    }
+
     /// Whether converting a value of this type can take long: it holds a
     /// list or a string, whose size the type does not bound.
     pub fn is_heavy(&self) -> bool {
@@ -148,7 +174,7 @@ pub struct Builder {
     nodes: usize,
     ids: HashMap<String, NameId>,
     wit: Vec<Box<str>>,
-    resources: Vec<(ResourceType, Box<str>)>,
+    resources: Vec<(ResourceType, Box<str>, bool)>,
 }
 
 impl Builder {
@@ -163,20 +189,32 @@ impl Builder {
     }
 
     /// Names a resource type the component exports or imports, so that
-    /// handles of it say what they are.
-    pub fn resource_type(&mut self, name: &str, ty: ResourceType) -> Result<()> {
+    /// handles of it say what they are; `host` when Elixir implements it.
+    /// Its id, if it is new (not the same type seen under another name).
+    pub fn resource_type(
+        &mut self,
+        name: &str,
+        ty: ResourceType,
+        host: bool,
+    ) -> Result<Option<u32>> {
         self.node()?;
-        if !self.resources.iter().any(|(t, _)| *t == ty) {
-            self.resources.push((ty, name.into()));
+        if self.resources.iter().any(|(t, _, _)| *t == ty) {
+            return Ok(None);
         }
-        Ok(())
+        self.resources.push((ty, name.into(), host));
+        Ok(Some((self.resources.len() - 1) as u32))
     }
 
     fn resource_id(&self, ty: &ResourceType) -> u32 {
         self.resources
             .iter()
-            .position(|(t, _)| t == ty)
+            .position(|(t, _, _)| t == ty)
             .map_or(u32::MAX, |i| i as u32)
+    }
+
+    /// Whether resource type `id` is implemented by the host.
+    pub fn is_host(&self, id: u32) -> bool {
+        self.resources.get(id as usize).is_some_and(|r| r.2)
     }
 
     /// Counts one node of type information against the budget.
@@ -356,7 +394,8 @@ impl Builder {
             wit: self.wit,
             atoms,
             by_atom,
-            resources: self.resources.into_iter().map(|(_, n)| n).collect(),
+            host: self.resources.iter().map(|r| r.2).collect(),
+            resources: self.resources.into_iter().map(|(_, n, _)| n).collect(),
         })
     }
 }

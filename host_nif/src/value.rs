@@ -4,6 +4,7 @@
 //! per byte), and positional (record fields, cases and flags by index, as in
 //! the component's type).
 
+use crate::host_resource::HostTerm;
 use wasmtime::component::ResourceAny;
 
 #[derive(Debug)]
@@ -33,6 +34,13 @@ pub enum Value {
     Enum(u32),
     /// Flags as bits, 32 per word, flag `i` at bit `i % 32` of word `i / 32`.
     Flags(Vec<u32>),
-    /// An `own` or `borrow` handle.
+    /// An `own` or `borrow` handle of a guest resource (or, straight out
+    /// of the guest, of any resource: see `host_resource::leave`).
     Resource(ResourceAny),
+    /// A host resource's Elixir state, between Elixir and the store's
+    /// table of host resources (`host_resource`).
+    HostTerm(HostTerm),
+    /// A host resource as the guest's ABI sees it: its rep in the store's
+    /// table and its resource type (an index into `Names`' resources).
+    HostRep(u32, u32),
 }

@@ -484,10 +484,25 @@ defmodule Capsid.Bindings.Spec do
 
   defp walk(specs, {:resource}), do: {quote(do: Capsid.Resource.t()), specs}
 
-  defp walk(specs, {handle, _}) when handle in [:own, :borrow],
-    do: {quote(do: Capsid.Resource.t()), specs}
+  defp walk(specs, {handle, ref}) when handle in [:own, :borrow] do
+    if host_resource?(specs, ref),
+      do: {quote(do: term()), specs},
+      else: {quote(do: Capsid.Resource.t()), specs}
+  end
 
   defp walk(specs, _unsupported), do: {quote(do: term()), specs}
+
+  # A resource the component imports (its definition, past `use` aliases,
+  # belongs to no exported interface): implemented in Elixir, any term.
+  defp host_resource?(specs, {:ref, id}) do
+    case specs.types[id] do
+      %{def: {:ref, _} = next} -> host_resource?(specs, next)
+      %{def: {:resource}} -> not Map.has_key?(specs.homes, id)
+      _ -> false
+    end
+  end
+
+  defp host_resource?(_specs, _inline), do: false
 
   defp tagged(specs, tag, nil), do: {tag, specs}
 

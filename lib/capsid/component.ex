@@ -191,6 +191,11 @@ defmodule Capsid.Component do
   `host_imports/1` for only those the host must provide). `named: true` as
   for `exports/2`.
 
+  A resource the component imports (a host resource, implemented in
+  Elixir) adds its constructor, methods and statics as functions, and a
+  `"[resource-drop]R"` entry that the host may leave out (see
+  `Capsid.Resource`).
+
       iex> component = Capsid.Component.load!(Capsid.Guests.path(:toolkit))
       iex> Enum.find(Capsid.Component.imports(component), &(&1.name == "log")).params
       [{"level", {:enum, ["debug", "info", "warn", "error"]}}, {"msg", :string}]
@@ -225,15 +230,20 @@ defmodule Capsid.Component do
   @doc """
   The imports that the host must provide in `:imports` (see
   `Capsid.Instance`): those of `imports/1` that are not WASI, which Capsid
-  provides itself.
+  provides itself, nor a host resource's optional `"[resource-drop]R"`.
 
       iex> component = Capsid.Component.load!(Capsid.Guests.path(:toolkit))
       iex> Capsid.Component.host_imports(component) |> Enum.map(& &1.name)
       ["log", "get-config"]
   """
   @spec host_imports(t()) :: [function_info()]
-  def host_imports(%__MODULE__{imports: imports}),
-    do: Enum.reject(imports, &match?(%{interface: "wasi:" <> _}, &1))
+  def host_imports(%__MODULE__{imports: imports}) do
+    Enum.reject(
+      imports,
+      &(match?(%{interface: "wasi:" <> _}, &1) or
+          match?(%{function: "[resource-drop]" <> _}, &1))
+    )
+  end
 
   @doc """
   The component's API as WIT text, with its type names and doc comments,

@@ -35,8 +35,39 @@ defmodule Capsid.Resource do
   A call with handles through a pool or a deployment runs on the member that
   made them.
 
-  Resources the *host* provides (imported by the component) are not
-  supported yet.
+  ## Host resources
+
+  A resource the component *imports* is implemented in Elixir, through the
+  same `imports:` map as functions, by canonical names (qualified, or short
+  when unique). Its state is any term: what the constructor returns (or any
+  import whose result is an `own<R>`). Methods get it first:
+
+      imports: %{
+        "[constructor]ledger" => fn name -> {:ledger, name, Agent.start_link(...)} end,
+        "[method]ledger.record" => fn {:ledger, _, agent}, entry -> ... end,
+        "[static]ledger.open" => fn name -> {:ledger, name, ...} end,
+        # optional: the guest dropped its handle
+        "[resource-drop]ledger" => fn {:ledger, _, agent} -> Agent.stop(agent) end
+      }
+
+    * The guest holds handles, never the terms: each store keeps its own
+      table, so a guest cannot forge a handle or reuse one it gave up.
+    * When the guest drops its handle, `"[resource-drop]R"` runs with the
+      state (if given), in the call that dropped it; a failing drop function
+      fails that call as a failing import does.
+    * A host resource that comes back to Elixir as `own<R>` (in a call's
+      result, or as an import's argument) is its term again, and the guest no
+      longer holds it: the drop function does not run for it, Elixir has it.
+      As `borrow<R>` (a method's `self`) it is the term, and stays the guest's.
+    * An export that takes an `own<R>` or `borrow<R>` of a host resource
+      takes the term: owned, the guest keeps it (and drops it some day);
+      borrowed, it is lent for the call.
+    * A guest holds at most `max_handles` host resources at a time (see
+      `Capsid.Limits`); one more traps the call (`:memory_limit`, naming the
+      limit). When the instance recycles or stops, its host resources go
+      with its store, without running the drop function.
+    * The state is copied in and out, as any term passed to a call: keep it
+      small (a pid, a reference, a key).
   """
 
   @enforce_keys [:ref, :name]

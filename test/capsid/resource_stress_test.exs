@@ -37,4 +37,37 @@ defmodule Capsid.ResourceStressTest do
     assert grown_os < 5_000_000, "the OS process grew by #{grown_os} bytes"
     assert %{recycles: 0} = Capsid.Instance.info(pid)
   end
+
+  test "100,000 host resources made, used and dropped by the guest: memory stays flat" do
+    c = Capsid.Component.load!(Capsid.Guests.path(:ledger))
+    counter = :counters.new(2, [])
+
+    imports = %{
+      "[constructor]ledger" => fn name -> {:ledger, name} end,
+      "[static]ledger.open" => fn name -> {:ledger, name} end,
+      "[method]ledger.record" => fn _, _ -> 1 end,
+      "[method]ledger.name" => fn {:ledger, name} -> name end,
+      "[resource-drop]ledger" => fn {:ledger, _} -> :counters.add(counter, 1, 1) end,
+      "archive" => fn _ -> nil end,
+      "find" => fn _ -> nil end
+    }
+
+    pid = start_supervised!({Capsid.Instance, component: c, imports: imports})
+
+    # Each call makes a ledger, records in it and drops it: three imports.
+    cycle = fn n ->
+      for _ <- 1..n, do: {:ok, 1} = Capsid.call(pid, "scratch", ["x", ["e"]])
+      :erlang.garbage_collect()
+    end
+
+    cycle.(10_000)
+    {vm, os} = {:erlang.memory(:total), rss()}
+    cycle.(90_000)
+    assert :counters.get(counter, 1) == 100_000
+    grown_vm = :erlang.memory(:total) - vm
+    grown_os = rss() - os
+    assert grown_vm < 5_000_000, "the VM's memory grew by #{grown_vm} bytes"
+    assert grown_os < 5_000_000, "the OS process grew by #{grown_os} bytes"
+    assert %{recycles: 0} = Capsid.Instance.info(pid)
+  end
 end

@@ -205,6 +205,37 @@ defmodule Capsid.ResourceTest do
     assert c.hash == Capsid.Component.load!(path).hash
   end
 
+  test "an upgrade's compatibility check covers resource methods and resource types",
+       %{component: c} do
+    ledger = Capsid.Component.load!(Capsid.Guests.path(:ledger))
+    problems = Capsid.Deployment.incompatibilities(c, ledger)
+    assert Enum.any?(problems, &(&1 =~ "#[constructor]cart is missing"))
+    assert Enum.any?(problems, &(&1 =~ "#[method]cart.add is missing"))
+    assert Enum.any?(problems, &(&1 =~ "#[static]cart.merge is missing"))
+
+    # The same component with its resource renamed: every function that
+    # takes or gives one changed type.
+    rename = fn
+      {:own, "cart"} -> {:own, "basket"}
+      {:borrow, "cart"} -> {:borrow, "basket"}
+      t -> t
+    end
+
+    renamed =
+      Enum.map(c.exports, fn e ->
+        %{
+          e
+          | params: Enum.map(e.params, fn {n, t} -> {n, rename.(t)} end),
+            result: rename.(e.result)
+        }
+      end)
+
+    problems = Capsid.Deployment.incompatibilities(c, %{c | exports: renamed})
+    assert Enum.any?(problems, &(&1 =~ "#[method]cart.add changed type"))
+    assert Enum.any?(problems, &(&1 =~ "own<cart>) -> u32 → func(c: own<basket>) -> u32"))
+    assert Capsid.Deployment.incompatibilities(c, c) == []
+  end
+
   describe "bindings" do
     alias Capsid.Test.Res.Shop
     alias Capsid.Test.Res.Shop.Cart

@@ -11,3 +11,7 @@ end
 defmodule Capsid.Test.Res do
   use Capsid.Bindings, component: Capsid.Guests.path(:res)
 end
+
+defmodule Capsid.Test.Ledgers do
+  use Capsid.Bindings, component: Capsid.Guests.path(:ledger)
+end
