@@ -8,7 +8,7 @@ use crate::engine::engine;
 use crate::error::{Error, Result, root_message};
 use crate::host::Host;
 use crate::shape::{Budget, Builder, Names, Shape, snake_to_kebab};
-use rustler::{Env, Resource};
+use rustler::{Encoder, Env, LocalPid, OwnedEnv, Resource, ResourceArc, Term};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -540,15 +540,29 @@ impl From<Error> for Refusal {
     }
 }
 
-/// Compiles `bytes`, or loads them from `cache` when it holds a verified
-/// artifact for them.
+/// What `compile` answers when it does not refuse.
+pub enum Compiled {
+    /// Loaded from the cache in this call.
+    Ready(Box<ComponentResource>, cache::Outcome),
+    /// Compiling on a thread of its own, which sends the outcome to the
+    /// caller as `{:capsid_compiled, tag, reply}` (see `component_compile`).
+    Started,
+}
+
+/// Loads `bytes` from `cache` when it holds a verified artifact for them;
+/// otherwise starts compiling them on a thread of its own that answers
+/// `pid` with `tag`. Compiling takes seconds for a large component: a dirty
+/// scheduler waiting for it would be one fewer for everything that needs
+/// one meanwhile (large values of calls that hold an instance, garbage
+/// collections), so none waits.
 pub fn compile(
     env: Env,
     bytes: &[u8],
-    cache: Option<&Cache>,
+    cache: Option<Cache>,
     limits: CompileLimits,
     budget: Budget,
-) -> std::result::Result<(ComponentResource, cache::Outcome), Refusal> {
+    reply_to: (LocalPid, Term, Option<String>),
+) -> std::result::Result<Compiled, Refusal> {
     if bytes.len() > limits.max_bytes {
         return Err(Error::ResourceLimit(format!(
             "the component is {} bytes, the limit is {} bytes (config :capsid, :max_component_bytes)",
@@ -560,11 +574,11 @@ pub fn compile(
     check_header(bytes)?;
     let hash = format!("{:x}", Sha256::digest(bytes));
     let mut outcome = cache::Outcome::Disabled;
-    if let Some(cache) = cache {
+    if let Some(cache) = &cache {
         match cache.load(&hash, limits.max_bytes) {
             Ok(Some(component)) => {
-                return Ok((
-                    ComponentResource::new(env, component, hash, budget)?,
+                return Ok(Compiled::Ready(
+                    Box::new(ComponentResource::new(env, component, hash, budget)?),
                     cache::Outcome::Hit,
                 ));
             }
@@ -576,21 +590,61 @@ pub fn compile(
         return Err(Refusal::Saturated);
     };
     let owned = bytes.to_vec();
-    let handle = std::thread::Builder::new()
+    let (pid, tag, warning) = reply_to;
+    let mut msg_env = OwnedEnv::new();
+    let tag = msg_env.save(tag);
+    std::thread::Builder::new()
         .name("capsid-compile".into())
         .stack_size(COMPILE_STACK)
-        .spawn(move || Component::from_binary(engine(), &owned))
+        .spawn(move || {
+            let compiled = Component::from_binary(engine(), &owned);
+            drop(slot);
+            // The caller may be gone; then nobody needs the answer.
+            let _ = msg_env.send_and_clear(&pid, |env| {
+                let reply = match compiled {
+                    Err(e) => {
+                        Error::InvalidComponent(format!("invalid component: {}", root_message(&e)))
+                            .encode(env)
+                    }
+                    Ok(component) => match ComponentResource::new(env, component, hash, budget) {
+                        Err(e) => e.encode(env),
+                        Ok(res) => {
+                            if let Some(cache) = &cache {
+                                cache.store(&res.hash, &res.component);
+                            }
+                            encode_compiled(env, res, outcome, warning.as_deref())
+                        }
+                    },
+                };
+                (capsid_compiled(), tag.load(env), reply)
+            });
+        })
         .map_err(|e| Error::Internal(format!("could not start the compile thread: {e}")))?;
-    let component = handle
-        .join()
-        .map_err(|_| Error::Internal("the compiler panicked".into()))?
-        .map_err(|e| Error::InvalidComponent(format!("invalid component: {}", root_message(&e))))?;
-    drop(slot);
-    let resource = ComponentResource::new(env, component, hash, budget)?;
-    if let Some(cache) = cache {
-        cache.store(&resource.hash, &resource.component);
-    }
-    Ok((resource, outcome))
+    Ok(Compiled::Started)
+}
+
+/// `{:ok, {ref, sha256_hex, exports, imports, cache, warning}}`.
+fn encode_compiled<'a>(
+    env: Env<'a>,
+    res: ComponentResource,
+    outcome: cache::Outcome,
+    warning: Option<&str>,
+) -> Term<'a> {
+    let exports = crate::types::encode_funcs(env, res.exports.iter().map(|e| &e.info), &res.names);
+    let imports = crate::types::encode_funcs(env, res.imports.iter(), &res.names);
+    let hash = res.hash.clone();
+    let outcome = match outcome {
+        cache::Outcome::Hit => hit(),
+        cache::Outcome::Miss => miss(),
+        cache::Outcome::Rejected => rejected(),
+        cache::Outcome::Disabled => disabled(),
+    };
+    let resource = ResourceArc::new(res);
+    (
+        rustler::types::atom::ok(),
+        (resource, hash, exports, imports, outcome, warning),
+    )
+        .encode(env)
 }
 
 rustler::atoms! {
@@ -599,6 +653,8 @@ rustler::atoms! {
     rejected,
     disabled,
     saturated,
+    started = "compiling",
+    capsid_compiled,
 }
 
 /// Compiles a component, through the cache in `cache` (`{dir, max_bytes}`)
@@ -606,7 +662,9 @@ rustler::atoms! {
 /// warning}}`, each function as `{name, interface | nil, short_name, params,
 /// result}`, `cache` one of `:hit`, `:miss`, `:rejected` (a corrupt artifact
 /// was replaced), `:disabled`, and `warning` nil or why the cache directory
-/// could not be used; `:saturated` when all compile slots are taken.
+/// could not be used; `:saturated` when all compile slots are taken; or
+/// `:compiling` when it compiles, and the caller gets that answer later as
+/// `{:capsid_compiled, tag, answer}`.
 #[cfg_attr(not(test), rustler::nif(schedule = "DirtyCpu"))]
 fn component_compile<'a>(
     env: Env<'a>,
@@ -614,8 +672,8 @@ fn component_compile<'a>(
     cache: Option<(String, u64)>,
     limits: (usize, usize),
     budget: (usize, usize, usize, usize),
-) -> rustler::Term<'a> {
-    use rustler::{Encoder, ResourceArc};
+    tag: Term<'a>,
+) -> Term<'a> {
     let (cache, warning) = match cache {
         None => (None, None),
         Some((dir, max_bytes)) => match Cache::open(std::path::Path::new(&dir), max_bytes) {
@@ -633,25 +691,12 @@ fn component_compile<'a>(
         vm_headroom: budget.2,
         type_nodes: budget.3,
     };
-    match compile(env, bytes.as_slice(), cache.as_ref(), limits, budget) {
-        Ok((res, outcome)) => {
-            let exports =
-                crate::types::encode_funcs(env, res.exports.iter().map(|e| &e.info), &res.names);
-            let imports = crate::types::encode_funcs(env, res.imports.iter(), &res.names);
-            let hash = res.hash.clone();
-            let outcome = match outcome {
-                cache::Outcome::Hit => hit(),
-                cache::Outcome::Miss => miss(),
-                cache::Outcome::Rejected => rejected(),
-                cache::Outcome::Disabled => disabled(),
-            };
-            let resource = ResourceArc::new(res);
-            (
-                rustler::types::atom::ok(),
-                (resource, hash, exports, imports, outcome, warning),
-            )
-                .encode(env)
+    let reply_to = (env.pid(), tag, warning.clone());
+    match compile(env, bytes.as_slice(), cache, limits, budget, reply_to) {
+        Ok(Compiled::Ready(res, outcome)) => {
+            encode_compiled(env, *res, outcome, warning.as_deref())
         }
+        Ok(Compiled::Started) => started().encode(env),
         Err(Refusal::Error(e)) => e.encode(env),
         Err(Refusal::Saturated) => saturated().encode(env),
     }

@@ -144,7 +144,16 @@ defmodule Capsid.Component do
        :erlang.system_info(:atom_limit) - :erlang.system_info(:atom_count),
        env[:max_type_nodes] || 200_000}
 
-    case Native.component_compile(bytes, cache, limits, budget) do
+    tag = make_ref()
+
+    case Native.component_compile(bytes, cache, limits, budget, tag) do
+      # Compiling on a thread of the NIF's own (never on a scheduler): it
+      # always answers.
+      :compiling ->
+        receive do
+          {:capsid_compiled, ^tag, answer} -> answer
+        end
+
       :saturated ->
         if System.monotonic_time(:millisecond) < give_up_at do
           Process.sleep(20)

@@ -110,4 +110,35 @@ defmodule Capsid.SchedulerTest do
     assert result == {:ok, 5_000_000}
     assert long == [], "the caller held a scheduler for #{inspect(long)} ms"
   end
+
+  # Compiling a large component takes seconds. It used to hold a dirty
+  # scheduler for all of it: two compiles took both, and a call whose
+  # large value must convert on one waited for them while holding its
+  # instance (a hot swap's snapshot: callers queued behind it gave up).
+  test "compiles hold no dirty scheduler: calls and loads go on meanwhile", %{bulk: c} do
+    bytes = File.read!(Path.expand("../fixtures/foreign/calc_py.wasm", __DIR__))
+    Capsid.Component.load!(Capsid.Guests.path(:toolkit))
+    compiles = for _ <- 1..2, do: Task.async(fn -> Capsid.Component.load(bytes, cache: false) end)
+    wait_until(fn -> Capsid.info().compiling == 2 end)
+
+    pid = start(c, %{"fetch" => fn _ -> [] end, "send" => &length/1})
+    assert {:ok, items} = Capsid.call(pid, "options", [1_000_000])
+    assert length(items) == 1_000_000
+    # From the cache (it was put there before the compiles started): a
+    # load that needs compiling waits for a compile slot, by design.
+    assert {:ok, %{cache: :hit}} = Capsid.Component.load(Capsid.Guests.path(:toolkit))
+
+    assert Capsid.info().compiling == 2,
+           "the call and the load waited for a compile to finish"
+
+    for t <- compiles, do: assert({:ok, _} = Task.await(t, 120_000))
+  end
+
+  defp wait_until(fun, tries \\ 500) do
+    cond do
+      fun.() -> :ok
+      tries == 0 -> flunk("condition not reached")
+      true -> Process.sleep(10) && wait_until(fun, tries - 1)
+    end
+  end
 end
