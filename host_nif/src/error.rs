@@ -32,6 +32,7 @@ rustler::atoms! {
     integer_overflow,
     import_failed,
     cancelled,
+    exit,
     other,
 }
 
@@ -48,11 +49,13 @@ pub enum TrapKind {
     IntegerOverflow,
     ImportFailed,
     Cancelled,
+    /// The guest called WASI's `exit`.
+    Exit,
     Other,
 }
 
 impl TrapKind {
-    pub const ALL: [TrapKind; 11] = [
+    pub const ALL: [TrapKind; 12] = [
         TrapKind::OutOfFuel,
         TrapKind::Timeout,
         TrapKind::MemoryLimit,
@@ -63,6 +66,7 @@ impl TrapKind {
         TrapKind::IntegerOverflow,
         TrapKind::ImportFailed,
         TrapKind::Cancelled,
+        TrapKind::Exit,
         TrapKind::Other,
     ];
 
@@ -82,6 +86,7 @@ impl TrapKind {
             TrapKind::IntegerOverflow => integer_overflow(),
             TrapKind::ImportFailed => import_failed(),
             TrapKind::Cancelled => cancelled(),
+            TrapKind::Exit => exit(),
             TrapKind::Other => other(),
         }
     }
@@ -95,6 +100,8 @@ pub struct TrapInfo {
     /// Wasm frames, innermost first, as `"func_name"` or `"<wasm function N>"`.
     pub backtrace: Vec<String>,
     pub stderr: Vec<u8>,
+    /// The status a guest gave `exit` (kind `Exit`).
+    pub status: Option<i32>,
 }
 
 #[derive(Debug, Clone)]
@@ -220,6 +227,18 @@ pub fn classify(err: &wasmtime::Error, stderr: Vec<u8>) -> TrapInfo {
             message: host.message.clone(),
             backtrace,
             stderr,
+            status: None,
+        };
+    }
+    if let Some(wasmtime_wasi::I32Exit(code)) = err.downcast_ref::<wasmtime_wasi::I32Exit>() {
+        // WASI 0.2's `exit` takes ok or err: 0 or 1 reach the host.
+        let how = if *code == 0 { "success" } else { "failure" };
+        return TrapInfo {
+            kind: TrapKind::Exit,
+            message: format!("the guest called exit with status {code} ({how})"),
+            backtrace: Vec::new(),
+            stderr,
+            status: Some(*code),
         };
     }
     let root = root_message(err);
@@ -231,6 +250,7 @@ pub fn classify(err: &wasmtime::Error, stderr: Vec<u8>) -> TrapInfo {
             ),
             backtrace,
             stderr,
+            status: None,
         };
     }
     let (kind, message) = match err.downcast_ref::<Trap>() {
@@ -254,6 +274,7 @@ pub fn classify(err: &wasmtime::Error, stderr: Vec<u8>) -> TrapInfo {
         message,
         backtrace,
         stderr,
+        status: None,
     }
 }
 

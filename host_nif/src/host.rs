@@ -107,6 +107,8 @@ pub struct Shared {
     /// by garbage collection), with their store's generation: their
     /// destructors run at the start of the instance's next call.
     pub drops: Mutex<Vec<(u64, ResourceAny)>>,
+    /// The WASI capabilities granted to the instance.
+    pub wasi: crate::wasi::WasiConfig,
 }
 
 impl Shared {
@@ -146,16 +148,12 @@ pub struct Host {
 impl WasiView for Host {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         let shared = &self.shared;
+        // What the instance was granted (deny by default), stdout/stderr
+        // captured.
         let ctx = self.wasi.get_or_insert_with(|| {
-            // Deny by default: no args, no env, no preopened dirs, no
-            // network; stdin closed, stdout/stderr captured.
-            WasiCtx::builder()
-                .stdout(shared.stdout.clone())
-                .stderr(shared.stderr.clone())
-                .allow_tcp(false)
-                .allow_udp(false)
-                .allow_ip_name_lookup(false)
-                .build()
+            shared
+                .wasi
+                .ctx(shared.stdout.clone(), shared.stderr.clone())
         });
         WasiCtxView {
             ctx,

@@ -784,7 +784,11 @@ impl InstanceResource {
 
 pub fn encode_trap<'a>(env: Env<'a>, t: &TrapInfo, fuel: u64) -> Term<'a> {
     let stderr = String::from_utf8_lossy(&t.stderr).into_owned();
-    let info = (t.kind.atom(), t.message.as_str(), &t.backtrace, stderr);
+    let kind = match t.status {
+        Some(status) => (t.kind.atom(), status).encode(env),
+        None => t.kind.atom().encode(env),
+    };
+    let info = (kind, t.message.as_str(), &t.backtrace, stderr);
     (trap(), info, fuel).encode(env)
 }
 
@@ -798,6 +802,7 @@ fn instance_new<'a>(
     provided: Vec<(String, Term<'a>, bool)>,
     limits: Limits,
     queue: (usize, u64),
+    wasi: crate::wasi::Grant<'a>,
 ) -> Term<'a> {
     let keys: Vec<String> = provided.iter().map(|(k, _, _)| k.clone()).collect();
     let link = match imports::link(&component, &keys) {
@@ -831,7 +836,10 @@ fn instance_new<'a>(
         limits,
         max_queue: queue.0,
         queue_timeout: queue.1,
-        shared: Arc::default(),
+        shared: Arc::new(Shared {
+            wasi: wasi.into(),
+            ..Shared::default()
+        }),
         slot: Mutex::new(Slot::Empty),
         control: Mutex::new(Control::default()),
         stats: Stats::default(),

@@ -39,6 +39,7 @@ mod shape;
 mod stdio;
 mod types;
 mod value;
+mod wasi;
 mod wit;
 
 #[cfg(not(test))]

@@ -421,6 +421,7 @@ pub fn trap(kind: TrapKind, message: String, stderr: Vec<u8>) -> TrapInfo {
         message,
         backtrace: Vec::new(),
         stderr,
+        status: None,
     }
 }
 

@@ -183,6 +183,11 @@ defmodule Capsid.Call do
 
   defp terminal({:ok, value, fuel}, _ctx), do: {{:ok, value}, fuel}
 
+  defp terminal({:trap, {{:exit, status}, message, backtrace, stderr}, fuel}, _ctx) do
+    trap = %Trap{kind: :exit, status: status, message: message, backtrace: backtrace}
+    {{:error, %{trap | stderr: stderr}}, fuel}
+  end
+
   defp terminal({:trap, {kind, message, backtrace, stderr}, fuel}, _ctx),
     do: {{:error, %Trap{kind: kind, message: message, backtrace: backtrace, stderr: stderr}}, fuel}
 

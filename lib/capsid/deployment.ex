@@ -51,7 +51,7 @@ defmodule Capsid.Deployment do
 
   @lifecycle "capsid:host/lifecycle@0.1.0"
 
-  @instance_keys [:imports, :strict_imports, :max_queue, :queue_timeout] ++
+  @instance_keys [:imports, :strict_imports, :max_queue, :queue_timeout, :wasi] ++
                    Capsid.Limits.keys()
   @deploy_keys [:size, :force, :watch, :watch_interval, :cache] ++ @instance_keys
 

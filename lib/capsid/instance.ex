@@ -36,6 +36,9 @@ defmodule Capsid.Instance do
       past that a call fails at once with a `:busy` error.
     * `:queue_timeout` — how long a caller waits for its turn, in ms
       (default 5_000), before giving up with a `:busy` error.
+    * `:wasi` — the WASI capabilities granted (environment, arguments,
+      directories, stdin, clock, randomness); none by default. See
+      `Capsid.WASI`.
 
   ## How calls run
 
@@ -63,7 +66,7 @@ defmodule Capsid.Instance do
 
   alias Capsid.{Component, Error, Imports, Limits, Native, Trap}
 
-  @instance_keys [:component, :imports, :strict_imports, :max_queue, :queue_timeout] ++
+  @instance_keys [:component, :imports, :strict_imports, :max_queue, :queue_timeout, :wasi] ++
                    Limits.keys()
   @default_max_queue 10_000
   @default_queue_timeout 5_000
@@ -126,7 +129,8 @@ defmodule Capsid.Instance do
            config.component.ref,
            config.imports,
            config.limits,
-           {config.max_queue, config.queue_timeout}
+           {config.max_queue, config.queue_timeout},
+           config.wasi
          ) do
       {:ok, {ref, id}} ->
         with :ok <- Capsid.Call.warm(ref), do: {:ok, %{ref: ref, id: id, config: config}}
@@ -193,7 +197,8 @@ defmodule Capsid.Instance do
       imports: Imports.check!(Keyword.get(opts, :imports, %{}), component, strict!(opts)),
       limits: Limits.new(opts),
       max_queue: non_negative!(opts, :max_queue, @default_max_queue),
-      queue_timeout: non_negative!(opts, :queue_timeout, @default_queue_timeout)
+      queue_timeout: non_negative!(opts, :queue_timeout, @default_queue_timeout),
+      wasi: Capsid.WASI.native!(Keyword.get(opts, :wasi, []))
     }
   end
 

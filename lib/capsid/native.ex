@@ -26,7 +26,7 @@ defmodule Capsid.Native do
   def component_wit(_bytes), do: nif_error()
 
   # instance.rs, pool.rs, registry.rs
-  def instance_new(_component, _imports, _limits, _queue), do: nif_error()
+  def instance_new(_component, _imports, _limits, _queue, _wasi), do: nif_error()
   def instance_warm(_instance), do: nif_error()
   def instance_info(_instance), do: nif_error()
   def instance_retire(_instance), do: nif_error()

@@ -1,0 +1,180 @@
+defmodule Capsid.WASI do
+  @moduledoc """
+  The WASI capabilities of an instance: the `:wasi` option of
+  `Capsid.Instance.start_link/1`, pools and deployments. Everything is
+  denied unless granted here: no environment variables, no arguments, no
+  directories, stdin empty, no network. What a guest is denied looks to it
+  like something absent (a WASI error code), never like a host failure.
+
+      wasi: [
+        env: %{"LANG" => "C.UTF-8"},
+        args: ["plugin", "--fast"],
+        dirs: [{"/srv/plugin-data", "/data", :read_only}],
+        stdin: "input bytes",
+        clock: {:fixed, ~U[2026-01-01 00:00:00Z]},
+        random: {:seed, 42}
+      ]
+
+  Options:
+
+    * `:env` — a map (or keyword list) of strings: the guest's environment.
+    * `:args` — a list of strings: the guest's command-line arguments.
+    * `:dirs` — `{host_path, guest_path, :read_only | :read_write}` each: the
+      host directory is the guest's `guest_path` (say `"/data"`). The guest
+      cannot leave it: `..`, absolute host paths and symlinks that point out
+      are refused (wasmtime-wasi resolves every path inside the directory).
+      `:read_only` refuses writing, creating, renaming and deleting. The host
+      directory must exist when the instance starts.
+    * `:stdin` — bytes the guest reads from stdin (each store, so after a
+      recycle the guest reads them again).
+    * `:clock` — `:real` (default) or `{:fixed, %DateTime{}}`: the wall
+      clock always shows that time and the monotonic clock stands still.
+    * `:random` — `:secure` (default) or `{:seed, n}`: every WASI source of
+      randomness (secure, insecure, the insecure seed) derives from `n`, so
+      a guest's random choices repeat from one instance to the next.
+
+  A guest that calls `exit` ends its call with `%Capsid.Trap{kind: :exit}`
+  and its `status` (WASI 0.2's `exit` takes success or failure, so the host
+  sees 0 or 1); the instance recycles. Its output goes where it always went:
+  stderr into traps, stdout discarded.
+
+      iex> grant = Capsid.WASI.native!(env: %{"A" => "1"}, args: ["p"])
+      iex> elem(grant, 0)
+      [{"A", "1"}]
+  """
+
+  @keys [:env, :args, :dirs, :stdin, :clock, :random]
+
+  @type dir :: {Path.t(), String.t(), :read_only | :read_write}
+  @type option ::
+          {:env, %{String.t() => String.t()} | [{String.t(), String.t()}]}
+          | {:args, [String.t()]}
+          | {:dirs, [dir()]}
+          | {:stdin, binary()}
+          | {:clock, :real | {:fixed, DateTime.t()}}
+          | {:random, :secure | {:seed, non_neg_integer()}}
+
+  @doc false
+  # The options as the NIF takes them; raises `ArgumentError` naming the
+  # option and what was expected.
+  @spec native!([option()]) :: tuple()
+  def native!(opts) when is_list(opts) do
+    Capsid.Options.validate!(opts, @keys, "the :wasi option")
+
+    {env!(Keyword.get(opts, :env, [])), strings!(Keyword.get(opts, :args, []), :args),
+     Enum.map(list!(Keyword.get(opts, :dirs, []), :dirs), &dir!/1),
+     stdin!(Keyword.get(opts, :stdin)), clock!(Keyword.get(opts, :clock, :real)),
+     random!(Keyword.get(opts, :random, :secure))}
+  end
+
+  def native!(other) do
+    raise ArgumentError,
+          "invalid value for :wasi: expected a keyword list (env:, args:, dirs:, stdin:, " <>
+            "clock:, random:), got #{inspect(other)}"
+  end
+
+  defp env!(env) when is_map(env), do: env |> Enum.sort() |> env!()
+
+  defp env!(env) when is_list(env) do
+    Enum.map(env, fn
+      {k, v} when is_binary(k) and is_binary(v) ->
+        if k == "" or String.contains?(k, ["=", <<0>>]) or String.contains?(v, <<0>>) do
+          raise ArgumentError,
+                "invalid environment variable in wasi: [env: ...]: #{inspect({k, v})} " <>
+                  "(a name must be non-empty, without \"=\" or NUL)"
+        end
+
+        {k, v}
+
+      other ->
+        raise ArgumentError,
+              "invalid value in wasi: [env: ...]: expected string => string, got #{inspect(other)}"
+    end)
+  end
+
+  defp env!(other) do
+    raise ArgumentError,
+          "invalid value for wasi: [env: ...]: expected a map of strings, got #{inspect(other)}"
+  end
+
+  defp strings!(list, key) do
+    list
+    |> list!(key)
+    |> Enum.map(fn
+      s when is_binary(s) ->
+        s
+
+      other ->
+        raise ArgumentError,
+              "invalid value in wasi: [#{key}: ...]: expected a string, got #{inspect(other)}"
+    end)
+  end
+
+  defp list!(list, _key) when is_list(list), do: list
+
+  defp list!(other, key) do
+    raise ArgumentError,
+          "invalid value for wasi: [#{key}: ...]: expected a list, got #{inspect(other)}"
+  end
+
+  defp dir!({host, guest, mode} = dir)
+       when is_binary(host) and is_binary(guest) and mode in [:read_only, :read_write] do
+    unless File.dir?(host) do
+      raise ArgumentError,
+            "invalid directory in wasi: [dirs: ...]: #{inspect(host)} does not exist " <>
+              "or is not a directory (in #{inspect(dir)})"
+    end
+
+    unless String.starts_with?(guest, "/") do
+      raise ArgumentError,
+            "invalid directory in wasi: [dirs: ...]: the guest path #{inspect(guest)} " <>
+              "must be absolute, like \"/data\""
+    end
+
+    {Path.expand(host), guest, mode == :read_only}
+  end
+
+  defp dir!(other) do
+    raise ArgumentError,
+          "invalid value in wasi: [dirs: ...]: expected {host_path, guest_path, " <>
+            ":read_only | :read_write}, got #{inspect(other)}"
+  end
+
+  defp stdin!(nil), do: nil
+  defp stdin!(bytes) when is_binary(bytes), do: bytes
+
+  defp stdin!(other) do
+    raise ArgumentError,
+          "invalid value for wasi: [stdin: ...]: expected a binary, got #{inspect(other)}"
+  end
+
+  defp clock!(:real), do: nil
+
+  defp clock!({:fixed, %DateTime{} = at}) do
+    ns = DateTime.to_unix(at, :nanosecond)
+
+    if ns < 0 do
+      raise ArgumentError,
+            "invalid value for wasi: [clock: ...]: #{inspect(at)} is before 1970"
+    end
+
+    {div(ns, 1_000_000_000), rem(ns, 1_000_000_000)}
+  end
+
+  defp clock!(other) do
+    raise ArgumentError,
+          "invalid value for wasi: [clock: ...]: expected :real or {:fixed, %DateTime{}}, " <>
+            "got #{inspect(other)}"
+  end
+
+  defp random!(:secure), do: nil
+
+  defp random!({:seed, n}) when is_integer(n) and n >= 0 and n < 0x1_0000_0000_0000_0000,
+    do: n
+
+  defp random!(other) do
+    raise ArgumentError,
+          "invalid value for wasi: [random: ...]: expected :secure or {:seed, n} " <>
+            "(n a 64-bit non-negative integer), got #{inspect(other)}"
+  end
+end

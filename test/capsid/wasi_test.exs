@@ -1,0 +1,146 @@
+defmodule Capsid.WASITest do
+  @moduledoc """
+  WASI capabilities granted one by one (`Capsid.WASI`), with the `probe`
+  guest: deny by default, env/args/stdin, directories and their
+  confinement, fixed clock, seeded randomness, `exit`.
+  """
+  use ExUnit.Case, async: true
+
+  alias Capsid.Trap
+
+  setup_all do
+    %{probe: Capsid.Component.load!(Capsid.Guests.path(:probe))}
+  end
+
+  setup do
+    root = Path.join(System.tmp_dir!(), "capsid-wasi-#{System.unique_integer([:positive])}")
+    File.mkdir_p!(Path.join(root, "granted/sub"))
+    File.write!(Path.join(root, "granted/hello.txt"), "hello")
+    File.write!(Path.join(root, "secret.txt"), "secret")
+    on_exit(fn -> File.rm_rf!(root) end)
+    %{root: root, granted: Path.join(root, "granted")}
+  end
+
+  defp start(c, wasi) do
+    start_supervised!({Capsid.Instance, component: c, wasi: wasi}, id: make_ref())
+  end
+
+  test "deny by default: no environment, arguments, directories or stdin", %{probe: c} do
+    pid = start(c, [])
+    assert Capsid.call(pid, "env", []) == {:ok, []}
+    assert Capsid.call(pid, "args", []) == {:ok, []}
+    assert Capsid.call(pid, "read-stdin", []) == {:ok, ""}
+    assert {:ok, {:error, _}} = Capsid.call(pid, "read-file", ["/etc/passwd"])
+    assert {:ok, {:error, _}} = Capsid.call(pid, "list-dir", ["/"])
+  end
+
+  test "env, args and stdin as granted", %{probe: c} do
+    pid = start(c, env: %{"LANG" => "C.UTF-8", "B" => "2"}, args: ["plugin", "--fast"], stdin: "in")
+    assert Capsid.call(pid, "env", []) == {:ok, [{"B", "2"}, {"LANG", "C.UTF-8"}]}
+    assert Capsid.call(pid, "args", []) == {:ok, ["plugin", "--fast"]}
+    assert Capsid.call(pid, "read-stdin", []) == {:ok, "in"}
+  end
+
+  test "a read-only directory: read, list; no write, create, rename or delete",
+       %{probe: c, granted: granted} do
+    pid = start(c, dirs: [{granted, "/data", :read_only}])
+    assert Capsid.call(pid, "read-file", ["/data/hello.txt"]) == {:ok, {:ok, "hello"}}
+    assert Capsid.call(pid, "list-dir", ["/data"]) == {:ok, {:ok, ["hello.txt", "sub"]}}
+    assert {:ok, {:error, _}} = Capsid.call(pid, "write-file", ["/data/new.txt", "x"])
+    assert {:ok, {:error, _}} = Capsid.call(pid, "write-file", ["/data/hello.txt", "x"])
+    assert {:ok, {:error, _}} = Capsid.call(pid, "make-dir", ["/data/d"])
+    assert {:ok, {:error, _}} = Capsid.call(pid, "rename", ["/data/hello.txt", "/data/h.txt"])
+    assert {:ok, {:error, _}} = Capsid.call(pid, "remove-file", ["/data/hello.txt"])
+    assert File.read!(Path.join(granted, "hello.txt")) == "hello"
+    assert File.ls!(granted) |> Enum.sort() == ["hello.txt", "sub"]
+  end
+
+  test "a read-write directory: write, create, rename, delete inside it",
+       %{probe: c, granted: granted} do
+    pid = start(c, dirs: [{granted, "/data", :read_write}])
+    assert Capsid.call(pid, "write-file", ["/data/new.txt", "new"]) == {:ok, :ok}
+    assert File.read!(Path.join(granted, "new.txt")) == "new"
+    assert Capsid.call(pid, "make-dir", ["/data/d"]) == {:ok, :ok}
+    assert Capsid.call(pid, "rename", ["/data/new.txt", "/data/d/moved.txt"]) == {:ok, :ok}
+    assert File.read!(Path.join(granted, "d/moved.txt")) == "new"
+    assert Capsid.call(pid, "remove-file", ["/data/d/moved.txt"]) == {:ok, :ok}
+    refute File.exists?(Path.join(granted, "d/moved.txt"))
+  end
+
+  test "the guest cannot leave a granted directory", %{probe: c, granted: granted, root: root} do
+    File.ln_s!(Path.join(root, "secret.txt"), Path.join(granted, "link.txt"))
+    File.ln_s!(root, Path.join(granted, "up"))
+    pid = start(c, dirs: [{granted, "/data", :read_write}])
+
+    for path <- [
+          "/data/../secret.txt",
+          "/data/sub/../../secret.txt",
+          Path.join(root, "secret.txt"),
+          "/data/link.txt",
+          "/data/up/secret.txt"
+        ] do
+      assert {:ok, {:error, _}} = Capsid.call(pid, "read-file", [path]), path
+    end
+
+    for path <- ["/data/../escaped.txt", "/data/up/escaped.txt", "/data/link.txt"] do
+      assert {:ok, {:error, _}} = Capsid.call(pid, "write-file", [path, "x"]), path
+    end
+
+    refute File.exists?(Path.join(root, "escaped.txt"))
+    assert File.read!(Path.join(root, "secret.txt")) == "secret"
+    # `..` that stays inside is fine.
+    assert Capsid.call(pid, "read-file", ["/data/sub/../hello.txt"]) == {:ok, {:ok, "hello"}}
+  end
+
+  test "a fixed clock and seeded randomness", %{probe: c} do
+    at = ~U[2026-01-01 00:00:00Z]
+    a = start(c, clock: {:fixed, at}, random: {:seed, 42})
+    b = start(c, clock: {:fixed, at}, random: {:seed, 42})
+    other = start(c, random: {:seed, 43})
+    assert Capsid.call(a, "now", []) == {:ok, DateTime.to_unix(at)}
+    assert Capsid.call!(a, "random", []) == Capsid.call!(b, "random", [])
+    refute Capsid.call!(a, "random", []) == Capsid.call!(other, "random", [])
+    assert_in_delta Capsid.call!(other, "now", []), System.os_time(:second), 5
+  end
+
+  test "exit ends the call with kind :exit and its status; the instance recycles", %{probe: c} do
+    pid = start(c, [])
+
+    assert {:error, %Trap{kind: :exit, status: 1, message: msg}} = Capsid.call(pid, "quit", [3])
+    refute msg =~ "\n"
+    assert msg =~ "status 1"
+    assert {:error, %Trap{kind: :exit, status: 0}} = Capsid.call(pid, "quit", [0])
+    assert %{recycles: 2, traps: %{exit: 2}} = Capsid.Instance.info(pid)
+    assert Capsid.call(pid, "args", []) == {:ok, []}
+  end
+
+  test "pools and deployments take the option for every member", %{probe: c} do
+    {:ok, pool} = Capsid.Pool.start_link(component: c, size: 2, wasi: [args: ["pooled"]])
+    assert Capsid.call(pool, "args", []) == {:ok, ["pooled"]}
+
+    name = {:wasi_test, make_ref()}
+    {:ok, _} = Capsid.deploy(name, Capsid.Guests.path(:probe), size: 2, wasi: [env: %{"V" => "1"}])
+    on_exit(fn -> Capsid.undeploy(name) end)
+    assert Capsid.call(name, "env", []) == {:ok, [{"V", "1"}]}
+  end
+
+  test "bad options are an ArgumentError naming the option", %{probe: c, root: root} do
+    for {wasi, pattern} <- [
+          {[env: %{"A" => 1}], "env"},
+          {[args: "x"], "args"},
+          {[dirs: [{Path.join(root, "missing"), "/d", :read_only}]], "does not exist"},
+          {[dirs: [{root, "d", :read_only}]], "must be absolute"},
+          {[dirs: [{root, "/d", :rw}]], ":read_only | :read_write"},
+          {[clock: :fake], "clock"},
+          {[random: {:seed, -1}], "random"},
+          {[stdin: 5], "stdin"},
+          {[network: true], "network"},
+          {:all, ":wasi"}
+        ] do
+      error =
+        assert_raise ArgumentError, fn -> Capsid.Instance.start_link(component: c, wasi: wasi) end
+
+      assert error.message =~ pattern
+    end
+  end
+end
