@@ -206,7 +206,9 @@ impl Cache {
     }
 
     /// The cached component for `hash`: `Ok(None)` if there is none, `Err`
-    /// if there was one that failed a check (it is deleted).
+    /// if there was one that failed a check (`discard` deletes it: the
+    /// caller does once it can compile a replacement, so that a load that
+    /// must wait for a compile slot still sees, and reports, the bad one).
     pub fn load(&self, hash: &str, max_component_bytes: usize) -> Result<Option<Component>, ()> {
         let path = self.path(hash);
         if path.symlink_metadata().is_err() {
@@ -221,13 +223,13 @@ impl Cache {
                 let mut bytes = Vec::with_capacity(len as usize);
                 match f.take(cap).read_to_end(&mut bytes) {
                     Ok(_) => bytes,
-                    Err(_) => return self.reject(&path),
+                    Err(_) => return Err(()),
                 }
             }
-            Err(_) => return self.reject(&path),
+            Err(_) => return Err(()),
         };
         if bytes.len() < MAC_LEN || !same(&bytes[..MAC_LEN], &self.mac(hash, &bytes[MAC_LEN..])) {
-            return self.reject(&path);
+            return Err(());
         }
         match deserialize(&bytes[MAC_LEN..]) {
             Ok(c) => {
@@ -241,13 +243,13 @@ impl Cache {
                 }
                 Ok(Some(c))
             }
-            Err(_) => self.reject(&path),
+            Err(_) => Err(()),
         }
     }
 
-    fn reject(&self, path: &Path) -> Result<Option<Component>, ()> {
-        let _ = fs::remove_file(path);
-        Err(())
+    /// Deletes the artifact for `hash` (one that `load` rejected).
+    pub fn discard(&self, hash: &str) {
+        let _ = fs::remove_file(self.path(hash));
     }
 
     /// Stores `component`; failures only cost a recompile next time.
@@ -437,9 +439,10 @@ mod tests {
             cache.load("0123", 1 << 20).is_err(),
             "a forged artifact must be rejected"
         );
+        cache.discard("0123");
         assert!(
             !cache.path("0123").exists(),
-            "a rejected artifact is deleted"
+            "a rejected artifact can be deleted"
         );
         // A FIFO and a symlink to /dev/zero at an artifact's name.
         let fifo = cache.path("fifo");

@@ -589,6 +589,9 @@ pub fn compile(
     let Some(slot) = Slot::take(limits.max_concurrent.max(1)) else {
         return Err(Refusal::Saturated);
     };
+    if let (Some(cache), cache::Outcome::Rejected) = (&cache, &outcome) {
+        cache.discard(&hash);
+    }
     let owned = bytes.to_vec();
     let (pid, tag, warning) = reply_to;
     let mut msg_env = OwnedEnv::new();

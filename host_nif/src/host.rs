@@ -117,6 +117,16 @@ impl Shared {
         self.stdout.take();
         self.stderr.take()
     }
+
+    /// After a call: drops the output Elixir did not ask for.
+    pub fn drop_unkept_output(&self) {
+        if !self.wasi.keep_stdout {
+            self.stdout.take();
+        }
+        if !self.wasi.keep_stderr {
+            self.stderr.take();
+        }
+    }
 }
 
 /// Store data: WASI state (made on first use), limits, the call's deadline,

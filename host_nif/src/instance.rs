@@ -139,12 +139,18 @@ struct Stats {
 struct Funs {
     env: OwnedEnv,
     funs: Vec<SavedTerm>,
+    /// How Elixir routes the guest's output (`Capsid.WASI.deliver/1`).
+    output: SavedTerm,
 }
 
 impl Funs {
     /// Import `i`'s function, copied into `env`.
     fn get<'a>(&self, i: usize, env: Env<'a>) -> Term<'a> {
         self.env.run(|own| self.funs[i].load(own).in_env(env))
+    }
+
+    fn output<'a>(&self, env: Env<'a>) -> Term<'a> {
+        self.env.run(|own| self.output.load(own).in_env(env))
     }
 }
 
@@ -578,12 +584,66 @@ impl InstanceResource {
             None => Slot::Empty,
         };
         Self::release(this, env);
-        match (done.outcome, term) {
+        let trap_stderr = match &done.outcome {
+            Err(Failure::Trap(t)) => Some(t.stderr.as_slice()),
+            _ => None,
+        };
+        let output = Self::output(this, env, trap_stderr);
+        let reply = match (done.outcome, term) {
             (Ok(_), Ok(t)) => (ok(), t, fuel).encode(env),
             (Ok(_), Err(e)) => e.encode(env),
             (Err(Failure::Trap(t)), _) => encode_trap(env, &t, fuel),
             (Err(Failure::Refused(e)), _) => e.encode(env),
+        };
+        // With output for Elixir: `{:ok, v, fuel, output}` or `{:trap,
+        // info, fuel, output}` (see `Capsid.Call`).
+        match (output, get_tuple(reply).ok()) {
+            (Some(o), Some(items)) if items.len() == 3 => {
+                make_tuple(env, &[items[0], items[1], items[2], o])
+            }
+            _ => reply,
         }
+    }
+
+    /// The output of the call that just ended that Elixir asked for, as
+    /// `{spec, owner, stdout, stderr}`, if there is any.
+    fn output<'a>(
+        this: &ResourceArc<Self>,
+        env: Env<'a>,
+        trap_stderr: Option<&[u8]>,
+    ) -> Option<Term<'a>> {
+        let wasi = &this.shared.wasi;
+        if !wasi.keep_stdout && !wasi.keep_stderr {
+            return None;
+        }
+        let stdout = if wasi.keep_stdout {
+            this.shared.stdout.take()
+        } else {
+            Vec::new()
+        };
+        let stderr = match (wasi.keep_stderr, trap_stderr) {
+            (false, _) => Vec::new(),
+            (true, Some(e)) => e.to_vec(),
+            (true, None) => this.shared.stderr.take(),
+        };
+        if stdout.is_empty() && stderr.is_empty() {
+            return None;
+        }
+        let binary = |bytes: &[u8]| {
+            let mut b = rustler::NewBinary::new(env, bytes.len());
+            b.as_mut_slice().copy_from_slice(bytes);
+            Term::from(b)
+        };
+        let owner = *lock(&this.owner);
+        Some(make_tuple(
+            env,
+            &[
+                lock(&this.funs).output(env),
+                owner.encode(env),
+                binary(&stdout),
+                binary(&stderr),
+            ],
+        ))
     }
 
     /// Continues the caller's call (poll again).
@@ -810,6 +870,7 @@ fn instance_new<'a>(
         Err(e) => return e.encode(env),
     };
     let owned = OwnedEnv::new();
+    let output = owned.save(wasi.output.2);
     // A map, not a search per import: a component may import 100,000.
     let by_key: std::collections::HashMap<&str, (Term<'a>, bool)> = provided
         .iter()
@@ -831,7 +892,11 @@ fn instance_new<'a>(
         owner: Mutex::new(None),
         component,
         link,
-        funs: Mutex::new(Funs { env: owned, funs }),
+        funs: Mutex::new(Funs {
+            env: owned,
+            funs,
+            output,
+        }),
         inline,
         limits,
         max_queue: queue.0,

@@ -304,9 +304,9 @@ async fn call(
     let fuel_used = fuel_used(&live.store, limits.fuel);
     match result {
         Ok(value) => {
-            // Output of a successful call is not kept: it would grow
-            // without bound and nobody asked for it.
-            shared.drain_output();
+            // Output nobody asked for is not kept: it would grow without
+            // bound. What Elixir asked for it takes in `finish`.
+            shared.drop_unkept_output();
             Done {
                 live: Some(live),
                 outcome: Ok(value),
@@ -315,7 +315,9 @@ async fn call(
             }
         }
         Err(e) => {
-            shared.stdout.take();
+            if !shared.wasi.keep_stdout {
+                shared.stdout.take();
+            }
             Done {
                 outcome: Err(failure(&e, &live.store)),
                 live: None,

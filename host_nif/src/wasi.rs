@@ -7,7 +7,7 @@
 use crate::stdio::Capture;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use rustler::{Binary, NifTuple};
+use rustler::{Binary, NifTuple, Term};
 use std::time::Duration;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi::{FsPerms, HostMonotonicClock, HostWallClock, WasiCtx};
@@ -23,10 +23,16 @@ pub struct Grant<'a> {
     /// `{seconds, nanoseconds}` since the Unix epoch: a clock that stands.
     clock: Option<(u64, u32)>,
     seed: Option<u64>,
+    /// `{stdout_kept, stderr_kept, spec}`: which streams Elixir wants after
+    /// each call, and how to route them (`Capsid.WASI.deliver/1`).
+    pub output: (bool, bool, Term<'a>),
 }
 
 #[derive(Default)]
 pub struct WasiConfig {
+    /// Hand stdout (stderr) to Elixir after each call instead of dropping it.
+    pub keep_stdout: bool,
+    pub keep_stderr: bool,
     env: Vec<(String, String)>,
     args: Vec<String>,
     dirs: Vec<(String, String, bool)>,
@@ -38,6 +44,8 @@ pub struct WasiConfig {
 impl From<Grant<'_>> for WasiConfig {
     fn from(g: Grant) -> Self {
         WasiConfig {
+            keep_stdout: g.output.0,
+            keep_stderr: g.output.1,
             env: g.env,
             args: g.args,
             dirs: g.dirs,

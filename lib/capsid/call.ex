@@ -183,6 +183,12 @@ defmodule Capsid.Call do
 
   defp terminal({:ok, value, fuel}, _ctx), do: {{:ok, value}, fuel}
 
+  # The guest's output, for the instance's `wasi: [stdout: ..., stderr: ...]`.
+  defp terminal({tag, result, fuel, output}, ctx) when tag in [:ok, :trap] do
+    Capsid.WASI.deliver(output)
+    terminal({tag, result, fuel}, ctx)
+  end
+
   defp terminal({:trap, {{:exit, status}, message, backtrace, stderr}, fuel}, _ctx) do
     trap = %Trap{kind: :exit, status: status, message: message, backtrace: backtrace}
     {{:error, %{trap | stderr: stderr}}, fuel}

@@ -162,7 +162,9 @@ defmodule Capsid.Instance do
   @doc """
   Counters and settings of an instance: `:calls`, `:traps` (by kind),
   `:recycles`, `:fuel_used` (total), `:instantiations`, `:waiting`,
-  `:limits`, and the component's `:hash`.
+  `:limits`, and the component's `:hash`; with `wasi: [stdout: :capture]`
+  (or `stderr:`), `:stdout` and `:stderr`, the newest 64 KiB the guest
+  wrote (see `Capsid.WASI`).
 
       iex> component = Capsid.Component.load!(Capsid.Guests.path(:faulty))
       iex> {:ok, pid} = Capsid.Instance.start_link(component: component, imports: %{"hook" => & &1})
@@ -244,9 +246,22 @@ defmodule Capsid.Instance do
       ref
       |> Native.instance_info()
       |> Map.merge(%{limits: config.limits, hash: config.component.hash})
+      |> Map.merge(Map.get(state, :output, %{}))
 
     {:reply, info, state}
   end
+
+  # Output captured for `wasi: [stdout: :capture]` (see Capsid.WASI): the
+  # newest 64 KiB per stream.
+  @impl true
+  def handle_info({:"$capsid_output", stream, bytes}, state) do
+    output = Map.get(state, :output, %{stdout: "", stderr: ""})
+    kept = Map.fetch!(output, stream) <> bytes
+    kept = binary_part(kept, max(byte_size(kept) - 65_536, 0), min(byte_size(kept), 65_536))
+    {:noreply, Map.put(state, :output, Map.put(output, stream, kept))}
+  end
+
+  def handle_info(_other, state), do: {:noreply, state}
 
   @impl true
   def terminate(_reason, _state), do: Capsid.Registry.unregister()

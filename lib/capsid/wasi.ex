@@ -32,18 +32,28 @@ defmodule Capsid.WASI do
     * `:random` — `:secure` (default) or `{:seed, n}`: every WASI source of
       randomness (secure, insecure, the insecure seed) derives from `n`, so
       a guest's random choices repeat from one instance to the next.
+    * `:stdout`, `:stderr` — where the guest's output goes after each call:
+      `:discard` (the default; stderr still comes with a trap as
+      `Capsid.Trap`'s `stderr`), `:capture` (kept by the instance, the
+      newest 64 KiB per stream, in `Capsid.Instance.info/1`'s `:stdout` and
+      `:stderr`), `:logger` or `{:logger, level}` (a log event per call and
+      stream, default level `:info`, with metadata `capsid_instance` and
+      `capsid_stream`), or `{:send, pid}` (`{:capsid_output, instance,
+      :stdout | :stderr, bytes}` per call and stream). A call keeps at most
+      64 KiB per stream; what a guest writes beyond is dropped and counted
+      (`[capsid: N more bytes dropped]`).
 
   A guest that calls `exit` ends its call with `%Capsid.Trap{kind: :exit}`
   and its `status` (WASI 0.2's `exit` takes success or failure, so the host
-  sees 0 or 1); the instance recycles. Its output goes where it always went:
-  stderr into traps, stdout discarded.
+  sees 0 or 1); the instance recycles.
 
       iex> grant = Capsid.WASI.native!(env: %{"A" => "1"}, args: ["p"])
       iex> elem(grant, 0)
       [{"A", "1"}]
   """
 
-  @keys [:env, :args, :dirs, :stdin, :clock, :random]
+  @keys [:env, :args, :dirs, :stdin, :clock, :random, :stdout, :stderr]
+  @levels [:debug, :info, :notice, :warning, :error]
 
   @type dir :: {Path.t(), String.t(), :read_only | :read_write}
   @type option ::
@@ -53,6 +63,9 @@ defmodule Capsid.WASI do
           | {:stdin, binary()}
           | {:clock, :real | {:fixed, DateTime.t()}}
           | {:random, :secure | {:seed, non_neg_integer()}}
+          | {:stdout | :stderr, output()}
+
+  @type output :: :discard | :capture | :logger | {:logger, Logger.level()} | {:send, pid()}
 
   @doc false
   # The options as the NIF takes them; raises `ArgumentError` naming the
@@ -64,7 +77,7 @@ defmodule Capsid.WASI do
     {env!(Keyword.get(opts, :env, [])), strings!(Keyword.get(opts, :args, []), :args),
      Enum.map(list!(Keyword.get(opts, :dirs, []), :dirs), &dir!/1),
      stdin!(Keyword.get(opts, :stdin)), clock!(Keyword.get(opts, :clock, :real)),
-     random!(Keyword.get(opts, :random, :secure))}
+     random!(Keyword.get(opts, :random, :secure)), output!(opts)}
   end
 
   def native!(other) do
@@ -72,6 +85,48 @@ defmodule Capsid.WASI do
           "invalid value for :wasi: expected a keyword list (env:, args:, dirs:, stdin:, " <>
             "clock:, random:), got #{inspect(other)}"
   end
+
+  # `{stdout_kept, stderr_kept, {stdout_mode, stderr_mode}}`.
+  defp output!(opts) do
+    out = mode!(Keyword.get(opts, :stdout, :discard), :stdout)
+    err = mode!(Keyword.get(opts, :stderr, :discard), :stderr)
+    {out != :discard, err != :discard, {out, err}}
+  end
+
+  defp mode!(mode, _key) when mode in [:discard, :capture], do: mode
+  defp mode!(:logger, _key), do: {:logger, :info}
+  defp mode!({:logger, level}, _key) when level in @levels, do: {:logger, level}
+  defp mode!({:send, pid}, _key) when is_pid(pid), do: {:send, pid}
+
+  defp mode!(other, key) do
+    raise ArgumentError,
+          "invalid value for wasi: [#{key}: ...]: expected :discard, :capture, :logger, " <>
+            "{:logger, level} or {:send, pid}, got #{inspect(other)}"
+  end
+
+  @doc false
+  # Routes the output of one call (`{{stdout_mode, stderr_mode}, instance,
+  # stdout, stderr}` from the NIF), in the calling process.
+  def deliver({{out_mode, err_mode}, instance, stdout, stderr}) do
+    route(out_mode, instance, :stdout, stdout)
+    route(err_mode, instance, :stderr, stderr)
+  end
+
+  defp route(_mode, _instance, _stream, ""), do: :ok
+  defp route(:discard, _instance, _stream, _bytes), do: :ok
+
+  defp route(:capture, instance, stream, bytes) when is_pid(instance),
+    do: send(instance, {:"$capsid_output", stream, bytes})
+
+  defp route({:logger, level}, instance, stream, bytes) do
+    require Logger
+    Logger.log(level, bytes, capsid_instance: instance, capsid_stream: stream)
+  end
+
+  defp route({:send, pid}, instance, stream, bytes),
+    do: send(pid, {:capsid_output, instance, stream, bytes})
+
+  defp route(_mode, _instance, _stream, _bytes), do: :ok
 
   defp env!(env) when is_map(env), do: env |> Enum.sort() |> env!()
 

@@ -114,6 +114,63 @@ defmodule Capsid.WASITest do
     assert Capsid.call(pid, "args", []) == {:ok, []}
   end
 
+  describe "output" do
+    test "by default stdout is dropped and stderr only comes with a trap", %{probe: c} do
+      pid = start(c, [])
+      assert Capsid.call(pid, "say", ["out", "err"]) == {:ok, nil}
+      refute Map.has_key?(Capsid.Instance.info(pid), :stdout)
+    end
+
+    test ":capture keeps the newest output in info/1", %{probe: c} do
+      pid = start(c, stdout: :capture, stderr: :capture)
+      Capsid.call!(pid, "say", ["one ", "e1 "])
+      Capsid.call!(pid, "say", ["two", "e2"])
+      assert %{stdout: "one two", stderr: "e1 e2"} = Capsid.Instance.info(pid)
+      # A chatty guest: each call keeps 64 KiB per stream, the instance the newest 64 KiB.
+      Capsid.call!(pid, "say", [String.duplicate("x", 100_000), ""])
+      assert %{stdout: out} = Capsid.Instance.info(pid)
+      assert byte_size(out) == 65_536
+      assert out =~ "more bytes dropped]"
+    end
+
+    test "{:send, pid} sends each call's output, nothing when there is none", %{probe: c} do
+      pid = start(c, stdout: {:send, self()}, stderr: {:send, self()})
+      Capsid.call!(pid, "say", ["hello", "warn"])
+      assert_receive {:capsid_output, ^pid, :stdout, "hello"}
+      assert_receive {:capsid_output, ^pid, :stderr, "warn"}
+      Capsid.call!(pid, "say", ["", ""])
+      refute_receive {:capsid_output, _, _, _}, 50
+    end
+
+    test "a trap's stderr comes with the trap and is routed too" do
+      c = Capsid.Component.load!(Capsid.Guests.path(:faulty))
+
+      pid =
+        start_supervised!(
+          {Capsid.Instance,
+           component: c, imports: %{"hook" => & &1}, wasi: [stderr: {:send, self()}]},
+          id: make_ref()
+        )
+
+      assert {:error, %Trap{stderr: stderr}} = Capsid.call(pid, "panic-with", ["oops"])
+      assert stderr =~ "oops"
+      assert_receive {:capsid_output, ^pid, :stderr, ^stderr}
+    end
+
+    test ":logger logs each call's output with the instance", %{probe: c} do
+      pid = start(c, stdout: {:logger, :warning}, stderr: :discard)
+
+      log =
+        ExUnit.CaptureLog.capture_log([metadata: [:capsid_stream]], fn ->
+          Capsid.call!(pid, "say", ["to the log", "not this"])
+        end)
+
+      assert log =~ "to the log"
+      assert log =~ "capsid_stream=stdout"
+      refute log =~ "not this"
+    end
+  end
+
   test "pools and deployments take the option for every member", %{probe: c} do
     {:ok, pool} = Capsid.Pool.start_link(component: c, size: 2, wasi: [args: ["pooled"]])
     assert Capsid.call(pool, "args", []) == {:ok, ["pooled"]}
@@ -135,6 +192,8 @@ defmodule Capsid.WASITest do
           {[random: {:seed, -1}], "random"},
           {[stdin: 5], "stdin"},
           {[network: true], "network"},
+          {[stdout: :terminal], "stdout"},
+          {[stderr: {:logger, :loud}], "stderr"},
           {:all, ":wasi"}
         ] do
       error =
