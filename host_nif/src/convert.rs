@@ -12,9 +12,9 @@
 //! `Conv::Over`, so that the caller redoes the work on a dirty scheduler.
 
 use crate::error::Error;
-use crate::host_resource::{HostTerm, Stored};
 use crate::shape::{Names, Shape, kebab_to_snake, wit_name};
 use crate::value::Value;
+use crate::value::{HostTerm, Stored};
 use rustler::types::map::MapIterator;
 use rustler::types::tuple::{get_tuple, make_tuple};
 use rustler::{Atom, Binary, Encoder, Env, NewBinary, Term, TermType};

@@ -14,69 +14,12 @@
 //! (the resource's destructor, `drop_rep`, which runs the optional
 //! `[resource-drop]R` import with it). A `borrow` leaves it in place.
 
-#[cfg(not(test))]
-use crate::error::lock;
 use crate::error::{HostTrap, TrapKind};
 use crate::host::{Host, ImportCall};
-use crate::value::Value;
-#[cfg(not(test))]
-use rustler::OwnedEnv;
-#[cfg(not(test))]
-use rustler::env::SavedTerm;
-use rustler::{Env, Term};
+use crate::value::{HostTerm, Stored, Value};
 use std::sync::Arc;
-#[cfg(not(test))]
-use std::sync::Mutex;
 use wasmtime::StoreContextMut;
 use wasmtime::component::ResourceDynamic;
-
-/// An Elixir term kept outside any process (in its own environment).
-/// Test builds run outside the BEAM (see lib.rs): there it holds nothing, so
-/// that dropping a `Value` links without the `enif_*` symbols.
-pub struct Stored(#[cfg(not(test))] Mutex<(OwnedEnv, SavedTerm)>);
-
-#[cfg(not(test))]
-impl Stored {
-    pub fn new(term: Term) -> Arc<Self> {
-        let env = OwnedEnv::new();
-        let saved = env.save(term);
-        Arc::new(Stored(Mutex::new((env, saved))))
-    }
-
-    /// The term, copied into `env`.
-    pub fn load<'a>(&self, env: Env<'a>) -> Term<'a> {
-        let stored = lock(&self.0);
-        stored.0.run(|own| stored.1.load(own).in_env(env))
-    }
-}
-
-#[cfg(test)]
-impl Stored {
-    pub fn new(_term: Term) -> Arc<Self> {
-        Arc::new(Stored())
-    }
-
-    pub fn load<'a>(&self, env: Env<'a>) -> Term<'a> {
-        rustler::types::atom::nil().to_term(env)
-    }
-}
-
-/// A host resource's state on its way between Elixir and the table.
-#[derive(Clone)]
-pub struct HostTerm {
-    pub stored: Arc<Stored>,
-    /// Its resource type (an index into the component's resource names).
-    pub resource: u32,
-    /// Whether it goes into the guest as `own` (else `borrow`, for the
-    /// length of one call).
-    pub own: bool,
-}
-
-impl std::fmt::Debug for HostTerm {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "HostTerm({}, own: {})", self.resource, self.own)
-    }
-}
 
 /// The host resources of one store: the state of each rep.
 pub struct Table {

@@ -3,8 +3,9 @@
 //!
 //! Layers, lowest first (a file only uses files above it in this list):
 //! `error`, `arena`, `engine`, `limits`, `shape`, `value`, `abi`, `stdio`,
-//! `cache`, `host`, `resource`, `convert`, `component`, `types`, `imports`,
-//! `run`, `instance`, `pool`, `registry`, `call`, `node`, `wit`.
+//! `cache`, `wasi`, `host`, `host_resource`, `resource`, `convert`,
+//! `component`, `types`, `imports`, `run`, `instance`, `pool`, `registry`,
+//! `call`, `node`, `wit`.
 //!
 //! `cargo test` runs outside the BEAM, where the `enif_*` symbols do not
 //! exist: test builds therefore register no NIFs and no resource types, so

@@ -4,7 +4,16 @@
 //! per byte), and positional (record fields, cases and flags by index, as in
 //! the component's type).
 
-use crate::host_resource::HostTerm;
+#[cfg(not(test))]
+use crate::error::lock;
+#[cfg(not(test))]
+use rustler::OwnedEnv;
+#[cfg(not(test))]
+use rustler::env::SavedTerm;
+use rustler::{Env, Term};
+use std::sync::Arc;
+#[cfg(not(test))]
+use std::sync::Mutex;
 use wasmtime::component::ResourceAny;
 
 #[derive(Debug)]
@@ -43,4 +52,52 @@ pub enum Value {
     /// A host resource as the guest's ABI sees it: its rep in the store's
     /// table and its resource type (an index into `Names`' resources).
     HostRep(u32, u32),
+}
+
+/// An Elixir term kept outside any process (in its own environment).
+/// Test builds run outside the BEAM (see lib.rs): there it holds nothing, so
+/// that dropping a `Value` links without the `enif_*` symbols.
+pub struct Stored(#[cfg(not(test))] Mutex<(OwnedEnv, SavedTerm)>);
+
+#[cfg(not(test))]
+impl Stored {
+    pub fn new(term: Term) -> Arc<Self> {
+        let env = OwnedEnv::new();
+        let saved = env.save(term);
+        Arc::new(Stored(Mutex::new((env, saved))))
+    }
+
+    /// The term, copied into `env`.
+    pub fn load<'a>(&self, env: Env<'a>) -> Term<'a> {
+        let stored = lock(&self.0);
+        stored.0.run(|own| stored.1.load(own).in_env(env))
+    }
+}
+
+#[cfg(test)]
+impl Stored {
+    pub fn new(_term: Term) -> Arc<Self> {
+        Arc::new(Stored())
+    }
+
+    pub fn load<'a>(&self, env: Env<'a>) -> Term<'a> {
+        rustler::types::atom::nil().to_term(env)
+    }
+}
+
+/// A host resource's state on its way between Elixir and the table.
+#[derive(Clone)]
+pub struct HostTerm {
+    pub stored: Arc<Stored>,
+    /// Its resource type (an index into the component's resource names).
+    pub resource: u32,
+    /// Whether it goes into the guest as `own` (else `borrow`, for the
+    /// length of one call).
+    pub own: bool,
+}
+
+impl std::fmt::Debug for HostTerm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "HostTerm({}, own: {})", self.resource, self.own)
+    }
 }
