@@ -26,7 +26,7 @@ use wit_parser::{
 
 rustler::atoms! {
     ok,
-    wit, world, docs, exports, imports, types,
+    wit, world, docs, exports, imports, types, files,
     interface, function, id, name, key, kind, params, result, signature, owner,
     def, freestanding, constructor, method, r#static = "static",
     bool, s8, u8, s16, u16, s32, u32, s64, u64, f32, f64, char, string,
@@ -76,9 +76,42 @@ fn describe<'a>(env: Env<'a>, bytes: &[u8]) -> Result<Term<'a>, Error> {
             )));
         }
     };
+    api(env, &resolve, world, &[])
+}
+
+/// Parses the WIT package in directory `dir` (with its `deps/`) and
+/// describes `world` of it (nil: its only world) as `component_wit` does,
+/// plus `files`, the WIT files read: `Capsid.Bindings`' `wit:` option.
+#[cfg_attr(not(test), rustler::nif(schedule = "DirtyIo"))]
+fn wit_dir<'a>(env: Env<'a>, dir: String, world: Option<String>) -> Term<'a> {
+    let mut resolve = wit_parser::Resolve::default();
+    let parsed = resolve
+        .push_dir(&dir)
+        .and_then(|(pkg, sources)| Ok((resolve.select_world(&[pkg], world.as_deref())?, sources)));
+    match parsed {
+        Ok((world, sources)) => {
+            let files: Vec<String> = sources
+                .paths()
+                .map(|p| p.to_string_lossy().into_owned())
+                .collect();
+            api(env, &resolve, world, &files).unwrap_or_else(|e| e.encode(env))
+        }
+        Err(e) => {
+            Error::InvalidComponent(format!("cannot read the WIT in {dir}: {e:#}")).encode(env)
+        }
+    }
+}
+
+/// `{:ok, %{wit, world, docs, exports, imports, types, files}}` for `world`.
+fn api<'a>(
+    env: Env<'a>,
+    resolve: &wit_parser::Resolve,
+    world: wit_parser::WorldId,
+    files: &[String],
+) -> Result<Term<'a>, Error> {
     let mut enc = Describer {
         env,
-        resolve: &resolve,
+        resolve,
         budget: NODE_BUDGET,
         named: Vec::new(),
     };
@@ -87,7 +120,7 @@ fn describe<'a>(env: Env<'a>, bytes: &[u8]) -> Result<Term<'a>, Error> {
     let imports = enc.items(w.imports.iter())?;
     let types = enc.type_table()?;
 
-    let text = print(&resolve, world)?;
+    let text = print(resolve, world)?;
     let keys = [
         wit(),
         self::world(),
@@ -95,6 +128,7 @@ fn describe<'a>(env: Env<'a>, bytes: &[u8]) -> Result<Term<'a>, Error> {
         self::exports(),
         self::imports(),
         self::types(),
+        self::files(),
     ]
     .map(|a| a.encode(env));
     let vals = [
@@ -104,6 +138,7 @@ fn describe<'a>(env: Env<'a>, bytes: &[u8]) -> Result<Term<'a>, Error> {
         exports,
         imports,
         types,
+        files.encode(env),
     ];
     let map = Term::map_from_term_arrays(env, &keys, &vals)
         .map_err(|_| Error::Internal("building the WIT description".into()))?;

@@ -40,6 +40,13 @@ defmodule Capsid.Bindings do
   expression evaluated at compile time that gives one, such as
   `Capsid.Guests.path(:toolkit)` for a dependency's guest.
 
+  Instead of a component, the bindings can come from its WIT source:
+  `use Capsid.Bindings, wit: "wit/my_plugin", world: "plugin"` reads the
+  WIT package in that directory (and its `deps/`) with wit-parser, the
+  parser of the component tools themselves, and generates the same modules
+  from the world's exports (`:world` may be left out when the package has
+  one world). Every WIT file read is an `@external_resource`.
+
   A function whose snake_case name is an Elixir keyword (`end`, `do`, ...)
   gets a trailing underscore (`end_`), as do parameters named `target` or
   `opts`.
@@ -49,37 +56,56 @@ defmodule Capsid.Bindings do
 
   @doc false
   defmacro __using__(opts) do
-    component =
-      case Keyword.fetch(opts, :component) do
-        {:ok, expr} ->
-          {path, _} = Code.eval_quoted(expr, [], __CALLER__)
-          path
+    {path, api} =
+      case {Keyword.fetch(opts, :component), Keyword.fetch(opts, :wit)} do
+        {{:ok, expr}, :error} ->
+          path = path!(expr, :component, __CALLER__)
+          {path, Capsid.Component.api(path)}
 
-        :error ->
+        {:error, {:ok, expr}} ->
+          path = path!(expr, :wit, __CALLER__)
+          world = Keyword.get(opts, :world)
+
+          unless is_nil(world) or is_binary(world) do
+            raise ArgumentError,
+                  "use Capsid.Bindings: expected world: to be a string, got #{inspect(world)}"
+          end
+
+          api =
+            case Capsid.Native.wit_dir(path, world) do
+              {:ok, api} -> {:ok, api}
+              {:error, {kind, message}} -> {:error, Capsid.Error.new(kind, message)}
+            end
+
+          {path, api}
+
+        _ ->
           raise ArgumentError,
-                "use Capsid.Bindings needs component: path (a .wasm component file)"
+                "use Capsid.Bindings needs component: path (a .wasm component file) " <>
+                  "or wit: dir (a WIT package), one of them"
       end
 
-    unless is_binary(component) do
-      raise ArgumentError,
-            "use Capsid.Bindings: expected component: to give a path, got #{inspect(component)}"
+    case api do
+      {:ok, api} ->
+        Generate.module(__CALLER__.module, path, api)
+
+      {:error, e} ->
+        raise CompileError,
+          file: __CALLER__.file,
+          line: __CALLER__.line,
+          description: "Capsid.Bindings: #{path}: #{Exception.message(e)}"
     end
+  end
 
-    path = Path.expand(component)
+  defp path!(expr, key, caller) do
+    case Code.eval_quoted(expr, [], caller) do
+      {path, _} when is_binary(path) ->
+        Path.expand(path)
 
-    api =
-      case Capsid.Component.api(path) do
-        {:ok, api} ->
-          api
-
-        {:error, e} ->
-          raise CompileError,
-            file: __CALLER__.file,
-            line: __CALLER__.line,
-            description: "Capsid.Bindings: #{path}: #{Exception.message(e)}"
-      end
-
-    Generate.module(__CALLER__.module, path, api)
+      {other, _} ->
+        raise ArgumentError,
+              "use Capsid.Bindings: expected #{key}: to give a path, got #{inspect(other)}"
+    end
   end
 end
 
@@ -131,8 +157,14 @@ defmodule Capsid.Bindings.Generate do
       module_doc(api.docs, "a component", path) <>
         if(listing == "", do: "", else: "\n\nExported interfaces:\n\n" <> listing <> "\n")
 
+    # A component file, or every file of a WIT package.
+    externals =
+      for file <- if(Map.get(api, :files, []) == [], do: [path], else: api.files) do
+        quote(do: @external_resource(unquote(file)))
+      end
+
     quote do
-      @external_resource unquote(path)
+      unquote_splicing(externals)
       @moduledoc unquote(root_doc)
       unquote(root_body)
       unquote_splicing(interfaces)

@@ -24,6 +24,7 @@ defmodule Capsid.Native do
   def node_configure(_address_space_limit), do: nif_error()
   def node_info, do: nif_error()
   def component_wit(_bytes), do: nif_error()
+  def wit_dir(_dir, _world), do: nif_error()
 
   # instance.rs, pool.rs, registry.rs
   def instance_new(_component, _imports, _limits, _queue, _wasi), do: nif_error()

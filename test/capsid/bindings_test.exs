@@ -303,4 +303,56 @@ defmodule Capsid.BindingsTest do
       _ -> nil
     end)
   end
+
+  describe "wit: dir" do
+    test "generates the same API from the WIT source as from the component" do
+      from_wit = Capsid.Test.ResFromWit.Shop
+      from_component = Capsid.Test.Res.Shop
+      assert from_wit.__info__(:functions) == from_component.__info__(:functions)
+
+      assert Capsid.Test.ResFromWit.Shop.Cart.__info__(:functions) ==
+               Capsid.Test.Res.Shop.Cart.__info__(:functions)
+
+      # The same specs, but for the lines they were defined at.
+      specs = fn mod ->
+        {:ok, specs} = Code.Typespec.fetch_specs(mod)
+
+        for {{name, _arity}, list} <- specs, spec <- list do
+          name |> Code.Typespec.spec_to_quoted(spec) |> Macro.to_string()
+        end
+        |> Enum.sort()
+      end
+
+      assert specs.(from_wit) == specs.(from_component)
+
+      c = Capsid.Component.load!(Capsid.Guests.path(:res))
+      {:ok, pid} = Capsid.Instance.start_link(component: c)
+      cart = Capsid.Test.ResFromWit.Shop.Cart.new!(pid, "ada")
+      assert Capsid.Test.ResFromWit.Shop.Cart.add(cart, "apple", 2) == {:ok, nil}
+      assert from_wit.consume!(pid, cart) == 2
+    end
+
+    test "every WIT file read is an external resource" do
+      attrs = Capsid.Test.ResFromWit.__info__(:attributes)
+      files = for {:external_resource, [f]} <- attrs, do: f
+      assert Enum.any?(files, &String.ends_with?(&1, "wit/res/res.wit"))
+    end
+
+    test "a bad directory or world is a compile error naming it" do
+      for {opts, pattern} <- [
+            {[wit: "wit/nothing-here"], "wit/nothing-here"},
+            {[wit: "wit/res", world: "nope"], "nope"}
+          ] do
+        code =
+          quote do
+            defmodule Capsid.Test.BadWit do
+              use Capsid.Bindings, unquote(opts)
+            end
+          end
+
+        error = assert_raise CompileError, fn -> Code.eval_quoted(code) end
+        assert Exception.message(error) =~ pattern
+      end
+    end
+  end
 end

@@ -15,3 +15,7 @@ end
 defmodule Capsid.Test.Ledgers do
   use Capsid.Bindings, component: Capsid.Guests.path(:ledger)
 end
+
+defmodule Capsid.Test.ResFromWit do
+  use Capsid.Bindings, wit: "wit/res", world: "res"
+end
