@@ -129,32 +129,40 @@ fn check_dir(dir: &Path) -> Result<(), String> {
     Ok(())
 }
 
+/// A name part no other writer uses: the process id, and a counter for the
+/// threads of this one (two loads opening a new cache at once collided on
+/// the key's temporary file, and one of them went without a cache).
+fn unique() -> String {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{}-{n}", std::process::id())
+}
+
 fn read_or_create_key(dir: &Path) -> Result<[u8; 32], String> {
     let path = dir.join(KEY_FILE);
     let mut key = [0u8; 32];
-    match open_checked(&path, 32) {
-        Ok((mut f, len)) => {
-            let mode = f.metadata().map_err(|e| e.to_string())?.mode();
-            if mode & 0o077 != 0 {
-                return Err(format!(
-                    "the cache key {} is readable or writable by other users (mode {:o})",
-                    path.display(),
-                    mode & 0o777
-                ));
-            }
-            if len != 32 {
-                return Err(format!("the cache key {} is not 32 bytes", path.display()));
-            }
-            f.read_exact(&mut key).map_err(|e| e.to_string())?;
-            return Ok(key);
+    // Whether it exists is asked first: asked after a failed open, another
+    // thread's key landing in between made a missing key look unreadable.
+    if path.symlink_metadata().is_ok() {
+        let (mut f, len) = open_checked(&path, 32)?;
+        let mode = f.metadata().map_err(|e| e.to_string())?.mode();
+        if mode & 0o077 != 0 {
+            return Err(format!(
+                "the cache key {} is readable or writable by other users (mode {:o})",
+                path.display(),
+                mode & 0o777
+            ));
         }
-        Err(e) if path.symlink_metadata().is_ok() => return Err(e),
-        Err(_) => {}
+        if len != 32 {
+            return Err(format!("the cache key {} is not 32 bytes", path.display()));
+        }
+        f.read_exact(&mut key).map_err(|e| e.to_string())?;
+        return Ok(key);
     }
     File::open("/dev/urandom")
         .and_then(|mut f| f.read_exact(&mut key))
         .map_err(|e| format!("reading /dev/urandom: {e}"))?;
-    let tmp = dir.join(format!("{KEY_FILE}.{}", std::process::id()));
+    let tmp = dir.join(format!("{KEY_FILE}.{}", unique()));
     let written = OpenOptions::new()
         .write(true)
         .create_new(true)
@@ -259,7 +267,7 @@ impl Cache {
         };
         let mac = self.mac(hash, &payload);
         let path = self.path(hash);
-        let tmp = self.dir.join(format!(".{hash}.tmp{}", std::process::id()));
+        let tmp = self.dir.join(format!(".{hash}.tmp{}", unique()));
         let written = OpenOptions::new()
             .write(true)
             .create_new(true)
@@ -412,6 +420,23 @@ mod tests {
         fs::set_permissions(dir.join(KEY_FILE), fs::Permissions::from_mode(0o644)).unwrap();
         let err = Cache::open(&dir, 1 << 30).err().unwrap();
         assert!(err.contains("readable or writable by other users"), "{err}");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn threads_opening_a_new_cache_at_once_all_get_its_key() {
+        let dir = temp("race");
+        fs::create_dir_all(&dir).unwrap();
+        let keys: Vec<_> = (0..16)
+            .map(|_| {
+                let dir = dir.clone();
+                std::thread::spawn(move || Cache::open(&dir, 1 << 30).map(|c| c.key))
+            })
+            .collect::<Vec<_>>()
+            .into_iter()
+            .map(|t| t.join().unwrap().expect("every thread can use the cache"))
+            .collect();
+        assert!(keys.iter().all(|k| *k == keys[0]));
         let _ = fs::remove_dir_all(&dir);
     }
 
