@@ -741,9 +741,11 @@ pub fn term_to_value(
             }
         }
         Shape::Own(r) | Shape::Borrow(r) if names.is_host(*r) => {
-            // Any term is a host resource's state: it is kept as it is.
+            // Any term is a host resource's state: it is kept as it is,
+            // copied (so a large one goes to a dirty scheduler first).
+            let nodes = term_nodes(term, work)?;
             Ok(Value::HostTerm(HostTerm {
-                stored: Stored::new(term),
+                stored: Stored::new(term, nodes),
                 resource: *r,
                 own: matches!(shape, Shape::Own(_)),
             }))
@@ -788,7 +790,46 @@ fn float_term(env: Env, f: f64) -> Term {
     }
 }
 
-fn binary<'a>(env: Env<'a>, bytes: &[u8]) -> Term<'a> {
+/// How many nodes `term` has (a binary counts as one: copying a large one
+/// copies a reference), spending one unit of `work` each. Iterative: a
+/// term nested a million deep must not overflow the native stack.
+fn term_nodes(term: Term, work: &mut Work) -> ConvResult<u64> {
+    let mut stack = vec![term];
+    let mut nodes = 0u64;
+    while let Some(t) = stack.pop() {
+        nodes += 1;
+        work.spend(1)?;
+        match t.get_type() {
+            TermType::List => {
+                if let Ok(items) = t.into_list_iterator() {
+                    for item in items {
+                        work.spend(1)?;
+                        stack.push(item);
+                    }
+                }
+            }
+            TermType::Tuple => {
+                if let Ok(items) = get_tuple(t) {
+                    work.spend(items.len() as u64)?;
+                    stack.extend(items);
+                }
+            }
+            TermType::Map => {
+                if let Some(entries) = MapIterator::new(t) {
+                    for (k, v) in entries {
+                        work.spend(2)?;
+                        stack.push(k);
+                        stack.push(v);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(nodes)
+}
+
+pub fn binary<'a>(env: Env<'a>, bytes: &[u8]) -> Term<'a> {
     let mut bin = NewBinary::new(env, bytes.len());
     bin.as_mut_slice().copy_from_slice(bytes);
     bin.into()
@@ -899,7 +940,10 @@ pub fn value_to_term<'a>(
         (Value::Resource(r), Shape::Own(id)) => {
             crate::resource::to_term(env, *r, names.resource(*id)).map_err(Conv::Bad)?
         }
-        (Value::HostTerm(h), Shape::Own(_) | Shape::Borrow(_)) => h.stored.load(env),
+        (Value::HostTerm(h), Shape::Own(_) | Shape::Borrow(_)) => {
+            work.spend(h.stored.nodes)?;
+            h.stored.load(env)
+        }
         _ => {
             return Err(Conv::Bad(Error::Internal(format!(
                 "a guest value does not match its type ({})",

@@ -6,7 +6,7 @@
 //! resource alive and supervised.
 
 use crate::component::{ComponentResource, Link};
-use crate::convert::{Conv, Path, Work, term_to_value, value_to_term};
+use crate::convert::{Conv, Path, Work, binary, term_to_value, value_to_term};
 use crate::error::lock;
 use crate::error::{Error, Failure, TrapInfo, TrapKind};
 use crate::host::{ImportCall, Shared};
@@ -589,19 +589,17 @@ impl InstanceResource {
             _ => None,
         };
         let output = Self::output(this, env, trap_stderr);
-        let reply = match (done.outcome, term) {
-            (Ok(_), Ok(t)) => (ok(), t, fuel).encode(env),
-            (Ok(_), Err(e)) => e.encode(env),
-            (Err(Failure::Trap(t)), _) => encode_trap(env, &t, fuel),
-            (Err(Failure::Refused(e)), _) => e.encode(env),
+        let (tag, value) = match (done.outcome, term) {
+            (Ok(_), Ok(t)) => (ok(), t),
+            (Err(Failure::Trap(t)), _) => (trap(), trap_info(env, &t)),
+            (Ok(_), Err(e)) | (Err(Failure::Refused(e)), _) => return e.encode(env),
         };
         // With output for Elixir: `{:ok, v, fuel, output}` or `{:trap,
         // info, fuel, output}` (see `Capsid.Call`).
-        match (output, get_tuple(reply).ok()) {
-            (Some(o), Some(items)) if items.len() == 3 => {
-                make_tuple(env, &[items[0], items[1], items[2], o])
-            }
-            _ => reply,
+        let reply = [tag.encode(env), value, fuel.encode(env)];
+        match output {
+            Some(o) => make_tuple(env, &[reply[0], reply[1], reply[2], o]),
+            None => make_tuple(env, &reply),
         }
     }
 
@@ -629,19 +627,14 @@ impl InstanceResource {
         if stdout.is_empty() && stderr.is_empty() {
             return None;
         }
-        let binary = |bytes: &[u8]| {
-            let mut b = rustler::NewBinary::new(env, bytes.len());
-            b.as_mut_slice().copy_from_slice(bytes);
-            Term::from(b)
-        };
         let owner = *lock(&this.owner);
         Some(make_tuple(
             env,
             &[
                 lock(&this.funs).output(env),
                 owner.encode(env),
-                binary(&stdout),
-                binary(&stderr),
+                binary(env, &stdout),
+                binary(env, &stderr),
             ],
         ))
     }
@@ -843,13 +836,17 @@ impl InstanceResource {
 }
 
 pub fn encode_trap<'a>(env: Env<'a>, t: &TrapInfo, fuel: u64) -> Term<'a> {
+    (trap(), trap_info(env, t), fuel).encode(env)
+}
+
+/// `{kind | {:exit, status}, message, backtrace, stderr}`.
+fn trap_info<'a>(env: Env<'a>, t: &TrapInfo) -> Term<'a> {
     let stderr = String::from_utf8_lossy(&t.stderr).into_owned();
     let kind = match t.status {
         Some(status) => (t.kind.atom(), status).encode(env),
         None => t.kind.atom().encode(env),
     };
-    let info = (kind, t.message.as_str(), &t.backtrace, stderr);
-    (trap(), info, fuel).encode(env)
+    (kind, t.message.as_str(), &t.backtrace, stderr).encode(env)
 }
 
 /// Creates an instance resource: links the component's imports (WASI plus

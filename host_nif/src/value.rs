@@ -57,27 +57,35 @@ pub enum Value {
 /// An Elixir term kept outside any process (in its own environment).
 /// Test builds run outside the BEAM (see lib.rs): there it holds nothing, so
 /// that dropping a `Value` links without the `enif_*` symbols.
-pub struct Stored(#[cfg(not(test))] Mutex<(OwnedEnv, SavedTerm)>);
+pub struct Stored {
+    #[cfg(not(test))]
+    term: Mutex<(OwnedEnv, SavedTerm)>,
+    /// Its size in term nodes: what copying it out costs (`convert::Work`).
+    pub nodes: u64,
+}
 
 #[cfg(not(test))]
 impl Stored {
-    pub fn new(term: Term) -> Arc<Self> {
+    pub fn new(term: Term, nodes: u64) -> Arc<Self> {
         let env = OwnedEnv::new();
         let saved = env.save(term);
-        Arc::new(Stored(Mutex::new((env, saved))))
+        Arc::new(Stored {
+            term: Mutex::new((env, saved)),
+            nodes,
+        })
     }
 
     /// The term, copied into `env`.
     pub fn load<'a>(&self, env: Env<'a>) -> Term<'a> {
-        let stored = lock(&self.0);
+        let stored = lock(&self.term);
         stored.0.run(|own| stored.1.load(own).in_env(env))
     }
 }
 
 #[cfg(test)]
 impl Stored {
-    pub fn new(_term: Term) -> Arc<Self> {
-        Arc::new(Stored())
+    pub fn new(_term: Term, nodes: u64) -> Arc<Self> {
+        Arc::new(Stored { nodes })
     }
 
     pub fn load<'a>(&self, env: Env<'a>) -> Term<'a> {

@@ -2,6 +2,8 @@ defmodule Capsid.BindingsRecompileTest do
   # Not async: it loads and purges the modules of another Mix project.
   use ExUnit.Case, async: false
 
+  import Capsid.TestHelpers, only: [purge: 1]
+
   import Capsid.AdoptionHelpers, only: [tmp_dir!: 1]
 
   @root CapsidBindingsRecompile.Plugin
@@ -59,12 +61,5 @@ defmodule Capsid.BindingsRecompileTest do
     assert function_exported?(Module.concat(@root, State), :bump, 1)
   after
     purge([@root, Module.concat(@root, Greet), Module.concat(@root, State)])
-  end
-
-  defp purge(modules) do
-    for m <- modules do
-      :code.purge(m)
-      :code.delete(m)
-    end
   end
 end

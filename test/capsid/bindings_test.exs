@@ -273,14 +273,6 @@ defmodule Capsid.BindingsTest do
     end
   end
 
-  # Modules a test compiled: gone again afterwards.
-  defp purge(modules) do
-    for m <- modules do
-      :code.purge(m)
-      :code.delete(m)
-    end
-  end
-
   defp spec(mod, fun, arity) do
     {:ok, specs} = Code.Typespec.fetch_specs(mod)
     {_, [s | _]} = List.keyfind(specs, {fun, arity}, 0)

@@ -8,6 +8,8 @@ defmodule Capsid.SchedulerTest do
   """
   use ExUnit.Case, async: false
 
+  import Capsid.TestHelpers, only: [wait_until: 2]
+
   alias Capsid.Instance
 
   @moduletag timeout: 300_000
@@ -119,7 +121,7 @@ defmodule Capsid.SchedulerTest do
     bytes = File.read!(Path.expand("../fixtures/foreign/calc_py.wasm", __DIR__))
     Capsid.Component.load!(Capsid.Guests.path(:toolkit))
     compiles = for _ <- 1..2, do: Task.async(fn -> Capsid.Component.load(bytes, cache: false) end)
-    wait_until(fn -> Capsid.info().compiling == 2 end)
+    wait_until(fn -> Capsid.info().compiling == 2 end, 5_000)
 
     pid = start(c, %{"fetch" => fn _ -> [] end, "send" => &length/1})
     assert {:ok, items} = Capsid.call(pid, "options", [1_000_000])
@@ -134,11 +136,33 @@ defmodule Capsid.SchedulerTest do
     for t <- compiles, do: assert({:ok, _} = Task.await(t, 120_000))
   end
 
-  defp wait_until(fun, tries \\ 500) do
-    cond do
-      fun.() -> :ok
-      tries == 0 -> flunk("condition not reached")
-      true -> Process.sleep(10) && wait_until(fun, tries - 1)
+  # A host resource's state is any term the caller gives: a huge or deeply
+  # nested one is copied on a dirty scheduler, both ways.
+  test "host resource states of 3 million elements and nested a million deep" do
+    c = Capsid.Component.load!(Capsid.Guests.path(:ledger))
+
+    imports = %{
+      "[constructor]ledger" => fn name -> name end,
+      "[static]ledger.open" => fn name -> name end,
+      "[method]ledger.record" => fn _, _ -> 1 end,
+      "[method]ledger.name" => fn _ -> "big" end,
+      "archive" => fn _ -> nil end,
+      "find" => fn _ -> nil end
+    }
+
+    pid = start(c, imports)
+    wide = List.duplicate(7, 3_000_000)
+    deep = Enum.reduce(1..1_000_000, :leaf, fn _, acc -> {acc} end)
+
+    for state <- [wide, deep] do
+      # Borrowed by an export, then lent to an import (the method's self).
+      {long, result} = watched(fn -> Capsid.call(pid, "audit", [state, "e"]) end)
+      assert result == {:ok, 1}
+      assert long == [], "the caller held a scheduler for #{inspect(long)} ms"
+      # Given to the guest and back: the same term.
+      {long, result} = watched(fn -> Capsid.call(pid, "label", [state, "x"]) end)
+      assert {:ok, %{book: ^state}} = result
+      assert long == [], "the caller held a scheduler for #{inspect(long)} ms"
     end
   end
 end

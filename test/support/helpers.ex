@@ -81,4 +81,12 @@ defmodule Capsid.TestHelpers do
     opts = Keyword.merge([component: toolkit(), imports: toolkit_imports()], opts)
     start_supervised!(Supervisor.child_spec({Capsid.Instance, opts}, id: make_ref()))
   end
+
+  @doc "Unloads modules a test compiled, so that they are gone again afterwards."
+  def purge(modules) do
+    for m <- modules do
+      :code.purge(m)
+      :code.delete(m)
+    end
+  end
 end
