@@ -260,7 +260,7 @@ defmodule Capsid.MixProject do
   end
 
   def application do
-    [extra_applications: [:logger, :crypto], mod: {Capsid.Application, []}]
+    [extra_applications: [:logger, :crypto, :inets], mod: {Capsid.Application, []}]
   end
 
   defp elixirc_paths(:test), do: ["lib", "test/support"]

@@ -52,7 +52,16 @@ fn prepare(
             "function names are UTF-8 strings".into(),
         )));
     };
+    if function.as_slice() == crate::http::SERVE {
+        return prepare_http(component, args, work);
+    }
     let index = component.resolve(name)?;
+    if Some(index) == component.http_handler {
+        return Err(Conv::Bad(Error::BadArgument(format!(
+            "{name} takes wasi:http resources, not values: serve the component with \
+             Capsid.HTTP.handle/3"
+        ))));
+    }
     let export = &component.exports[index];
     let names = &component.names;
     let signature = || {
@@ -84,6 +93,39 @@ fn prepare(
     for (i, (item, (_, shape))) in items.into_iter().zip(export.info.params.iter()).enumerate() {
         values.push(term_to_value(item, shape, names, &mut Path::arg(i), work)?);
     }
+    Ok((index, values))
+}
+
+/// `Capsid.HTTP.handle/3`'s request and options, converted for the
+/// component's `wasi:http/incoming-handler#handle` and checked.
+fn prepare_http(
+    component: &ComponentResource,
+    args: Term,
+    work: &mut Work,
+) -> Result<(usize, Vec<Value>), Conv> {
+    let Some(index) = component.http_handler else {
+        return Err(Conv::Bad(Error::UnknownFunction(
+            "the component does not export wasi:http/incoming-handler: it is not a \
+             wasi:http/proxy component, and cannot serve HTTP requests"
+                .into(),
+        )));
+    };
+    let items = proper_list(args, work)?.unwrap_or_default();
+    let shapes = crate::http::request_shapes();
+    if items.len() != shapes.len() {
+        return Err(Conv::Bad(Error::Internal("malformed HTTP request".into())));
+    }
+    let mut values = Vec::with_capacity(2);
+    for (i, (item, shape)) in items.into_iter().zip(shapes.iter()).enumerate() {
+        values.push(term_to_value(
+            item,
+            shape,
+            &component.names,
+            &mut Path::arg(i),
+            work,
+        )?);
+    }
+    crate::http::check(&values).map_err(Conv::Bad)?;
     Ok((index, values))
 }
 

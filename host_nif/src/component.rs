@@ -150,6 +150,9 @@ pub struct ComponentResource {
     pub host_resources: Vec<HostResource>,
     pub names: Names,
     pub links: Mutex<HashMap<Vec<String>, Arc<Link>>>,
+    /// The export `wasi:http/incoming-handler#handle`, if it has one: served
+    /// with `Capsid.HTTP`, not called with values.
+    pub http_handler: Option<usize>,
 }
 
 #[cfg_attr(not(test), rustler::resource_impl)]
@@ -296,6 +299,9 @@ impl ComponentResource {
 
         let names = builder.finish(env)?;
         let lookup = build_lookup(&exports);
+        let http_handler = exports
+            .iter()
+            .position(|e| crate::http::is_handler(e.info.interface.as_deref(), &e.info.short));
         Ok(ComponentResource {
             component,
             hash,
@@ -305,6 +311,7 @@ impl ComponentResource {
             host_resources,
             names,
             links: Mutex::new(HashMap::new()),
+            http_handler,
         })
     }
 

@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use wasmtime::component::{ResourceAny, ResourceTable};
 use wasmtime::{CallHook, CallHookHandler, Store, StoreContextMut, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
 /// One pending call from the guest into Elixir.
 pub struct ImportCall {
@@ -134,6 +135,9 @@ impl Shared {
 pub struct Host {
     wasi: Option<WasiCtx>,
     table: ResourceTable,
+    http: WasiHttpCtx,
+    /// The instance's outbound `wasi:http` grant, asked before each request.
+    http_hooks: crate::wasi::Hooks,
     /// The state of the host resources (implemented in Elixir) the guest
     /// holds.
     pub host_resources: crate::host_resource::Table,
@@ -172,6 +176,16 @@ impl WasiView for Host {
     }
 }
 
+impl WasiHttpView for Host {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.http_hooks,
+        }
+    }
+}
+
 impl Host {
     /// A store for `limits`; `transplant` gives the sizes its memories must
     /// start with when it is to take over an earlier store's memories.
@@ -185,6 +199,8 @@ impl Host {
         let host = Host {
             wasi: None,
             table: ResourceTable::new(),
+            http: WasiHttpCtx::new(),
+            http_hooks: crate::wasi::Hooks(shared.wasi.http.clone()),
             host_resources: crate::host_resource::Table::new(limits.max_handles),
             limiter,
             shared: shared.clone(),

@@ -422,6 +422,7 @@ impl InstanceResource {
                 has_result: e.info.result.is_some(),
                 heavy_result: e.heavy_result,
                 host: e.info.host,
+                http: Some(slot) == this.component.http_handler,
             }
         });
         let checkpoint = match &live {
@@ -543,7 +544,12 @@ impl InstanceResource {
         };
         let term = match (&done.outcome, export) {
             (Ok(Some(value)), Some(i)) => {
-                let Some(shape) = &this.component.exports[i].info.result else {
+                let shape = if Some(i) == this.component.http_handler {
+                    Some(crate::http::response_shape())
+                } else {
+                    this.component.exports[i].info.result.as_ref()
+                };
+                let Some(shape) = shape else {
                     return Error::Internal("a result for a function without one".into())
                         .encode(env);
                 };

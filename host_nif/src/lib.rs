@@ -3,7 +3,7 @@
 //!
 //! Layers, lowest first (a file only uses files above it in this list):
 //! `error`, `arena`, `engine`, `limits`, `shape`, `value`, `abi`, `stdio`,
-//! `cache`, `wasi`, `host`, `host_resource`, `resource`, `convert`,
+//! `cache`, `wasi`, `host`, `http`, `host_resource`, `resource`, `convert`,
 //! `component`, `types`, `imports`, `run`, `instance`, `pool`, `registry`,
 //! `call`, `node`, `wit`.
 //!
@@ -28,6 +28,7 @@ mod engine;
 mod error;
 mod host;
 mod host_resource;
+mod http;
 mod imports;
 mod instance;
 mod limits;

@@ -61,6 +61,8 @@ pub struct Target {
     pub heavy_result: bool,
     /// Its arguments or result can hold host resources.
     pub host: bool,
+    /// It is `wasi:http/incoming-handler#handle`, serving a request.
+    pub http: bool,
 }
 
 /// What a finished call leaves: the live instance (unless it trapped, in
@@ -296,6 +298,9 @@ async fn call(
             instantiated,
         };
     };
+    if target.http {
+        return serve(live, func, args, limits, &shared, instantiated).await;
+    }
     let result = if target.host {
         invoke_with_host_resources(func, &mut live.store, &target, args).await
     } else {
@@ -325,6 +330,53 @@ async fn call(
                 instantiated,
             }
         }
+    }
+}
+
+/// Serves an HTTP request (`http::serve`). A fresh-instance request drops
+/// its store once the guest has answered: it serves nothing else, and a
+/// body the guest left open ends with it.
+async fn serve(
+    mut live: Live,
+    func: Func,
+    args: Vec<Value>,
+    limits: Limits,
+    shared: &Shared,
+    instantiated: bool,
+) -> Done {
+    let answered = crate::http::serve(&mut live.store, func, args).await;
+    let fuel_used = fuel_used(&live.store, limits.fuel);
+    let answered = match answered {
+        Ok(a) => a,
+        Err(e) => {
+            if !shared.wasi.keep_stdout {
+                shared.stdout.take();
+            }
+            return Done {
+                outcome: Err(failure(&e, &live.store)),
+                live: None,
+                fuel_used,
+                instantiated,
+            };
+        }
+    };
+    shared.drop_unkept_output();
+    let live = if answered.fresh {
+        drop(live);
+        None
+    } else {
+        Some(live)
+    };
+    let outcome = match answered.response().await {
+        Ok(v) => Ok(Some(v)),
+        Err(e) => Err(Failure::Trap(classify(&e, Vec::new()))),
+    };
+    let live = if outcome.is_ok() { live } else { None };
+    Done {
+        live,
+        outcome,
+        fuel_used,
+        instantiated,
     }
 }
 
@@ -476,6 +528,7 @@ mod bench {
             has_result: true,
             heavy_result: false,
             host: false,
+            http: false,
         };
         let mut fut = start(
             Some(pre),

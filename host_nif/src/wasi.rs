@@ -1,16 +1,21 @@
 //! The WASI capabilities an instance is granted (`Capsid.WASI`, the `wasi:`
 //! option). Everything is denied unless granted: no environment, arguments
-//! or directories, stdin closed, no network; clocks and randomness real.
-//! What is granted is checked in Elixir; here it becomes a `WasiCtx`, made
-//! for each store the first time the guest touches WASI.
+//! or directories, stdin closed, no sockets, outbound `wasi:http` to no one;
+//! clocks and randomness real. What is granted is checked in Elixir; here it
+//! becomes a `WasiCtx`, made for each store the first time the guest touches
+//! WASI, and the hooks wasmtime-wasi-http asks before sending a request.
 
 use crate::stdio::Capture;
+use http_body_util::BodyExt;
 use rand::SeedableRng;
 use rand::rngs::StdRng;
 use rustler::{Binary, NifTuple, Term};
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 use wasmtime_wasi::p2::pipe::MemoryInputPipe;
 use wasmtime_wasi::{FsPerms, HostMonotonicClock, HostWallClock, WasiCtx};
+use wasmtime_wasi_http::{RequestOptions, WasiBody, WasiHttpHooks};
 
 /// As Elixir passes it (`Capsid.WASI.native/1`).
 #[derive(NifTuple)]
@@ -23,6 +28,8 @@ pub struct Grant<'a> {
     /// `{seconds, nanoseconds}` since the Unix epoch: a clock that stands.
     clock: Option<(u64, u32)>,
     seed: Option<u64>,
+    /// `{allowed_authorities, max_response_body}`.
+    http: (Vec<String>, u64),
     /// `{stdout_kept, stderr_kept, spec}`: which streams Elixir wants after
     /// each call, and how to route them (`Capsid.WASI.deliver/1`).
     pub output: (bool, bool, Term<'a>),
@@ -39,6 +46,7 @@ pub struct WasiConfig {
     stdin: Option<Vec<u8>>,
     clock: Option<Duration>,
     seed: Option<u64>,
+    pub http: Arc<Outbound>,
 }
 
 impl From<Grant<'_>> for WasiConfig {
@@ -52,6 +60,10 @@ impl From<Grant<'_>> for WasiConfig {
             stdin: g.stdin.map(|b| b.as_slice().to_vec()),
             clock: g.clock.map(|(s, n)| Duration::new(s, n)),
             seed: g.seed,
+            http: Arc::new(Outbound {
+                allow: g.http.0,
+                max_body: g.http.1,
+            }),
         }
     }
 }
@@ -116,5 +128,105 @@ impl WasiConfig {
                 .insecure_random_seed(u128::from(seed));
         }
         b.build()
+    }
+}
+
+/// Outbound `wasi:http` as granted (`wasi: [http: ...]`).
+#[derive(Default, Clone)]
+pub struct Outbound {
+    /// Lower-case `host` (any port) or `host:port` entries; empty: deny all.
+    pub allow: Vec<String>,
+    /// Largest response body a guest may read, in bytes.
+    pub max_body: u64,
+}
+
+impl Outbound {
+    /// Whether the request's authority was granted.
+    fn allows(&self, uri: &http::Uri) -> bool {
+        let Some(authority) = uri.authority() else {
+            return false;
+        };
+        let host = authority.host().to_ascii_lowercase();
+        let port = authority.port_u16().unwrap_or(match uri.scheme_str() {
+            Some("https") => 443,
+            _ => 80,
+        });
+        let with_port = format!("{host}:{port}");
+        self.allow.iter().any(|a| *a == host || *a == with_port)
+    }
+}
+
+/// wasmtime-wasi-http's hooks for one store: every outbound request passes
+/// the allow-list first, and its response body is capped.
+pub struct Hooks(pub Arc<Outbound>);
+
+type SendFuture = Box<
+    dyn Future<
+            Output = wasmtime_wasi_http::Result<(
+                http::Response<WasiBody>,
+                Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
+            )>,
+        > + Send,
+>;
+
+impl WasiHttpHooks for Hooks {
+    fn send_request(
+        &mut self,
+        request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+        _fut: Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
+    ) -> SendFuture {
+        let allowed = self.0.allows(request.uri());
+        let max = self.0.max_body;
+        Box::new(async move {
+            if !allowed {
+                // What the guest sees for a request it may not make: the
+                // WASI error code, never a host failure.
+                return Err(wasmtime_wasi_http::Error::HttpRequestDenied);
+            }
+            let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
+            let response = response.map(|body| {
+                http_body_util::Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX))
+                    .map_err(move |e| match e.downcast::<wasmtime_wasi_http::Error>() {
+                        Ok(inner) => *inner,
+                        Err(_) => wasmtime_wasi_http::Error::HttpResponseBodySize(Some(max)),
+                    })
+                    .boxed_unsync()
+            });
+            Ok((
+                response,
+                Box::new(io) as Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,
+            ))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outbound(allow: &[&str]) -> Outbound {
+        Outbound {
+            allow: allow.iter().map(|s| s.to_string()).collect(),
+            max_body: 1 << 20,
+        }
+    }
+
+    #[test]
+    fn allow_list_matches_host_or_host_and_port() {
+        let o = outbound(&["api.example.test", "127.0.0.1:4001"]);
+        let ok = |u: &str| o.allows(&u.parse().unwrap());
+        assert!(ok("http://api.example.test/x"));
+        assert!(ok("https://API.example.test:8443/x"));
+        assert!(ok("http://127.0.0.1:4001/"));
+        assert!(!ok("http://127.0.0.1:4002/"));
+        assert!(!ok("http://127.0.0.1/"));
+        assert!(!ok("http://api.example.test.evil/"));
+        assert!(!ok("http://evil/?api.example.test"));
+        assert!(!outbound(&[]).allows(&"http://localhost/".parse().unwrap()));
+        // host:port entries name the default port too.
+        let o = outbound(&["example.test:80"]);
+        assert!(o.allows(&"http://example.test/".parse().unwrap()));
+        assert!(!o.allows(&"https://example.test/".parse().unwrap()));
     }
 }

@@ -3,8 +3,9 @@ defmodule Capsid.WASI do
   The WASI capabilities of an instance: the `:wasi` option of
   `Capsid.Instance.start_link/1`, pools and deployments. Everything is
   denied unless granted here: no environment variables, no arguments, no
-  directories, stdin empty, no network. What a guest is denied looks to it
-  like something absent (a WASI error code), never like a host failure.
+  directories, stdin empty, no sockets, no outbound HTTP. What a guest is
+  denied looks to it like something absent (a WASI error code), never like a
+  host failure.
 
       wasi: [
         env: %{"LANG" => "C.UTF-8"},
@@ -12,7 +13,8 @@ defmodule Capsid.WASI do
         dirs: [{"/srv/plugin-data", "/data", :read_only}],
         stdin: "input bytes",
         clock: {:fixed, ~U[2026-01-01 00:00:00Z]},
-        random: {:seed, 42}
+        random: {:seed, 42},
+        http: [allow: ["api.example.test", "127.0.0.1:4001"]]
       ]
 
   Options:
@@ -32,6 +34,20 @@ defmodule Capsid.WASI do
     * `:random` — `:secure` (default) or `{:seed, n}`: every WASI source of
       randomness (secure, insecure, the insecure seed) derives from `n`, so
       a guest's random choices repeat from one instance to the next.
+    * `:http` — outbound `wasi:http/outgoing-handler` requests:
+      `[allow: authorities, max_response_body: bytes]`. `allow` lists
+      `"host"` (any port) or `"host:port"` (that port only; a URL without a
+      port means 80 for `http`, 443 for `https`); names compare
+      case-insensitively, with no wildcards and no DNS lookups (an IP
+      address is allowed only as written). A request to anything else gets
+      wasi:http's `HTTP-request-denied` error code and never leaves the
+      host. `max_response_body` (default 16 MiB) caps what the guest reads
+      of one response body: beyond it the guest's body stream fails with
+      `HTTP-response-body-size`. A request counts against the call's
+      `:timeout` like everything the guest waits for: when the call times
+      out, its requests are dropped. Default: `[allow: []]`, no request
+      leaves. Requests are made with wasmtime-wasi-http's client (HTTP/1.1,
+      TLS by rustls with the Mozilla roots for `https`).
     * `:stdout`, `:stderr` — where the guest's output goes after each call:
       `:discard` (the default; stderr still comes with a trap as
       `Capsid.Trap`'s `stderr`), `:capture` (kept by the instance, the
@@ -52,7 +68,8 @@ defmodule Capsid.WASI do
       [{"A", "1"}]
   """
 
-  @keys [:env, :args, :dirs, :stdin, :clock, :random, :stdout, :stderr]
+  @keys [:env, :args, :dirs, :stdin, :clock, :random, :stdout, :stderr, :http]
+  @max_response_body 16 * 1024 * 1024
   @levels [:debug, :info, :notice, :warning, :error]
 
   @type dir :: {Path.t(), String.t(), :read_only | :read_write}
@@ -64,6 +81,7 @@ defmodule Capsid.WASI do
           | {:clock, :real | {:fixed, DateTime.t()}}
           | {:random, :secure | {:seed, non_neg_integer()}}
           | {:stdout | :stderr, output()}
+          | {:http, [allow: [String.t()], max_response_body: pos_integer()]}
 
   @type output :: :discard | :capture | :logger | {:logger, Logger.level()} | {:send, pid()}
 
@@ -77,13 +95,14 @@ defmodule Capsid.WASI do
     {env!(Keyword.get(opts, :env, [])), strings!(Keyword.get(opts, :args, []), :args),
      Enum.map(list!(Keyword.get(opts, :dirs, []), :dirs), &dir!/1),
      stdin!(Keyword.get(opts, :stdin)), clock!(Keyword.get(opts, :clock, :real)),
-     random!(Keyword.get(opts, :random, :secure)), output!(opts)}
+     random!(Keyword.get(opts, :random, :secure)), http!(Keyword.get(opts, :http, [])),
+     output!(opts)}
   end
 
   def native!(other) do
     raise ArgumentError,
           "invalid value for :wasi: expected a keyword list (env:, args:, dirs:, stdin:, " <>
-            "clock:, random:), got #{inspect(other)}"
+            "clock:, random:, stdout:, stderr:, http:), got #{inspect(other)}"
   end
 
   # `{stdout_kept, stderr_kept, {stdout_mode, stderr_mode}}`.
@@ -220,6 +239,63 @@ defmodule Capsid.WASI do
     raise ArgumentError,
           "invalid value for wasi: [clock: ...]: expected :real or {:fixed, %DateTime{}}, " <>
             "got #{inspect(other)}"
+  end
+
+  # `{allowed_authorities, max_response_body}`, authorities lower-cased.
+  defp http!(opts) when is_list(opts) do
+    Capsid.Options.validate!(opts, [:allow, :max_response_body], "wasi: [http: ...]")
+
+    allow =
+      opts
+      |> Keyword.get(:allow, [])
+      |> list!("http: [allow")
+      |> Enum.map(&authority!/1)
+
+    max =
+      case Keyword.get(opts, :max_response_body, @max_response_body) do
+        n when is_integer(n) and n > 0 and n < 0x1_0000_0000_0000_0000 ->
+          n
+
+        other ->
+          raise ArgumentError,
+                "invalid value for wasi: [http: [max_response_body: ...]]: expected a " <>
+                  "positive integer (bytes), got #{inspect(other)}"
+      end
+
+    {allow, max}
+  end
+
+  defp http!(other) do
+    raise ArgumentError,
+          "invalid value for wasi: [http: ...]: expected a keyword list like " <>
+            "[allow: [\"api.example.test\", \"127.0.0.1:4001\"]], got #{inspect(other)}"
+  end
+
+  # "host" or "host:port": no scheme, path, user info or wildcard.
+  defp authority!(a) when is_binary(a) do
+    down = String.downcase(a)
+
+    {host, port} =
+      case Regex.run(~r/\A(\[[0-9a-f:.]+\]|[a-z0-9._-]+)(?::([0-9]{1,5}))?\z/, down) do
+        [_, host] -> {host, nil}
+        [_, host, port] -> {host, String.to_integer(port)}
+        nil -> {nil, nil}
+      end
+
+    if host == nil or (port != nil and port > 65_535) do
+      raise ArgumentError,
+            "invalid authority in wasi: [http: [allow: ...]]: #{inspect(a)}; expected " <>
+              "\"host\" or \"host:port\" (no scheme, path or wildcard), like " <>
+              "\"api.example.test\" or \"127.0.0.1:4001\""
+    end
+
+    down
+  end
+
+  defp authority!(other) do
+    raise ArgumentError,
+          "invalid authority in wasi: [http: [allow: ...]]: expected a string like " <>
+            "\"api.example.test\" or \"127.0.0.1:4001\", got #{inspect(other)}"
   end
 
   defp random!(:secure), do: nil
