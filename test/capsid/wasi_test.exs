@@ -2,7 +2,8 @@ defmodule Capsid.WASITest do
   @moduledoc """
   WASI capabilities granted one by one (`Capsid.WASI`), with the `probe`
   guest: deny by default, env/args/stdin, directories and their
-  confinement, fixed clock, seeded randomness, `exit`.
+  confinement, fixed clock, seeded randomness, sockets, outbound
+  `wasi:http` (loopback only), `exit`.
   """
   use ExUnit.Case, async: true
 
@@ -181,6 +182,100 @@ defmodule Capsid.WASITest do
     assert Capsid.call(name, "env", []) == {:ok, [{"V", "1"}]}
   end
 
+  # A loopback listener that reports each connection and answers every
+  # request on it with `body` (or never answers, when `body` is nil).
+  defp listener(body) do
+    {:ok, listen} = :gen_tcp.listen(0, [:binary, ip: {127, 0, 0, 1}, active: false])
+    {:ok, port} = :inet.port(listen)
+    test = self()
+
+    pid =
+      spawn_link(fn ->
+        accept = fn accept ->
+          {:ok, socket} = :gen_tcp.accept(listen)
+          send(test, {:connected, port})
+
+          if body do
+            {:ok, _request} = :gen_tcp.recv(socket, 0, 5_000)
+
+            :gen_tcp.send(socket, [
+              "HTTP/1.1 200 OK\r\ncontent-length: #{byte_size(body)}\r\n",
+              "connection: close\r\n\r\n",
+              body
+            ])
+
+            :gen_tcp.close(socket)
+          end
+
+          accept.(accept)
+        end
+
+        accept.(accept)
+      end)
+
+    on_exit(fn -> Process.exit(pid, :kill) end)
+    port
+  end
+
+  test "sockets are denied: the guest's connect fails, nothing connects", %{probe: c} do
+    port = listener(nil)
+    pid = start(c, http: [allow: ["127.0.0.1"]])
+    assert {:ok, {:error, message}} = Capsid.call(pid, "connect", ["127.0.0.1:#{port}"])
+    assert message =~ "Permission denied"
+    refute_received {:connected, ^port}
+  end
+
+  test "outbound HTTP: denied by default with wasi:http's error code, nothing sent",
+       %{probe: c} do
+    port = listener("hi")
+    pid = start(c, [])
+
+    assert Capsid.call(pid, "fetch", ["127.0.0.1:#{port}", "/"]) ==
+             {:ok, {:error, "ErrorCode::HttpRequestDenied"}}
+
+    pid = start(c, http: [allow: ["127.0.0.1:#{port + 1}", "localhost"]])
+
+    assert Capsid.call(pid, "fetch", ["127.0.0.1:#{port}", "/"]) ==
+             {:ok, {:error, "ErrorCode::HttpRequestDenied"}}
+
+    refute_received {:connected, ^port}
+  end
+
+  test "outbound HTTP to an allowed authority; its body capped", %{probe: c} do
+    port = listener(:binary.copy("z", 5_000))
+    pid = start(c, http: [allow: ["127.0.0.1:#{port}"]])
+    body = :binary.copy("z", 5_000)
+    assert Capsid.call(pid, "fetch", ["127.0.0.1:#{port}", "/x"]) == {:ok, {:ok, {200, body}}}
+    assert_received {:connected, ^port}
+
+    pid = start(c, http: [allow: ["127.0.0.1"], max_response_body: 4_000])
+
+    # The guest's body stream fails. (wasmtime-wasi-http 48 hands the guest
+    # this error as text: its `http-error-code` finds no code in it.)
+    assert {:ok, {:error, message}} = Capsid.call(pid, "fetch", ["127.0.0.1:#{port}", "/x"])
+    assert message =~ "HTTP response body size exceeds limit: 4000 bytes"
+
+    # A refused connection is the guest's error too.
+    pid = start(c, http: [allow: ["127.0.0.1"]])
+
+    assert Capsid.call(pid, "fetch", ["127.0.0.1:1", "/"]) ==
+             {:ok, {:error, "ErrorCode::ConnectionRefused"}}
+  end
+
+  test "an outbound request counts against the call's timeout", %{probe: c} do
+    port = listener(nil)
+    pid = start(c, http: [allow: ["127.0.0.1"]])
+    t0 = System.monotonic_time(:millisecond)
+
+    assert {:error, %Trap{kind: :timeout}} =
+             Capsid.call(pid, "fetch", ["127.0.0.1:#{port}", "/"], timeout: 300)
+
+    assert System.monotonic_time(:millisecond) - t0 < 5_000
+    assert_received {:connected, ^port}
+    # The instance recycled and works.
+    assert {:ok, _} = Capsid.call(pid, "now", [])
+  end
+
   test "bad options are an ArgumentError naming the option", %{probe: c, root: root} do
     for {wasi, pattern} <- [
           {[env: %{"A" => 1}], "env"},
@@ -194,6 +289,8 @@ defmodule Capsid.WASITest do
           {[network: true], "network"},
           {[stdout: :terminal], "stdout"},
           {[stderr: {:logger, :loud}], "stderr"},
+          {[http: [allow: ["https://x.test"]]], "invalid authority"},
+          {[http: [max_response_body: -1]], "max_response_body"},
           {:all, ":wasi"}
         ] do
       error =

@@ -83,6 +83,54 @@ impl io::Guest for Component {
         )
     }
 
+    fn connect(addr: String) -> Result<(), String> {
+        text(std::net::TcpStream::connect(addr)).map(drop)
+    }
+
+    fn fetch(authority: String, path: String) -> Result<(u16, Vec<u8>), String> {
+        use bindings::wasi::http::outgoing_handler;
+        use bindings::wasi::http::types::{Fields, OutgoingRequest, Scheme};
+        use bindings::wasi::io::streams::StreamError;
+
+        let request = OutgoingRequest::new(Fields::new());
+        let refused = |what: &str| format!("the request refused its {what}");
+        request
+            .set_scheme(Some(&Scheme::Http))
+            .map_err(|()| refused("scheme"))?;
+        request
+            .set_authority(Some(&authority))
+            .map_err(|()| refused("authority"))?;
+        request
+            .set_path_with_query(Some(&path))
+            .map_err(|()| refused("path"))?;
+        let future = outgoing_handler::handle(request, None).map_err(|e| format!("{e:?}"))?;
+        future.subscribe().block();
+        let response = future
+            .get()
+            .ok_or("no response after the wait")?
+            .map_err(|()| "the response was already taken")?
+            .map_err(|e| format!("{e:?}"))?;
+        let status = response.status();
+        let body = response
+            .consume()
+            .map_err(|()| "the body was already taken")?;
+        let stream = body.stream().map_err(|()| "the stream was already taken")?;
+        let mut out = Vec::new();
+        loop {
+            match stream.blocking_read(64 * 1024) {
+                Ok(chunk) => out.extend_from_slice(&chunk),
+                Err(StreamError::Closed) => break,
+                Err(StreamError::LastOperationFailed(e)) => {
+                    return Err(match bindings::wasi::http::types::http_error_code(&e) {
+                        Some(code) => format!("{code:?}"),
+                        None => e.to_debug_string(),
+                    });
+                }
+            }
+        }
+        Ok((status, out))
+    }
+
     fn quit(code: u32) {
         std::process::exit(code as i32)
     }
