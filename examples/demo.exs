@@ -246,3 +246,83 @@ IO.puts(
 )
 
 :ok = Capsid.undeploy(:greeter)
+
+section.("Serving HTTP: a componentize-js fetch handler on a port, swapped under requests")
+# wasi:http/proxy components built by componentize-js (12 MB of SpiderMonkey
+# each; compiled once, then from the cache).
+http_dir = Path.join(File.cwd!(), "test/fixtures/foreign/http_js")
+{us, {:ok, _}} = :timer.tc(fn -> Capsid.deploy(:site, Path.join(http_dir, "http_v1.wasm")) end)
+IO.puts("  Capsid.deploy(:site, \"http_v1.wasm\")  # #{div(us, 1000)} ms (compile or cache)")
+{:ok, _} = Capsid.Component.load(Path.join(http_dir, "http_v2.wasm"))
+{:ok, server} = Capsid.HTTP.Server.start_link(target: :site, port: 0)
+port = Capsid.HTTP.Server.port(server)
+IO.puts("  Capsid.HTTP.Server.start_link(target: :site, port: 0)  # serving on 127.0.0.1:#{port}")
+
+curl = fn method, path, body ->
+  url = ~c"http://127.0.0.1:#{port}#{path}"
+
+  request =
+    if method == :get,
+      do: {url, [{~c"x-agent", ~c"demo"}]},
+      else: {url, [{~c"x-agent", ~c"demo"}], ~c"text/plain", body}
+
+  {:ok, {{_, status, _}, headers, resp_body}} =
+    :httpc.request(method, request, [timeout: 10_000], body_format: :binary)
+
+  {status, headers, resp_body}
+end
+
+{status, _, body} = curl.(:get, "/", "")
+IO.puts("  curl http://127.0.0.1:#{port}/              => #{status} #{inspect(body)}")
+{status, headers, body} = curl.(:post, "/echo?x=1", "ping")
+seen = for {k, v} <- headers, k in [~c"x-method", ~c"x-path"], do: "#{k}: #{v}"
+
+IO.puts(
+  "  curl -d ping http://127.0.0.1:#{port}/echo?x=1  => #{status} #{inspect(body)} (#{Enum.join(seen, ", ")})"
+)
+
+{status, _, _} = curl.(:get, "/boom", "")
+
+IO.puts(
+  "  curl http://127.0.0.1:#{port}/boom          => #{status} (the handler threw; the VM carries on)"
+)
+
+http_stop = :atomics.new(1, [])
+
+clients =
+  for _ <- 1..2 do
+    Task.async(fn ->
+      Stream.repeatedly(fn -> curl.(:get, "/", "") end)
+      |> Enum.reduce_while(%{}, fn {status, _, body}, acc ->
+        acc = Map.update(acc, {status, body}, 1, &(&1 + 1))
+        if :atomics.get(http_stop, 1) == 1, do: {:halt, acc}, else: {:cont, acc}
+      end)
+    end)
+  end
+
+Process.sleep(500)
+{us, {:ok, _}} = :timer.tc(fn -> Capsid.deploy(:site, Path.join(http_dir, "http_v2.wasm")) end)
+
+IO.puts(
+  "  Capsid.deploy(:site, \"http_v2.wasm\")  # hot swap in #{div(us, 1000)} ms, while 2 clients request /"
+)
+
+Process.sleep(500)
+:atomics.put(http_stop, 1, 1)
+
+http_tally =
+  clients
+  |> Enum.map(&Task.await(&1, 30_000))
+  |> Enum.reduce(&Map.merge(&1, &2, fn _, a, b -> a + b end))
+
+IO.puts("  the requests, by response:")
+
+for {{status, body}, n} <- Enum.sort(http_tally),
+    do: IO.puts("    #{String.pad_leading(Integer.to_string(n), 7)} x #{status} #{inspect(body)}")
+
+http_failed =
+  http_tally |> Enum.reject(fn {{s, _}, _} -> s == 200 end) |> Enum.map(&elem(&1, 1)) |> Enum.sum()
+
+IO.puts("  failed requests: #{http_failed}")
+:ok = GenServer.stop(server)
+:ok = Capsid.undeploy(:site)
