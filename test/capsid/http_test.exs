@@ -156,16 +156,14 @@ defmodule Capsid.HTTPTest do
     test "max_body caps the response body", %{v1: c} do
       pid = start(c)
       big = :binary.copy("y", 100_000)
+      echo = %{method: "POST", path: "/echo", body: big}
 
       assert {:error, %Trap{kind: :memory_limit, message: message}} =
-               Capsid.HTTP.handle(pid, %{method: "POST", path: "/echo", body: big}, max_body: 50_000)
+               Capsid.HTTP.handle(pid, echo, max_body: 50_000)
 
       assert message =~ "max_body (50000 bytes)"
 
-      assert {:ok, %{body: ^big}} =
-               Capsid.HTTP.handle(pid, %{method: "POST", path: "/echo", body: big},
-                 max_body: 100_000
-               )
+      assert {:ok, %{body: ^big}} = Capsid.HTTP.handle(pid, echo, max_body: 100_000)
     end
 
     test "the request runs under the call's limits", %{v1: c} do
