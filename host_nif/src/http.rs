@@ -217,15 +217,24 @@ type Outcome = Result<http::Response<HyperOutgoingBody>, ErrorCode>;
 pub async fn serve(
     store: &mut Store<crate::host::Host>,
     func: Func,
-    args: Vec<Value>,
+    mut args: Vec<Value>,
 ) -> wasmtime::Result<Answered> {
+    // The body moves into the request rather than being copied by
+    // `request` (field 5 of the request tuple, see `request_shapes`).
+    let body = match args.first_mut() {
+        Some(Value::Fields(fields)) => match fields.get_mut(5) {
+            Some(Value::Bytes(b)) => std::mem::take(b),
+            _ => Vec::new(),
+        },
+        _ => Vec::new(),
+    };
     let req = request(&args).map_err(|e| trap(TrapKind::Other, e.to_string()))?;
     drop(args);
     let (tx, mut rx) = tokio::sync::oneshot::channel::<Outcome>();
     let (incoming, outparam) = {
         let mut view = store.data_mut().http();
-        let (parts, bytes) = req.request.into_parts();
-        let body = http_body_util::Full::new(bytes).map_err(
+        let (parts, _) = req.request.into_parts();
+        let body = http_body_util::Full::new(Bytes::from(body)).map_err(
             |never: std::convert::Infallible| -> wasmtime_wasi_http::Error { match never {} },
         );
         let incoming =

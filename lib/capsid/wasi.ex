@@ -246,10 +246,15 @@ defmodule Capsid.WASI do
     Capsid.Options.validate!(opts, [:allow, :max_response_body], "wasi: [http: ...]")
 
     allow =
-      opts
-      |> Keyword.get(:allow, [])
-      |> list!("http: [allow")
-      |> Enum.map(&authority!/1)
+      case Keyword.get(opts, :allow, []) do
+        list when is_list(list) ->
+          Enum.map(list, &authority!/1)
+
+        other ->
+          raise ArgumentError,
+                "invalid value for wasi: [http: [allow: ...]]: expected a list, " <>
+                  "got #{inspect(other)}"
+      end
 
     max =
       case Keyword.get(opts, :max_response_body, @max_response_body) do
