@@ -148,6 +148,14 @@ defmodule Capsid do
   ms, default 1000). Options given to an upgrade are merged into the
   deployment's.
 
+  `:nodes` (a list of connected nodes, or `:all`) deploys on each of them
+  at once, over Erlang distribution: see `Capsid.Cluster` for the steps
+  (the component's bytes travel once per node, the compatibility check
+  runs once, and a node that cannot take the new version fails the whole
+  upgrade before any node switches). Without `:nodes`, a deployment that
+  other nodes hold is upgraded on every node that holds it; a new one
+  starts on this node.
+
       iex> {:ok, info} = Capsid.deploy(:doc_greeter, Capsid.Guests.path(:greeter_v1), size: 1)
       iex> info.current.version
       1
@@ -164,29 +172,40 @@ defmodule Capsid do
   """
   @spec deploy(term(), Path.t() | binary(), keyword()) ::
           {:ok, map()} | {:error, Error.t() | Trap.t()}
-  def deploy(name, path_or_bytes, opts \\ []),
-    do: Capsid.Deployment.deploy(name, path_or_bytes, opts)
+  def deploy(name, path_or_bytes, opts \\ []) do
+    {nodes, opts} = Keyword.pop(opts, :nodes)
+
+    case {nodes, Capsid.Cluster.remote_nodes(name)} do
+      {nil, []} -> Capsid.Deployment.deploy(name, path_or_bytes, opts)
+      {nil, _} -> Capsid.Cluster.deploy(name, path_or_bytes, Capsid.Cluster.nodes(name), opts)
+      {nodes, _} -> Capsid.Cluster.deploy(name, path_or_bytes, nodes, opts)
+    end
+  end
 
   @doc """
   The current and previous versions of a deployment: version number, SHA-256,
   load time and source path of each; with `watch: true`, the watched path
-  and the last reload error (`nil` after a successful reload).
+  and the last reload error (`nil` after a successful reload). These are
+  this node's, or another node's if this one does not hold the deployment;
+  `:nodes` maps every node that serves it to its `%{version, hash,
+  previous}` (`previous` is the previous version's hash, or `nil`).
   """
   @spec versions(term()) :: {:ok, map()} | {:error, Error.t()}
-  def versions(name), do: Capsid.Deployment.call_server(name, :versions)
+  def versions(name), do: Capsid.Cluster.versions(name)
 
   @doc """
   Swaps back to the previous version (kept compiled in memory), the same way
   as an upgrade, state handoff included. The version rolled back from
-  becomes the previous one.
+  becomes the previous one. A deployment that several nodes serve rolls
+  back on all of them, or on none (see `Capsid.Cluster`).
   """
   @spec rollback(term()) :: {:ok, map()} | {:error, Error.t() | Trap.t()}
-  def rollback(name), do: Capsid.Deployment.call_server(name, :rollback)
+  def rollback(name), do: Capsid.Cluster.rollback(name)
 
-  @doc "Stops a deployment and all its instances."
+  @doc "Stops a deployment and all its instances, on every node that serves it."
   @spec undeploy(term()) :: :ok | {:error, Error.t()}
   def undeploy(name) do
-    case Capsid.Deployment.undeploy(name) do
+    case Capsid.Cluster.undeploy(name) do
       :ok ->
         :ok
 

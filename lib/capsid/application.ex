@@ -12,6 +12,7 @@ defmodule Capsid.Application do
 
     children = [
       Capsid.Registry,
+      Capsid.Cluster,
       {Registry, keys: :unique, name: Capsid.Deployments},
       {DynamicSupervisor, name: Capsid.DeploymentSupervisor, strategy: :one_for_one}
     ]

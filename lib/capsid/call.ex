@@ -19,7 +19,10 @@ defmodule Capsid.Call do
   #                                   the same, in this process (`inline: true`)
   #   {:queued, ref, id, ms}          wait for {:capsid_turn, id}, then start
   #   :retired                        the target was replaced: look it up again
-  #   :not_found                      not a local Capsid target
+  #   :not_found                      not a local Capsid target: a pid of
+  #                                   another node, or a deployment held by
+  #                                   other nodes of the cluster
+  #                                   (`Capsid.Cluster`)
   #
   # Nothing here raises once the NIF holds a turn for this process: a raise
   # would leave the instance owned. Any exception on the slow path cancels
@@ -32,12 +35,18 @@ defmodule Capsid.Call do
   @doc false
   def call(target, function, args, opts) do
     {narrow, queue_timeout} = options!(opts)
+    go = fn -> run(target, function, args, narrow, queue_timeout, opts) end
 
-    if Telemetry.enabled?() do
-      observed(target, function, fn -> run(target, function, args, narrow, queue_timeout) end)
-    else
-      run(target, function, args, narrow, queue_timeout) |> elem(0)
-    end
+    if Telemetry.enabled?(), do: observed(target, function, go), else: go.() |> elem(0)
+  end
+
+  @doc false
+  # A call sent by another node (`Capsid.Cluster.serve/4`): it runs here or
+  # not at all. Returns `{result, fuel_used}`, or `:elsewhere` when `target`
+  # is not on this node (the caller then tries another one).
+  def call_here(target, function, args, opts) do
+    {narrow, queue_timeout} = options!(opts)
+    run(target, function, args, narrow, queue_timeout, :here)
   end
 
   @doc false
@@ -51,7 +60,7 @@ defmodule Capsid.Call do
   # busy (large garbage collections run there) the callers queued behind
   # it waited seconds.
   def call_preserving(target, function, args) do
-    run(target, function, args, {nil, nil, nil, true}, 30_000, true) |> elem(0)
+    run(target, function, args, {nil, nil, nil, true}, 30_000, :dirty) |> elem(0)
   end
 
   defp options!([]), do: {{nil, nil, nil, false}, nil}
@@ -80,18 +89,21 @@ defmodule Capsid.Call do
     {{fuel, timeout, max_memory, false}, queue_timeout}
   end
 
-  # Returns `{result, fuel_used}`.
-  defp run(target, function, args, narrow, queue_timeout, dirty \\ false) do
+  # Returns `{result, fuel_used}`. `how`: the call's options (to forward
+  # them to another node), `:here` (never forwarded) or `:dirty` (starts on
+  # a dirty scheduler, never forwarded).
+  defp run(target, function, args, narrow, queue_timeout, how) do
     ctx = %{
       target: target,
       function: function,
       args: args,
       narrow: narrow,
       queue_timeout: queue_timeout,
-      retries: @retries
+      retries: @retries,
+      how: how
     }
 
-    if dirty,
+    if how == :dirty,
       do: step(Native.call_start_dirty(target, function, args, narrow), ctx),
       else: start(ctx)
   end
@@ -113,14 +125,17 @@ defmodule Capsid.Call do
   end
 
   # Targets the NIF does not know: names registered through `:global` or a
-  # `{:via, ...}` module, pids of other nodes, or nothing at all. Nothing is
-  # ever sent to a process that is not a Capsid target.
+  # `{:via, ...}` module, pids of other nodes, deployments other nodes hold,
+  # or nothing at all. Nothing is ever sent to a process that is not a
+  # Capsid target.
   defp elsewhere(%{target: target} = ctx) do
     case target do
       {:global, _} -> via_pid(ctx)
       {:via, _, _} -> via_pid(ctx)
       pid when is_pid(pid) and node(pid) != node() -> remote(pid, ctx)
-      _ -> {down(target), 0}
+      _ when ctx.how == :here -> :elsewhere
+      pid when is_pid(pid) or not is_list(ctx.how) -> {down(target), 0}
+      name -> Capsid.Cluster.call(name, ctx.function, ctx.args, ctx.how)
     end
   end
 
@@ -146,6 +161,10 @@ defmodule Capsid.Call do
     end
   end
 
+  defp remote(pid, %{how: opts} = ctx) when is_list(opts),
+    do: Capsid.Cluster.call(pid, ctx.function, ctx.args, opts)
+
+  defp remote(_pid, %{how: :here}), do: :elsewhere
   defp remote(_pid, ctx), do: {down(ctx.target), 0}
 
   defp down(target) do
@@ -281,7 +300,8 @@ defmodule Capsid.Call do
       args: [],
       narrow: {nil, nil, nil, false},
       queue_timeout: nil,
-      retries: 0
+      retries: 0,
+      how: :dirty
     }
 
     case step(Native.instance_warm(ref), ctx) do

@@ -72,7 +72,9 @@ defmodule Capsid.Deployment do
     }
   end
 
-  def child_spec({name, _, _, _} = arg) do
+  def child_spec(arg) when is_tuple(arg) and tuple_size(arg) in [4, 5] do
+    name = elem(arg, 0)
+
     # Shutdown stops every member in turn, each finishing its running call.
     %{
       id: {__MODULE__, name},
@@ -102,8 +104,22 @@ defmodule Capsid.Deployment do
     end
   end
 
-  def start_link({name, _component, _source, _opts} = arg) do
-    GenServer.start_link(__MODULE__, arg, name: via(name))
+  def start_link(arg) when is_tuple(arg) and tuple_size(arg) in [4, 5] do
+    GenServer.start_link(__MODULE__, arg, name: via(elem(arg, 0)))
+  end
+
+  @doc false
+  def deploy_keys, do: @deploy_keys
+
+  @doc false
+  # Starts a deployment that does not serve yet: a cluster-wide deploy
+  # (`Capsid.Cluster`) publishes it on `{:commit, agent}`, and it stops if
+  # `agent` exits first.
+  def start_pending(name, component, source, opts, agent) do
+    DynamicSupervisor.start_child(
+      Capsid.DeploymentSupervisor,
+      {__MODULE__, {name, component, source, opts, {:pending, agent}}}
+    )
   end
 
   defp via(name), do: {:via, Elixir.Registry, {Capsid.Deployments, name}}
@@ -214,8 +230,9 @@ defmodule Capsid.Deployment do
   ## Compatibility
 
   @doc false
-  # Every function `old` exports must exist in `new` with the same type.
-  def incompatibilities(%Component{} = old, %Component{} = new) do
+  # Every function `old` exports must exist in `new` with the same type
+  # (components, or anything with their `:exports`).
+  def incompatibilities(%{exports: _} = old, %{exports: _} = new) do
     new_exports = Map.new(new.exports, &{&1.name, &1})
 
     for e <- old.exports, not String.starts_with?(e.name, @lifecycle), reduce: [] do
@@ -248,36 +265,58 @@ defmodule Capsid.Deployment do
   ## Server
 
   @impl true
-  def init({name, component, source, opts}) do
+  def init({name, component, source, opts}), do: init({name, component, source, opts, nil})
+
+  def init({name, component, source, opts, pending}) do
     Process.flag(:trap_exit, true)
 
     # After a crash, the supervisor restarts us with the arguments of the
     # first deploy: come back on the version that was serving instead.
-    {component, source, opts, number, previous} =
-      case Registry.recall_deployment(name) do
-        %{current: c, previous: p, opts: o} -> {c.component, c.source, o, c.number, p}
-        nil -> {component, source, opts, 1, nil}
-      end
+    case Registry.recall_deployment(name) do
+      %{current: c, previous: p, opts: o} ->
+        start(name, c.component, c.source, c.opts || o, o, c.number, p, nil)
 
-    case start_pool(component, opts) do
+      nil ->
+        start(name, component, source, opts, opts, 1, nil, pending)
+    end
+  end
+
+  defp start(name, component, source, pool_opts, opts, number, previous, pending) do
+    case start_pool(component, pool_opts) do
       {:ok, pool} ->
-        Registry.put_name(name, pool.ref)
-
         state = %{
           name: name,
           opts: opts,
-          current: version(component, pool, source, number),
+          current: version(component, pool, source, number, pool_opts),
           previous: previous,
           number: number,
           retiring: %{},
-          watch: nil
+          watch: nil,
+          pending: nil,
+          published: false
         }
 
-        {:ok, state |> remember() |> maybe_watch()}
+        case pending do
+          # Staged by a cluster-wide deploy: serves once that commits.
+          {:pending, agent} ->
+            pending = %{agent: agent, monitor: Process.monitor(agent), kind: :start}
+            {:ok, %{state | pending: pending}}
+
+          nil ->
+            {:ok, state |> publish() |> maybe_watch()}
+        end
 
       {:error, error} ->
         {:stop, error}
     end
+  end
+
+  # The deployment serves from now on: its name points at the current pool,
+  # and the cluster knows this node holds it.
+  defp publish(state) do
+    Registry.put_name(state.name, state.current.pool.ref)
+    Capsid.Cluster.join(state.name)
+    remember(%{state | published: true})
   end
 
   defp remember(state) do
@@ -293,6 +332,17 @@ defmodule Capsid.Deployment do
   @impl true
   def handle_call(:versions, _from, state), do: {:reply, {:ok, versions(state)}, state}
 
+  def handle_call(request, _from, %{pending: pending} = state)
+      when pending != nil and
+             (request == :rollback or elem(request, 0) in [:upgrade, :prepare]) do
+    {:reply,
+     {:error,
+      Error.new(
+        :busy,
+        "#{inspect(state.name)} is in the middle of a cluster-wide upgrade; try again when it is done"
+      )}, state}
+  end
+
   def handle_call({:upgrade, component, source, opts}, _from, state) do
     opts = Keyword.merge(state.opts, opts)
 
@@ -303,19 +353,102 @@ defmodule Capsid.Deployment do
   end
 
   def handle_call(:rollback, _from, %{previous: nil} = state) do
-    {:reply,
-     {:error,
-      Error.new(
-        :not_found,
-        "#{inspect(state.name)} has no previous version to roll back to"
-      )}, state}
+    {:reply, {:error, no_previous(state)}, state}
   end
 
   def handle_call(:rollback, _from, %{previous: prev} = state) do
-    case swap(state, prev.component, prev.source, state.opts, true, :rollback) do
+    case swap(state, prev.component, prev.source, prev.opts || state.opts, true, :rollback) do
       {:ok, state} -> {:reply, {:ok, versions(state)}, state}
       {:error, error} -> {:reply, {:error, error}, state}
     end
+  end
+
+  # The two steps of a cluster-wide upgrade (`Capsid.Cluster`): `:prepare`
+  # starts the new version's pool and hands the state over, `:commit`
+  # switches. Until the commit the running version serves; if `agent`
+  # exits first, the prepared pool is stopped.
+  def handle_call({:prepare, _agent, :rollback, _, _, _}, _from, %{previous: nil} = state) do
+    {:reply, {:error, no_previous(state)}, state}
+  end
+
+  def handle_call({:prepare, agent, kind, component, source, opts}, _from, state) do
+    {component, source, opts} =
+      case kind do
+        :rollback -> {state.previous.component, state.previous.source, state.previous.opts}
+        :swap -> {component, source, Keyword.merge(state.current.opts, opts)}
+      end
+
+    opts = opts || state.opts
+    t0 = System.monotonic_time()
+
+    if kind == :swap and component.hash == state.current.component.hash and
+         Enum.sort(opts) == Enum.sort(state.current.opts) do
+      {:reply, {:ok, :unchanged}, state}
+    else
+      case prepare_pool(state, component, opts) do
+        {:ok, pool} ->
+          pending = %{
+            agent: agent,
+            monitor: Process.monitor(agent),
+            kind: kind,
+            pool: pool,
+            component: component,
+            source: source,
+            opts: opts,
+            t0: t0
+          }
+
+          {:reply, {:ok, :prepared}, %{state | pending: pending}}
+
+        {:error, error} ->
+          {:reply, {:error, error}, state}
+      end
+    end
+  end
+
+  def handle_call({:commit, agent}, _from, %{pending: %{agent: agent} = p} = state) do
+    Process.demonitor(p.monitor, [:flush])
+    state = %{state | pending: nil}
+
+    state =
+      case p.kind do
+        :start -> state |> publish() |> maybe_watch()
+        kind -> commit_swap(state, p.pool, p.component, p.source, p.opts, kind, p.t0)
+      end
+
+    {:reply, {:ok, versions(state)}, state}
+  end
+
+  def handle_call({:commit, _agent}, _from, state) do
+    {:reply,
+     {:error,
+      Error.new(
+        :instance_down,
+        "the prepared version of #{inspect(state.name)} is gone (its pool stopped before the switch)"
+      )}, state}
+  end
+
+  def handle_call({:abort, agent}, _from, %{pending: %{agent: agent}} = state) do
+    case abort(state) do
+      {:stop, state} -> {:stop, :shutdown, :ok, state}
+      {:ok, state} -> {:reply, :ok, state}
+    end
+  end
+
+  def handle_call({:abort, _agent}, _from, state), do: {:reply, :ok, state}
+
+  defp no_previous(state) do
+    Error.new(:not_found, "#{inspect(state.name)} has no previous version to roll back to")
+  end
+
+  # A prepared version that is not switched to: a staged deployment stops,
+  # an upgrade's new pool is stopped and the running version stays.
+  defp abort(%{pending: %{kind: :start}} = state), do: {:stop, state}
+
+  defp abort(%{pending: p} = state) do
+    Process.demonitor(p.monitor, [:flush])
+    stop_pool(p.pool.pid)
+    {:ok, %{state | pending: nil}}
   end
 
   @impl true
@@ -324,14 +457,19 @@ defmodule Capsid.Deployment do
       pid == state.current.pool.pid ->
         # The current pool died (its members are replaced by the pool
         # itself; this is the pool process). Start the same version again.
-        case start_pool(state.current.component, state.opts) do
+        case start_pool(state.current.component, state.current.opts) do
           {:ok, pool} ->
-            Registry.put_name(state.name, pool.ref)
+            if state.published, do: Registry.put_name(state.name, pool.ref)
             {:noreply, put_in(state.current.pool, pool)}
 
           {:error, error} ->
             {:stop, {:shutdown, error}, state}
         end
+
+      state.pending != nil and state.pending[:pool] != nil and pid == state.pending.pool.pid ->
+        # The prepared version's pool died: the commit will say so.
+        Process.demonitor(state.pending.monitor, [:flush])
+        {:noreply, %{state | pending: nil}}
 
       Map.has_key?(state.retiring, pid) ->
         {:noreply, %{state | retiring: Map.delete(state.retiring, pid)}}
@@ -340,6 +478,14 @@ defmodule Capsid.Deployment do
         # The parent's exit never gets here: gen_server handles it.
         _ = reason
         {:noreply, state}
+    end
+  end
+
+  def handle_info({:DOWN, ref, :process, _, _}, %{pending: %{monitor: ref}} = state) do
+    # The cluster-wide deploy that prepared this is gone without a commit.
+    case abort(state) do
+      {:stop, state} -> {:stop, :shutdown, state}
+      {:ok, state} -> {:noreply, state}
     end
   end
 
@@ -387,8 +533,10 @@ defmodule Capsid.Deployment do
       Registry.forget_deployment(state.name)
     end
 
-    Registry.put_name(state.name, nil)
-    Enum.each([state.current.pool.pid | Map.keys(state.retiring)], &stop_pool/1)
+    if state.published, do: Registry.put_name(state.name, nil)
+    Capsid.Cluster.leave(state.name)
+    pending = if state.pending && state.pending[:pool], do: [state.pending.pool.pid], else: []
+    Enum.each([state.current.pool.pid | pending] ++ Map.keys(state.retiring), &stop_pool/1)
     :ok
   end
 
@@ -441,37 +589,56 @@ defmodule Capsid.Deployment do
   end
 
   defp swap(state, component, source, opts, force, event) do
-    old = state.current
     t0 = System.monotonic_time()
 
-    with :ok <- check(old.component, component, force),
-         {:ok, pool} <- start_pool(component, opts),
-         :ok <- hand_over(old, component, pool),
-         {:ok, {_, old_members}} <- refs(old.pool.pid, pool) do
-      # One atomic write: every call that starts afterwards goes to `pool`.
-      Registry.put_name(state.name, pool.ref)
-      # Calls that picked an old member before the switch are turned away
-      # by the retire flag and retry on the new version.
-      Native.pool_retire(old.pool.ref)
-      send(self(), :drain)
-      number = state.number + 1
-
-      Telemetry.execute(
-        [:capsid, :deploy, event],
-        %{duration: System.monotonic_time() - t0},
-        %{name: state.name, old_hash: old.component.hash, new_hash: component.hash}
-      )
-
-      state = %{
-        state
-        | current: version(component, pool, source, number),
-          previous: %{old | pool: nil},
-          number: number,
-          retiring: Map.put(state.retiring, old.pool.pid, old_members)
-      }
-
-      {:ok, remember(state)}
+    with :ok <- check(state.current.component, component, force),
+         {:ok, pool} <- prepare_pool(state, component, opts) do
+      {:ok, commit_swap(state, pool, component, source, opts, event, t0)}
     end
+  end
+
+  # The new version's pool, started and seeded with the running version's
+  # state; nothing serves from it yet.
+  defp prepare_pool(state, component, opts) do
+    with {:ok, pool} <- start_pool(component, opts),
+         :ok <- hand_over(state.current, component, pool),
+         do: {:ok, pool}
+  end
+
+  defp commit_swap(state, pool, component, source, opts, event, t0) do
+    old = state.current
+    # An old pool that died since the preparation has no member to drain.
+    old_members = old_members(old.pool.pid)
+    # One atomic write: every call that starts afterwards goes to `pool`.
+    Registry.put_name(state.name, pool.ref)
+    # Calls that picked an old member before the switch are turned away
+    # by the retire flag and retry on the new version.
+    Native.pool_retire(old.pool.ref)
+    send(self(), :drain)
+    number = state.number + 1
+
+    Telemetry.execute(
+      [:capsid, :deploy, event],
+      %{duration: System.monotonic_time() - t0},
+      %{name: state.name, old_hash: old.component.hash, new_hash: component.hash}
+    )
+
+    state = %{
+      state
+      | current: version(component, pool, source, number, opts),
+        previous: %{old | pool: nil},
+        number: number,
+        retiring: Map.put(state.retiring, old.pool.pid, old_members)
+    }
+
+    remember(state)
+  end
+
+  defp old_members(pid) do
+    {_, members} = Pool.refs(pid)
+    members
+  catch
+    :exit, _ -> []
   end
 
   defp check(_old, _new, true), do: :ok
@@ -564,10 +731,11 @@ defmodule Capsid.Deployment do
     :exit, _ -> :ok
   end
 
-  defp version(component, pool, source, number) do
+  defp version(component, pool, source, number, opts) do
     %{
       component: component,
       pool: pool,
+      opts: opts,
       source: if(is_binary(source) and not String.starts_with?(source, "\0asm"), do: source),
       number: number,
       loaded_at: DateTime.utc_now()

@@ -94,6 +94,10 @@ defmodule Capsid.Registry do
   end
 
   @doc false
+  # Every deployment's versions: `[{name, versions}]`.
+  def deployments, do: :ets.tab2list(@deployments)
+
+  @doc false
   def forget_deployment(name), do: :ets.delete(@deployments, name)
 
   @impl true

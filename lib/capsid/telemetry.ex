@@ -20,6 +20,18 @@ defmodule Capsid.Telemetry do
     * `[:capsid, :instance, :recycle]` — a trap discarded the instance's
       store; the next call starts from a fresh one: measurements
       `%{count: 1}`; metadata `%{instance, reason: trap_kind}`.
+    * `[:capsid, :deploy, :swap | :rollback]` — a deployment switched
+      version on this node: measurements `%{duration}`; metadata `%{name,
+      old_hash, new_hash}`.
+    * `[:capsid, :cluster, :call]` — a call answered by another node (see
+      `Capsid.Cluster`), on the calling node: measurements `%{duration}`;
+      metadata `%{target, node, function, result}` (`result` as for
+      `[:capsid, :call, :stop]`). The `[:capsid, :call, ...]` events cover
+      it as well.
+    * `[:capsid, :cluster, :deploy | :rollback]` — a cluster-wide deploy,
+      upgrade or rollback ended, on the node that ran it: measurements
+      `%{duration}`; metadata `%{name, nodes, hash, result}` (`result`:
+      `:ok` or `{:error, exception}`).
   """
 
   @key {__MODULE__, :enabled}

@@ -1,0 +1,709 @@
+defmodule Capsid.Cluster do
+  @moduledoc """
+  Deployments across a BEAM cluster, over Erlang distribution: nothing but
+  OTP (`:pg` for membership, `:erpc` for calls, `:global` for a lock).
+
+      {:ok, info} = Capsid.deploy(:calc, "priv/calc.wasm", nodes: [node() | Node.list()])
+      Capsid.call(:calc, "add", [1, 2])   # on any node of the cluster
+
+  ## Membership
+
+  Every serving deployment joins the `:pg` group `{:deployment, name}` of
+  the scope `Capsid.Cluster`, so each node knows which nodes hold which
+  deployment (`nodes/1`); `Capsid.versions/1` says which version each one
+  runs. A node that goes down leaves every group at once.
+
+  ## Calls
+
+  `Capsid.call/4` with a deployment's name runs on this node's instances
+  when it holds the deployment. Otherwise it goes to another node that holds
+  it, picked at random (the load spreads); a node that is down or no longer
+  holds it is skipped and the next one tried. A remote call has the same
+  results and errors as a local one. Its `:timeout` (plus `:queue_timeout`,
+  if given) bounds the whole remote call, network included: past it the
+  caller gets a `%Capsid.Trap{kind: :timeout}` and the remote call is
+  stopped. Without a `:timeout`, the remote instance's own limits stop the
+  guest, and Erlang distribution notices a node that stops answering
+  (`net_ticktime`). A pid of an instance on another node works as a target
+  too (`:erpc` carries the call).
+
+  Values travel as Erlang terms. Resource handles (`Capsid.Resource`) belong
+  to their node's instance and are not sent across.
+
+  ## Deploys, upgrades and rollbacks across nodes
+
+  `Capsid.deploy(name, source, nodes: nodes)` runs in four steps, under a
+  `:global` lock on the name (two cluster-wide deploys of one name never
+  interleave):
+
+  1. **Load.** Each node gets the component's bytes once, unless it holds
+     that component already (addressed by SHA-256, e.g. the version a
+     rollback would return to); a node whose disk cache has the compiled
+     artifact loads it without compiling.
+  2. **Check, once.** The new version must keep every function each node's
+     running version exports, with the same type (unless `force: true`).
+  3. **Prepare.** Each node starts the new version's instances (and hands
+     the state over if both versions export `capsid:host/lifecycle`), but
+     keeps serving the running one. A node without the deployment starts
+     it without serving.
+  4. **Switch.** Once every node is prepared, each switches atomically, as a
+     single-node upgrade does: no call fails because of the upgrade, and
+     when `deploy` returns every listed node serves the new version.
+
+  **A node that cannot take the new version fails the whole upgrade**: if
+  any node fails in steps 1 to 3 (compile error, link error, a trapping
+  state handoff, a node that is down), every prepared version is stopped,
+  no node switches, and the error names each node and what went wrong.
+
+  A node that dies during step 4 takes its instances with it; the others
+  switch, and the result lists it under `:lost`. A node already running the
+  same component with the same options is left as it is (`:unchanged`), so
+  deploying again with a node added to `:nodes` only starts the new node.
+
+  `Capsid.rollback/1` and `Capsid.undeploy/1` act on every node that holds
+  the deployment, rollbacks through the same steps.
+
+  ## What every node needs
+
+  Capsid itself (the same version), connected nodes (`Node.connect/1`),
+  and, for `:imports`, functions that exist on every node: named functions
+  (`&MyApp.Hooks.log/2`, `{MyApp.Hooks, :log}`) of modules loaded there. An
+  anonymous function is sent as a reference to the module that defined it.
+  """
+
+  alias Capsid.{Component, Deployment, Error, Registry, Telemetry, Trap}
+
+  @scope __MODULE__
+  # Time for a remote guest's own timeout trap to arrive before the caller
+  # gives up on its own.
+  @grace 100
+  # How long a versions/undeploy request waits for one node.
+  @query_timeout 15_000
+
+  @doc false
+  def child_spec(_), do: %{id: @scope, start: {:pg, :start_link, [@scope]}}
+
+  @doc false
+  # The calling deployment process serves `name` on this node.
+  def join(name), do: :pg.join(@scope, group(name), self())
+
+  @doc false
+  # It stops serving (it also leaves when it exits).
+  def leave(name) do
+    _ = :pg.leave(@scope, group(name), self())
+    :ok
+  end
+
+  defp group(name), do: {:deployment, name}
+
+  @doc """
+  The nodes that serve the deployment `name` (this one included, if it
+  does), sorted.
+
+      iex> Capsid.Cluster.nodes(:no_such_deployment)
+      []
+  """
+  @spec nodes(term()) :: [node()]
+  def nodes(name) do
+    :pg.get_members(@scope, group(name)) |> Enum.map(&node/1) |> Enum.uniq() |> Enum.sort()
+  end
+
+  @doc false
+  def remote_nodes(name), do: nodes(name) -- [node()]
+
+  ## Calls
+
+  @doc false
+  # A call whose target this node does not hold: a deployment name (tried
+  # on the nodes that hold it, in random order) or a pid of another node.
+  # Returns `{result, fuel_used}` as `Capsid.Call` does.
+  def call(pid, function, args, opts) when is_pid(pid) do
+    case remote(node(pid), pid, function, args, opts) do
+      {:elsewhere, why} ->
+        {{:error,
+          Error.new(
+            :instance_down,
+            "#{inspect(pid)} is not a live Capsid instance (on node #{node(pid)}: #{why})"
+          )}, 0}
+
+      result ->
+        result
+    end
+  end
+
+  def call(name, function, args, opts) do
+    case remote_nodes(name) do
+      [] ->
+        {{:error, Error.new(:instance_down, "#{inspect(name)} is not a live Capsid instance")}, 0}
+
+      nodes ->
+        try_nodes(Enum.shuffle(nodes), name, function, args, opts, [])
+    end
+  end
+
+  defp try_nodes([], name, _function, _args, _opts, tried) do
+    {{:error,
+      Error.new(
+        :instance_down,
+        "no node serves #{inspect(name)} any more (tried " <>
+          Enum.map_join(Enum.reverse(tried), ", ", fn {n, why} -> "#{n}: #{why}" end) <> ")"
+      )}, 0}
+  end
+
+  defp try_nodes([node | rest], name, function, args, opts, tried) do
+    case remote(node, name, function, args, opts) do
+      {:elsewhere, why} -> try_nodes(rest, name, function, args, opts, [{node, why} | tried])
+      result -> result
+    end
+  end
+
+  defp remote(node, target, function, args, opts) do
+    wait = wait(opts)
+    t0 = System.monotonic_time()
+
+    result =
+      try do
+        :erpc.call(node, __MODULE__, :serve, [self(), target, function, args, opts], wait)
+      catch
+        :error, {:erpc, :timeout} ->
+          {{:error,
+            %Trap{
+              kind: :timeout,
+              message:
+                "no answer from node #{node} within #{wait} ms (the call's timeout); the remote call was stopped"
+            }}, 0}
+
+        :error, {:erpc, :noconnection} ->
+          {:elsewhere, "node down"}
+
+        :error, {:erpc, reason} ->
+          {:elsewhere, inspect(reason)}
+
+        # Capsid is not loaded there.
+        :error, {:exception, :undef, _} ->
+          {:elsewhere, "Capsid is not running there"}
+      end
+
+    case result do
+      {:raised, kind, reason, stack} ->
+        :erlang.raise(kind, reason, stack)
+
+      {:elsewhere, _} = elsewhere ->
+        elsewhere
+
+      :elsewhere ->
+        {:elsewhere, "not held there"}
+
+      {value, _fuel} = done ->
+        Telemetry.execute(
+          [:capsid, :cluster, :call],
+          %{duration: System.monotonic_time() - t0},
+          %{target: target, node: node, function: function, result: outcome(value)}
+        )
+
+        done
+    end
+  end
+
+  defp outcome({:ok, _}), do: :ok
+  defp outcome({:error, %Trap{} = trap}), do: {:trap, trap}
+  defp outcome({:error, error}), do: {:error, error}
+
+  # The caller's bound on a remote call: its timeout (and queue timeout),
+  # or the remote node's own limits.
+  defp wait(opts) do
+    case {Keyword.get(opts, :timeout), Keyword.get(opts, :queue_timeout, 0)} do
+      {t, q} when is_integer(t) and is_integer(q) -> t + q + @grace
+      _ -> :infinity
+    end
+  end
+
+  @doc false
+  # Runs on the node the call was sent to; never forwards it further.
+  def serve(caller, target, function, args, opts) do
+    watch(caller)
+    Capsid.Call.call_here(target, function, args, opts)
+  catch
+    kind, reason -> {:raised, kind, reason, __STACKTRACE__}
+  end
+
+  # A caller that dies, or whose node goes down, cancels its call here as
+  # it would on its own node (the instance is freed at once, the guest
+  # stopped: a `:cancelled` trap).
+  defp watch(caller) do
+    server = self()
+
+    spawn(fn ->
+      c = Process.monitor(caller)
+      s = Process.monitor(server)
+
+      receive do
+        {:DOWN, ^c, _, _, _} -> Process.exit(server, :kill)
+        {:DOWN, ^s, _, _, _} -> :ok
+      end
+    end)
+  end
+
+  ## Deploys
+
+  @doc false
+  # `Capsid.deploy/3` with `nodes:`, or on a deployment other nodes hold.
+  def deploy(name, source, nodes, opts) do
+    nodes = nodes!(nodes)
+    Capsid.Options.validate!(opts, Deployment.deploy_keys(), "Capsid.deploy/3")
+
+    if Keyword.get(opts, :watch, false) and nodes != [node()] do
+      raise ArgumentError,
+            "watch: true watches a file on this node; it cannot be combined with other nodes in :nodes"
+    end
+
+    if nodes == [node()] do
+      Deployment.deploy(name, source, opts)
+    else
+      with {:ok, bytes} <- bytes(source) do
+        hash = :crypto.hash(:sha256, bytes) |> Base.encode16(case: :lower)
+        origin = if is_binary(source) and source != bytes, do: source
+        across(name, :swap, nodes, %{hash: hash, bytes: bytes, source: origin, opts: opts})
+      end
+    end
+  end
+
+  @doc false
+  # `Capsid.rollback/1`: on every node that holds the deployment.
+  def rollback(name) do
+    case nodes(name) do
+      nodes when nodes in [[], [node()]] ->
+        Deployment.call_server(name, :rollback) |> with_nodes()
+
+      nodes ->
+        across(name, :rollback, nodes, %{hash: nil, bytes: nil, source: nil, opts: []})
+    end
+  end
+
+  @doc false
+  # `Capsid.undeploy/1`: on every node that holds the deployment.
+  def undeploy(name) do
+    case remote_nodes(name) do
+      [] ->
+        Deployment.undeploy(name)
+
+      remote ->
+        local = Deployment.undeploy(name)
+        results = :erpc.multicall(remote, Deployment, :undeploy, [name], @query_timeout)
+
+        if Enum.any?([{:ok, local} | results], &match?({:ok, :ok}, &1)),
+          do: :ok,
+          else: local
+    end
+  end
+
+  @doc false
+  # `Capsid.versions/1`: this node's (or, if it holds none, another's)
+  # versions, and under `:nodes` the version each node runs.
+  def versions(name) do
+    case remote_nodes(name) do
+      [] ->
+        Deployment.call_server(name, :versions) |> with_nodes()
+
+      remote ->
+        local = {node(), Deployment.call_server(name, :versions)}
+
+        answers =
+          Enum.zip(
+            remote,
+            :erpc.multicall(remote, Deployment, :call_server, [name, :versions], @query_timeout)
+          )
+          |> Enum.map(fn
+            {n, {:ok, result}} -> {n, result}
+            {n, _} -> {n, {:error, :unreachable}}
+          end)
+
+        summarize([local | answers])
+    end
+  end
+
+  defp with_nodes({:ok, info}), do: {:ok, Map.put(info, :nodes, %{node() => summary(info)})}
+  defp with_nodes(error), do: error
+
+  defp summarize(answers) do
+    served = for {n, {:ok, info}} <- answers, do: {n, info}
+
+    case served do
+      [] ->
+        {:error, Error.new(:instance_down, "no node serves it")}
+
+      [{_, first} | _] ->
+        base = Keyword.get(served, node(), first)
+        {:ok, Map.put(base, :nodes, Map.new(served, fn {n, info} -> {n, summary(info)} end))}
+    end
+  end
+
+  defp summary(%{current: current, previous: previous}) do
+    %{
+      version: current.version,
+      hash: current.hash,
+      previous: previous && previous.hash
+    }
+  end
+
+  defp nodes!(:all), do: Enum.sort([node() | Node.list()])
+
+  defp nodes!(nodes) when is_list(nodes) and nodes != [] do
+    unless Enum.all?(nodes, &is_atom/1) do
+      raise ArgumentError,
+            "invalid value for :nodes: expected a non-empty list of node names or :all, got #{inspect(nodes)}"
+    end
+
+    Enum.uniq(nodes)
+  end
+
+  defp nodes!(other) do
+    raise ArgumentError,
+          "invalid value for :nodes: expected a non-empty list of node names or :all, got #{inspect(other)}"
+  end
+
+  defp bytes(%Component{bytes: bytes}) when is_binary(bytes), do: {:ok, bytes}
+  defp bytes(<<"\0asm", _::binary>> = bytes), do: {:ok, bytes}
+
+  defp bytes(path) when is_binary(path) do
+    case File.read(path) do
+      {:ok, bytes} ->
+        {:ok, bytes}
+
+      {:error, reason} ->
+        {:error, Error.new(:file_error, "cannot read #{path}: #{:file.format_error(reason)}")}
+    end
+  end
+
+  defp bytes(other) do
+    {:error,
+     Error.new(
+       :invalid_component,
+       "expected a path, the component's bytes or a Capsid.Component, got #{inspect(other, limit: 5)}"
+     )}
+  end
+
+  # The four steps, under a lock on the name across the nodes involved.
+  defp across(name, kind, nodes, job) do
+    t0 = System.monotonic_time()
+
+    result =
+      case Enum.reject(nodes, &(&1 == node() or Node.connect(&1) == true)) do
+        [] ->
+          lock = {{__MODULE__, name}, self()}
+          :global.trans(lock, fn -> steps(name, kind, nodes, job) end, [node() | nodes])
+
+        unreachable ->
+          {:error,
+           Error.new(
+             :instance_down,
+             "cannot reach #{Enum.join(unreachable, ", ")}; no node changed"
+           )}
+      end
+
+    duration = System.monotonic_time() - t0
+
+    event = if kind == :swap, do: :deploy, else: :rollback
+
+    Telemetry.execute([:capsid, :cluster, event], %{duration: duration}, %{
+      name: name,
+      nodes: nodes,
+      hash: job.hash,
+      result: if(match?({:ok, _}, result), do: :ok, else: result)
+    })
+
+    with {:ok, info} <- result do
+      {:ok, Map.put(info, :duration_us, System.convert_time_unit(duration, :native, :microsecond))}
+    end
+  end
+
+  defp steps(name, kind, nodes, job) do
+    ref = make_ref()
+    args = [self(), ref, name, kind, job.hash, job.source, job.opts]
+
+    agents =
+      Map.new(nodes, fn n ->
+        pid = Node.spawn(n, __MODULE__, :agent, args)
+        {pid, %{node: n, monitor: Process.monitor(pid)}}
+      end)
+
+    try do
+      with {:ok, loaded} <- phase(agents, ref, :load, job.bytes),
+           :ok <- compatible(loaded, kind, job.opts),
+           {:ok, _} <- phase(agents, ref, :prepare, nil) do
+        commit(name, agents, ref, loaded)
+      else
+        {:error, problems, _} ->
+          phase(agents, ref, :abort, nil)
+          {:error, failure(problems, kind)}
+      end
+    after
+      for {_, %{monitor: m}} <- agents, do: Process.demonitor(m, [:flush])
+    end
+  end
+
+  # Sends `step` to every agent and collects their answers: `{:ok, %{node
+  # => answer}}`, or `{:error, [{node, error}], %{node => answer}}` if any
+  # failed.
+  defp phase(agents, ref, step, bytes) do
+    for {pid, _} <- agents, do: send(pid, {ref, step})
+    collect(agents, ref, bytes, Map.new(agents, fn {pid, a} -> {pid, a.node} end), %{}, [])
+  end
+
+  defp collect(_agents, _ref, _bytes, waiting, done, errors) when waiting == %{} do
+    if errors == [], do: {:ok, done}, else: {:error, Enum.reverse(errors), done}
+  end
+
+  defp collect(agents, ref, bytes, waiting, done, errors) do
+    receive do
+      {^ref, pid, :need_bytes} when is_map_key(waiting, pid) ->
+        send(pid, {ref, :bytes, bytes})
+        collect(agents, ref, bytes, waiting, done, errors)
+
+      {^ref, pid, {:error, error}} when is_map_key(waiting, pid) ->
+        {node, waiting} = Map.pop(waiting, pid)
+        collect(agents, ref, bytes, waiting, done, [{node, error} | errors])
+
+      {^ref, pid, {:ok, answer}} when is_map_key(waiting, pid) ->
+        {node, waiting} = Map.pop(waiting, pid)
+        collect(agents, ref, bytes, waiting, Map.put(done, node, answer), errors)
+
+      {:DOWN, _, :process, pid, reason} when is_map_key(waiting, pid) ->
+        {node, waiting} = Map.pop(waiting, pid)
+
+        error =
+          Error.new(
+            :instance_down,
+            "the node went down or Capsid stopped there (#{inspect(reason)})"
+          )
+
+        collect(agents, ref, bytes, waiting, done, [{node, error} | errors])
+    end
+  end
+
+  # The compatibility check, once: the new version against every version
+  # the nodes run now (they may differ, e.g. a node that joined late).
+  defp compatible(_loaded, :rollback, _opts), do: :ok
+
+  defp compatible(loaded, :swap, opts) do
+    if Keyword.get(opts, :force, false) do
+      :ok
+    else
+      new = loaded |> Map.values() |> hd() |> Map.fetch!(:new)
+
+      problems =
+        loaded
+        |> Enum.filter(fn {_, answer} -> answer.old != nil end)
+        |> Enum.uniq_by(fn {_, answer} -> answer.old.hash end)
+        |> Enum.flat_map(fn {node, answer} ->
+          case Deployment.incompatibilities(answer.old, new) do
+            [] -> []
+            list -> [{node, Enum.join(list, "; ")}]
+          end
+        end)
+
+      if problems == [] do
+        :ok
+      else
+        errors =
+          for {node, text} <- problems do
+            {node,
+             Error.new(
+               :incompatible,
+               "the new version is not compatible with the running one (pass force: true to deploy anyway): " <>
+                 text
+             )}
+          end
+
+        {:error, errors, %{}}
+      end
+    end
+  end
+
+  defp failure(problems, kind) do
+    [{_, first} | _] = problems
+    what = if kind == :rollback, do: "rollback", else: "upgrade"
+
+    Error.new(
+      first.kind,
+      Enum.map_join(problems, "; ", fn {node, e} -> "#{node}: #{Exception.message(e)}" end) <>
+        " (no node switched: the whole #{what} was abandoned)"
+    )
+  end
+
+  # Every node switches; one that goes down meanwhile is reported, the
+  # others serve the new version when this returns.
+  defp commit(name, agents, ref, loaded) do
+    {done, lost} =
+      case phase(agents, ref, :commit, nil) do
+        {:ok, done} -> {done, []}
+        {:error, problems, done} -> {done, Enum.map(problems, &elem(&1, 0))}
+      end
+
+    case done do
+      empty when empty == %{} ->
+        {:error,
+         Error.new(:instance_down, "every node was lost during the switch of #{inspect(name)}")}
+
+      done ->
+        {:ok, base} = summarize(Enum.map(done, fn {n, info} -> {n, {:ok, info}} end))
+        loaded = Map.new(loaded, fn {n, answer} -> {n, answer.loaded} end)
+        {:ok, base |> Map.put(:lost, lost) |> Map.put(:loaded, loaded)}
+    end
+  end
+
+  ## The agent: one per node and cluster-wide deploy
+
+  @doc false
+  # Runs on each node of a cluster-wide deploy, driven by the coordinator's
+  # messages (`:load`, `:prepare`, `:commit`, `:abort`); exits with it.
+  def agent(coordinator, ref, name, kind, hash, source, opts) do
+    Process.monitor(coordinator)
+    await(coordinator, ref, %{name: name, kind: kind, hash: hash, source: source, opts: opts})
+  end
+
+  @agent_patience 600_000
+
+  defp await(coordinator, ref, job) do
+    receive do
+      {^ref, :load} ->
+        answer = load(coordinator, ref, job)
+        reply(coordinator, ref, answer)
+
+        case answer do
+          {:ok, loaded} -> await(coordinator, ref, Map.put(job, :component, loaded.component))
+          {:error, _} -> await(coordinator, ref, job)
+        end
+
+      {^ref, :prepare} ->
+        answer = prepare(job)
+        reply(coordinator, ref, answer)
+
+        case answer do
+          {:ok, deployment} -> await(coordinator, ref, Map.put(job, :deployment, deployment))
+          {:error, _} -> await(coordinator, ref, job)
+        end
+
+      {^ref, :commit} ->
+        reply(coordinator, ref, commit_here(job))
+
+      {^ref, :abort} ->
+        with %{deployment: {pid, _}} <- job, do: deployment_call(pid, {:abort, self()})
+        reply(coordinator, ref, {:ok, :aborted})
+
+      {:DOWN, _, :process, ^coordinator, _} ->
+        # The deployment notices this agent's exit and drops what it prepared.
+        :ok
+    after
+      @agent_patience -> :ok
+    end
+  end
+
+  defp reply(coordinator, ref, answer) do
+    send(coordinator, {ref, self(), strip(answer)})
+  end
+
+  # What goes back to the coordinator: no component resource.
+  defp strip({:ok, %{component: _} = loaded}), do: {:ok, Map.delete(loaded, :component)}
+  defp strip({:ok, {_pid, how}}), do: {:ok, how}
+  defp strip(other), do: other
+
+  defp load(_coordinator, _ref, %{kind: :rollback} = job) do
+    case Registry.recall_deployment(job.name) do
+      %{previous: %{component: previous}} when previous != nil ->
+        {:ok, %{component: nil, old: nil, new: Map.take(previous, [:hash]), loaded: :held}}
+
+      %{} ->
+        {:error, Error.new(:not_found, "no previous version to roll back to")}
+
+      nil ->
+        {:error, Error.new(:instance_down, "this node does not hold #{inspect(job.name)}")}
+    end
+  end
+
+  defp load(coordinator, ref, job) do
+    with {:ok, component, loaded} <- component(coordinator, ref, job) do
+      old =
+        case Registry.recall_deployment(job.name) do
+          %{current: %{component: c}} -> %{hash: c.hash, exports: c.exports}
+          nil -> nil
+        end
+
+      {:ok,
+       %{
+         component: component,
+         old: old,
+         new: %{hash: component.hash, exports: component.exports},
+         loaded: loaded
+       }}
+    end
+  end
+
+  # The component by its hash: one this node holds already, or the bytes
+  # (asked for once) loaded through the disk cache.
+  defp component(coordinator, ref, job) do
+    case held(job.hash) do
+      %Component{} = component ->
+        {:ok, component, :held}
+
+      nil ->
+        send(coordinator, {ref, self(), :need_bytes})
+
+        receive do
+          {^ref, :bytes, bytes} ->
+            with {:ok, c} <- Component.load(bytes, cache: Keyword.get(job.opts, :cache, true)),
+                 do: {:ok, c, c.cache}
+
+          {:DOWN, _, :process, ^coordinator, _} ->
+            exit(:normal)
+        end
+    end
+  end
+
+  defp held(hash) do
+    Registry.deployments()
+    |> Enum.flat_map(fn {_, v} -> [v.current, v.previous] end)
+    |> Enum.find_value(fn
+      %{component: %Component{hash: ^hash} = c} -> c
+      _ -> nil
+    end)
+  end
+
+  defp prepare(job) do
+    case Deployment.whereis(job.name) do
+      nil when job.kind == :swap ->
+        case Deployment.start_pending(job.name, job.component, job.source, job.opts, self()) do
+          {:ok, pid} -> {:ok, {pid, :started}}
+          {:error, reason} -> {:error, start_error(reason)}
+        end
+
+      nil ->
+        {:error, Error.new(:instance_down, "this node no longer holds #{inspect(job.name)}")}
+
+      pid ->
+        request = {:prepare, self(), job.kind, job[:component], job.source, job.opts}
+
+        case deployment_call(pid, request) do
+          {:ok, how} -> {:ok, {pid, how}}
+          {:error, _} = error -> error
+        end
+    end
+  end
+
+  defp commit_here(%{deployment: {pid, :unchanged}}), do: deployment_call(pid, :versions)
+  defp commit_here(%{deployment: {pid, _}}), do: deployment_call(pid, {:commit, self()})
+
+  defp deployment_call(pid, request) do
+    GenServer.call(pid, request, :infinity)
+  catch
+    :exit, reason ->
+      {:error, Error.new(:instance_down, "the deployment stopped (#{inspect(reason)})")}
+  end
+
+  defp start_error(%{__exception__: true} = e), do: e
+  defp start_error({%{__exception__: true} = e, _stack}), do: e
+  defp start_error({:shutdown, %{__exception__: true} = e}), do: e
+
+  defp start_error(other),
+    do: Error.new(:internal, "the deployment failed to start: #{inspect(other)}")
+end
