@@ -15,7 +15,7 @@ export MIX_ENV="${MIX_ENV:-prod}"
 scripts=("$@")
 out=bench/results/latest.md
 if [ ${#scripts[@]} -eq 0 ]; then
-  scripts=(call_overhead data compute ports scaling load swap density)
+  scripts=(call_overhead data compute ports scaling load swap density cluster)
 else
   # A partial run must not replace the full results.
   out=""

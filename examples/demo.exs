@@ -326,3 +326,84 @@ http_failed =
 IO.puts("  failed requests: #{http_failed}")
 :ok = GenServer.stop(server)
 :ok = Capsid.undeploy(:site)
+
+section.("Many nodes: a deployment on two peer nodes, upgraded under calls, one node lost")
+# Two peers on 127.0.0.1 (OTP's :peer) running Capsid; this node becomes
+# distributed for it (epmd is started if it is not running).
+unless Node.alive?() do
+  {_, 0} = System.cmd(System.find_executable("epmd"), ["-daemon"])
+  {:ok, _} = :net_kernel.start(:"capsid_demo@127.0.0.1", %{name_domain: :longnames})
+end
+
+peers =
+  for i <- 1..2 do
+    {:ok, peer, node} =
+      :peer.start_link(%{name: :"capsid_demo_peer#{i}", host: ~c"127.0.0.1", longnames: true})
+
+    :ok = :erpc.call(node, :code, :add_paths, [:code.get_path()])
+    :ok = :erpc.call(node, Application, :put_env, [:logger, :level, :error])
+    {:ok, _} = :erpc.call(node, Application, :ensure_all_started, [:capsid], 60_000)
+    {peer, node}
+  end
+
+[{_, n1}, {peer2, n2}] = peers
+{:ok, info} = Capsid.deploy(:calc, v1, nodes: [n1, n2], size: 1)
+
+IO.puts(
+  "  Capsid.deploy(:calc, v1, nodes: [#{n1}, #{n2}])  # #{div(info.duration_us, 1000)} ms, " <>
+    "loaded: #{inspect(Map.values(info.loaded))}"
+)
+
+IO.puts("  Capsid.Cluster.nodes(:calc) = #{inspect(Capsid.Cluster.nodes(:calc))} (not this node)")
+
+show.(
+  ~s|  Capsid.call(:calc, "hello", ["Ada"])  # from this node|,
+  Capsid.call(:calc, "hello", ["Ada"])
+)
+
+cluster_stop = :atomics.new(1, [])
+
+callers =
+  for _ <- 1..2 do
+    Task.async(fn ->
+      Stream.repeatedly(fn -> Capsid.call(:calc, "version", []) end)
+      |> Enum.reduce_while(%{}, fn result, acc ->
+        acc = Map.update(acc, result, 1, &(&1 + 1))
+        if :atomics.get(cluster_stop, 1) == 1, do: {:halt, acc}, else: {:cont, acc}
+      end)
+    end)
+  end
+
+Process.sleep(300)
+{:ok, info} = Capsid.deploy(:calc, v2)
+
+IO.puts(
+  "  Capsid.deploy(:calc, v2)  # both nodes switched in #{div(info.duration_us, 1000)} ms: " <>
+    inspect(Map.new(info.nodes, fn {n, v} -> {n, v.version} end))
+)
+
+Process.sleep(300)
+:peer.stop(peer2)
+IO.puts("  :peer.stop(#{n2})  # a node goes down while the calls go on")
+Process.sleep(300)
+:atomics.put(cluster_stop, 1, 1)
+
+cluster_tally =
+  callers
+  |> Enum.map(&Task.await(&1, 30_000))
+  |> Enum.reduce(&Map.merge(&1, &2, fn _, a, b -> a + b end))
+
+IO.puts("  the calls from this node, by reply:")
+
+for {reply, n} <- Enum.sort(cluster_tally),
+    do: IO.puts("    #{String.pad_leading(Integer.to_string(n), 7)} x #{inspect(reply)}")
+
+cluster_failed =
+  cluster_tally
+  |> Enum.reject(fn {r, _} -> match?({:ok, _}, r) end)
+  |> Enum.map(&elem(&1, 1))
+  |> Enum.sum()
+
+IO.puts("  failed calls: #{cluster_failed}")
+IO.puts("  Capsid.Cluster.nodes(:calc) = #{inspect(Capsid.Cluster.nodes(:calc))}")
+:ok = Capsid.undeploy(:calc)

@@ -41,12 +41,12 @@ defmodule Capsid.Call do
   end
 
   @doc false
-  # A call sent by another node (`Capsid.Cluster.serve/4`): it runs here or
-  # not at all. Returns `{result, fuel_used}`, or `:elsewhere` when `target`
-  # is not on this node (the caller then tries another one).
-  def call_here(target, function, args, opts) do
+  # A call sent by `caller` on another node (`Capsid.Cluster.serve/5`): it
+  # runs here or not at all. Returns `{result, fuel_used}`, or `:elsewhere`
+  # when `target` is not on this node (the caller then tries another one).
+  def call_here(caller, target, function, args, opts) do
     {narrow, queue_timeout} = options!(opts)
-    run(target, function, args, narrow, queue_timeout, :here)
+    run(target, function, args, narrow, queue_timeout, {:here, caller})
   end
 
   @doc false
@@ -90,8 +90,8 @@ defmodule Capsid.Call do
   end
 
   # Returns `{result, fuel_used}`. `how`: the call's options (to forward
-  # them to another node), `:here` (never forwarded) or `:dirty` (starts on
-  # a dirty scheduler, never forwarded).
+  # them to another node), `{:here, remote_caller}` (never forwarded) or
+  # `:dirty` (starts on a dirty scheduler, never forwarded).
   defp run(target, function, args, narrow, queue_timeout, how) do
     ctx = %{
       target: target,
@@ -133,7 +133,7 @@ defmodule Capsid.Call do
       {:global, _} -> via_pid(ctx)
       {:via, _, _} -> via_pid(ctx)
       pid when is_pid(pid) and node(pid) != node() -> remote(pid, ctx)
-      _ when ctx.how == :here -> :elsewhere
+      _ when is_tuple(ctx.how) -> :elsewhere
       pid when is_pid(pid) or not is_list(ctx.how) -> {down(target), 0}
       name -> Capsid.Cluster.call(name, ctx.function, ctx.args, ctx.how)
     end
@@ -164,7 +164,7 @@ defmodule Capsid.Call do
   defp remote(pid, %{how: opts} = ctx) when is_list(opts),
     do: Capsid.Cluster.call(pid, ctx.function, ctx.args, opts)
 
-  defp remote(_pid, %{how: :here}), do: :elsewhere
+  defp remote(_pid, %{how: {:here, _}}), do: :elsewhere
   defp remote(_pid, ctx), do: {down(ctx.target), 0}
 
   defp down(target) do
@@ -180,6 +180,11 @@ defmodule Capsid.Call do
   defp step(status, ctx) do
     case terminal(status, ctx) do
       nil ->
+        # A call from another node that will take a while: a watcher cancels
+        # it if its caller dies (not worth two distribution signals for a
+        # call that ends at once).
+        with {:here, caller} <- ctx.how, do: Capsid.Cluster.watch(caller)
+
         try do
           loop(status, ctx)
         catch

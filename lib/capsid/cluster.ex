@@ -221,16 +221,17 @@ defmodule Capsid.Cluster do
   @doc false
   # Runs on the node the call was sent to; never forwards it further.
   def serve(caller, target, function, args, opts) do
-    watch(caller)
-    Capsid.Call.call_here(target, function, args, opts)
+    Capsid.Call.call_here(caller, target, function, args, opts)
   catch
     kind, reason -> {:raised, kind, reason, __STACKTRACE__}
   end
 
-  # A caller that dies, or whose node goes down, cancels its call here as
-  # it would on its own node (the instance is freed at once, the guest
+  @doc false
+  # Called in a served call's process when the call goes on past its first
+  # step: a caller that dies, or whose node goes down, cancels the call here
+  # as it would on its own node (the instance is freed at once, the guest
   # stopped: a `:cancelled` trap).
-  defp watch(caller) do
+  def watch(caller) do
     server = self()
 
     spawn(fn ->
