@@ -5,6 +5,8 @@ defmodule Capsid.ClusterTest do
 
   alias Capsid.TestCluster
 
+  doctest Capsid.Cluster
+
   @moduletag :cluster
   @moduletag timeout: 180_000
 
@@ -174,6 +176,21 @@ defmodule Capsid.ClusterUpgradeTest do
     # Checked once: one node named, not three.
     assert length(String.split(message, "version changed type")) == 2, message
     assert versions_by_node(name) == Map.new(nodes, &{&1, h1})
+  end
+
+  test "two cluster-wide deploys of one name at once run one after the other",
+       %{nodes: nodes, name: name} do
+    {:ok, _} = Capsid.deploy(name, @v1, nodes: nodes, size: 1)
+
+    results =
+      [@v2, @v1, @v2, @v1]
+      |> Enum.map(fn v -> Task.async(fn -> Capsid.deploy(name, v, nodes: nodes) end) end)
+      |> Enum.map(&Task.await(&1, 60_000))
+
+    # None was turned away as busy: the :global lock serialized them.
+    assert Enum.all?(results, &match?({:ok, _}, &1)), inspect(results)
+    # Every node ended on the same version.
+    assert versions_by_node(name) |> Map.values() |> Enum.uniq() |> length() == 1
   end
 
   test "a node that is not reachable fails the deploy before anything starts",
