@@ -176,9 +176,14 @@ defmodule Capsid do
     {nodes, opts} = Keyword.pop(opts, :nodes)
 
     case {nodes, Capsid.Cluster.remote_nodes(name)} do
-      {nil, []} -> Capsid.Deployment.deploy(name, path_or_bytes, opts)
-      {nil, _} -> Capsid.Cluster.deploy(name, path_or_bytes, Capsid.Cluster.nodes(name), opts)
-      {nodes, _} -> Capsid.Cluster.deploy(name, path_or_bytes, nodes, opts)
+      {nil, []} ->
+        Capsid.Deployment.deploy(name, path_or_bytes, opts) |> Capsid.Cluster.with_nodes()
+
+      {nil, _} ->
+        Capsid.Cluster.deploy(name, path_or_bytes, Capsid.Cluster.nodes(name), opts)
+
+      {nodes, _} ->
+        Capsid.Cluster.deploy(name, path_or_bytes, nodes, opts)
     end
   end
 

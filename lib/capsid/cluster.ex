@@ -18,7 +18,10 @@ defmodule Capsid.Cluster do
   `Capsid.call/4` with a deployment's name runs on this node's instances
   when it holds the deployment. Otherwise it goes to another node that holds
   it, picked at random (the load spreads); a node that is down or no longer
-  holds it is skipped and the next one tried. A remote call has the same
+  holds it is skipped and the next one tried (also when a node goes down
+  while it runs a call: like any request to a machine that fails, that
+  call may have run in part before it is tried again elsewhere). A remote
+  call has the same
   results and errors as a local one. Its `:timeout` (plus `:queue_timeout`,
   if given) bounds the whole remote call, network included: past it the
   caller gets a `%Capsid.Trap{kind: :timeout}` and the remote call is
@@ -182,6 +185,14 @@ defmodule Capsid.Cluster do
         # Capsid is not loaded there.
         :error, {:exception, :undef, _} ->
           {:elsewhere, "Capsid is not running there"}
+
+        # Killed there, by something else than Capsid: it may have run.
+        :exit, {:signal, reason} ->
+          {{:error,
+            Error.new(
+              :instance_down,
+              "the call's process on node #{node} was killed (#{inspect(reason)})"
+            )}, 0}
       end
 
     case result do
@@ -259,7 +270,7 @@ defmodule Capsid.Cluster do
     end
 
     if nodes == [node()] do
-      Deployment.deploy(name, source, opts)
+      Deployment.deploy(name, source, opts) |> with_nodes()
     else
       with {:ok, bytes} <- bytes(source) do
         hash = :crypto.hash(:sha256, bytes) |> Base.encode16(case: :lower)
@@ -323,8 +334,10 @@ defmodule Capsid.Cluster do
     end
   end
 
-  defp with_nodes({:ok, info}), do: {:ok, Map.put(info, :nodes, %{node() => summary(info)})}
-  defp with_nodes(error), do: error
+  @doc false
+  # A result of this node alone, with the `:nodes` a cluster-wide one has.
+  def with_nodes({:ok, info}), do: {:ok, Map.put(info, :nodes, %{node() => summary(info)})}
+  def with_nodes(error), do: error
 
   defp summarize(answers) do
     served = for {n, {:ok, info}} <- answers, do: {n, info}

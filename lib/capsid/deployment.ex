@@ -10,6 +10,9 @@ defmodule Capsid.Deployment do
       ]
 
   A name may be any term (`{:tenant, 42}` works as well as `:pricing`).
+  A deployment that serves joins the cluster's membership: other nodes
+  route calls by its name here, and `Capsid.deploy/3` with `nodes:` deploys
+  and upgrades it on many nodes at once (see `Capsid.Cluster`).
 
   Each version is a `Capsid.Pool` of `:size` instances (default: one per
   scheduler); calls by the deployment's name go to the current version's
