@@ -263,6 +263,8 @@ defmodule Capsid.Cluster do
   def deploy(name, source, nodes, opts) do
     nodes = nodes!(nodes)
     Capsid.Options.validate!(opts, Deployment.deploy_keys(), "Capsid.deploy/3")
+    # Bad limits raise here; the rest is checked by each node.
+    _ = Capsid.Limits.new(opts)
 
     if Keyword.get(opts, :watch, false) and nodes != [node()] do
       raise ArgumentError,

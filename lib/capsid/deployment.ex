@@ -50,7 +50,7 @@ defmodule Capsid.Deployment do
   use GenServer
   require Logger
 
-  alias Capsid.{Component, Error, Native, Pool, Registry, Telemetry}
+  alias Capsid.{Component, Error, Instance, Native, Pool, Registry, Telemetry}
 
   @lifecycle "capsid:host/lifecycle@0.1.0"
 
@@ -103,6 +103,7 @@ defmodule Capsid.Deployment do
     Capsid.Options.validate!(opts, @deploy_keys, "Capsid.Deployment.start_link/1")
 
     with {:ok, component} <- load(source, opts) do
+      check!(component, opts)
       start_link({name, component, source, opts})
     end
   end
@@ -153,6 +154,8 @@ defmodule Capsid.Deployment do
     t0 = System.monotonic_time()
 
     with {:ok, component} <- load(source, opts) do
+      check!(component, opts)
+
       result =
         case whereis(name) do
           nil ->
@@ -178,6 +181,12 @@ defmodule Capsid.Deployment do
          )}
       end
     end
+  end
+
+  # Bad option values raise here, in the caller, as they would for an
+  # instance; they must not reach the deployment process.
+  defp check!(component, opts) do
+    Instance.check!([component: component] ++ Keyword.take(opts, @instance_keys))
   end
 
   defp upgrade(pid, component, source, opts) do
@@ -726,6 +735,12 @@ defmodule Capsid.Deployment do
       {:error, error} ->
         {:error, unwrap(error)}
     end
+  rescue
+    # Options the caller checked may still not fit: the running version's
+    # imports against a new version's, or a function that a module of
+    # this node does not export (a cluster-wide deploy). Never a crash of
+    # the deployment.
+    e in ArgumentError -> {:error, Error.new(:link, Exception.message(e))}
   end
 
   defp stop_pool(pid) do

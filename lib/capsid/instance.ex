@@ -178,6 +178,14 @@ defmodule Capsid.Instance do
 
   ## Set-up
 
+  @doc false
+  # Raises ArgumentError for a bad option, as `start_link/1` would, without
+  # starting anything (a deployment checks its options in the caller).
+  def check!(opts) do
+    _ = config!(opts)
+    :ok
+  end
+
   defp config!(opts) do
     Capsid.Options.validate!(opts, @instance_keys, "Capsid.Instance.start_link/1")
 

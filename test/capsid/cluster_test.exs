@@ -166,6 +166,25 @@ defmodule Capsid.ClusterUpgradeTest do
     assert Enum.all?(Map.values(after_upgrade), &(&1.version == 2))
   end
 
+  test "an import that one node cannot provide fails the deploy on every node",
+       %{nodes: [n1 | _], name: name} do
+    # A module that exists on this node only.
+    mod = :"Elixir.Capsid.ClusterOnlyHere#{System.unique_integer([:positive])}"
+    Code.compile_string("defmodule #{inspect(mod)} do\n def hook(x), do: x\nend")
+    imports = %{"hook" => {mod, :hook}}
+
+    assert {:error, %Error{kind: :link, message: message}} =
+             Capsid.deploy(name, @faulty, nodes: [node(), n1], imports: imports, size: 1)
+
+    assert message =~ "#{n1}:"
+    refute message =~ "#{node()}:"
+    assert message =~ "not an exported function"
+    # The deployment this node had prepared was stopped with the rest.
+    assert Capsid.Cluster.nodes(name) == []
+    # (The stdlib Registry forgets a stopped process asynchronously.)
+    wait_until(fn -> Capsid.Deployment.whereis(name) == nil end, 5_000)
+  end
+
   test "an incompatible version is refused once, before any node switches",
        %{nodes: nodes, name: name} do
     {:ok, %{current: %{hash: h1}}} = Capsid.deploy(name, @v1, nodes: nodes, size: 1)

@@ -139,6 +139,21 @@ defmodule Capsid.DeploymentTest do
     assert Capsid.call(name, "count", []) == {:ok, 1}
   end
 
+  test "a bad option value in an upgrade raises in the caller; the deployment serves on",
+       %{name: name} do
+    {:ok, _} = Capsid.deploy(name, @v1, size: 1)
+    pid = Capsid.Deployment.whereis(name)
+
+    assert_raise ArgumentError, ~r/invalid value for :timeout/, fn ->
+      Capsid.deploy(name, @v2, timeout: -5)
+    end
+
+    assert_raise ArgumentError, ~r/:imports/, fn -> Capsid.deploy(name, @v2, imports: :nope) end
+    assert Capsid.Deployment.whereis(name) == pid
+    assert Capsid.call(name, "version", []) == {:ok, 1}
+    assert {:ok, %{current: %{version: 1}}} = Capsid.versions(name)
+  end
+
   test "a second deploy of the same bytes loads from the cache, without compiling", %{name: name} do
     bytes = File.read!(@v2)
     {:ok, _} = Capsid.deploy(name, bytes, size: 1)
