@@ -87,13 +87,26 @@ defmodule Capsid.Cluster do
   def child_spec(_), do: %{id: @scope, start: {:pg, :start_link, [@scope]}}
 
   @doc false
-  # The calling deployment process serves `name` on this node.
-  def join(name), do: :pg.join(@scope, group(name), self())
+  # The calling deployment process serves `name` on this node, at the
+  # version `hash`.
+  def join(name, hash) do
+    :ok = :pg.join(@scope, group(name), self())
+    :pg.join(@scope, {:version, name, hash}, self())
+  end
+
+  @doc false
+  # It switched from version `old` to `new`.
+  def switch(name, old, new) do
+    :ok = :pg.join(@scope, {:version, name, new}, self())
+    _ = :pg.leave(@scope, {:version, name, old}, self())
+    :ok
+  end
 
   @doc false
   # It stops serving (it also leaves when it exits).
-  def leave(name) do
+  def leave(name, hash) do
     _ = :pg.leave(@scope, group(name), self())
+    _ = :pg.leave(@scope, {:version, name, hash}, self())
     :ok
   end
 
@@ -109,6 +122,24 @@ defmodule Capsid.Cluster do
   @spec nodes(term()) :: [node()]
   def nodes(name) do
     :pg.get_members(@scope, group(name)) |> Enum.map(&node/1) |> Enum.uniq() |> Enum.sort()
+  end
+
+  @doc """
+  The version each node serves the deployment `name` at, as this node
+  knows it (from the membership, without asking them): `%{node =>
+  sha256}`. `Capsid.versions/1` asks each node for more.
+
+      iex> Capsid.Cluster.serving(:no_such_deployment)
+      %{}
+  """
+  @spec serving(term()) :: %{node() => String.t()}
+  def serving(name) do
+    # which_groups/1 lists every group: fine for a question asked rarely,
+    # never on the call path.
+    for {:version, ^name, hash} <- :pg.which_groups(@scope),
+        pid <- :pg.get_members(@scope, {:version, name, hash}),
+        into: %{},
+        do: {node(pid), hash}
   end
 
   @doc false
@@ -562,9 +593,37 @@ defmodule Capsid.Cluster do
          Error.new(:instance_down, "every node was lost during the switch of #{inspect(name)}")}
 
       done ->
+        settle(name, done)
         {:ok, base} = summarize(Enum.map(done, fn {n, info} -> {n, {:ok, info}} end))
         loaded = Map.new(loaded, fn {n, answer} -> {n, answer.loaded} end)
         {:ok, base |> Map.put(:lost, lost) |> Map.put(:loaded, loaded)}
+    end
+  end
+
+  # The membership travels on its own path (each node's :pg scope process),
+  # so this node may not know yet what the agents just answered: wait until
+  # it does, so that a call made here right after `deploy` returns finds
+  # the new nodes. Bounded: a node lost meanwhile is not waited for.
+  @settle_ms 5_000
+
+  defp settle(name, done) do
+    deadline = System.monotonic_time(:millisecond) + @settle_ms
+    settle(name, Map.new(done, fn {n, info} -> {n, info.current.hash} end), deadline)
+  end
+
+  defp settle(name, expected, deadline) do
+    serving = serving(name)
+
+    cond do
+      Enum.all?(expected, fn {n, hash} -> serving[n] == hash end) ->
+        :ok
+
+      System.monotonic_time(:millisecond) > deadline ->
+        :ok
+
+      true ->
+        Process.sleep(1)
+        settle(name, expected, deadline)
     end
   end
 

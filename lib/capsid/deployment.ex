@@ -327,7 +327,7 @@ defmodule Capsid.Deployment do
   # and the cluster knows this node holds it.
   defp publish(state) do
     Registry.put_name(state.name, state.current.pool.ref)
-    Capsid.Cluster.join(state.name)
+    Capsid.Cluster.join(state.name, state.current.component.hash)
     remember(%{state | published: true})
   end
 
@@ -546,7 +546,7 @@ defmodule Capsid.Deployment do
     end
 
     if state.published, do: Registry.put_name(state.name, nil)
-    Capsid.Cluster.leave(state.name)
+    Capsid.Cluster.leave(state.name, state.current.component.hash)
     pending = if state.pending && state.pending[:pool], do: [state.pending.pool.pid], else: []
     Enum.each([state.current.pool.pid | pending] ++ Map.keys(state.retiring), &stop_pool/1)
     :ok
@@ -626,6 +626,7 @@ defmodule Capsid.Deployment do
     # Calls that picked an old member before the switch are turned away
     # by the retire flag and retry on the new version.
     Native.pool_retire(old.pool.ref)
+    Capsid.Cluster.switch(state.name, old.component.hash, component.hash)
     send(self(), :drain)
     number = state.number + 1
 

@@ -3,6 +3,8 @@ defmodule Capsid.ClusterTest do
   # `mix test --exclude cluster` skips them.
   use ExUnit.Case, async: false
 
+  import Capsid.TestHelpers, only: [wait_until: 2]
+
   alias Capsid.TestCluster
 
   doctest Capsid.Cluster
@@ -32,11 +34,13 @@ defmodule Capsid.ClusterTest do
     assert Enum.all?(Map.values(info.nodes), &(&1.version == 1))
     assert Enum.all?(Map.values(info.loaded), &(&1 in [:hit, :miss]))
 
-    # Every node knows who holds it, this one included.
+    # Every node knows who holds it, this one included, and at which version.
     assert Capsid.Cluster.nodes(name) == Enum.sort(nodes)
+    assert Capsid.Cluster.serving(name) == Map.new(nodes, &{&1, info.current.hash})
 
     for n <- nodes do
-      assert :erpc.call(n, Capsid.Cluster, :nodes, [name]) == Enum.sort(nodes)
+      # (Each node learns of the others through its own :pg scope.)
+      wait_until(fn -> :erpc.call(n, Capsid.Cluster, :nodes, [name]) == Enum.sort(nodes) end, 5_000)
       assert TestCluster.call(n, name, "hello", ["Ada"]) == {:ok, "Hello, Ada!"}
     end
 
@@ -120,9 +124,11 @@ defmodule Capsid.ClusterUpgradeTest do
     # Each node got the bytes (or had the compiled artifact cached).
     assert Enum.all?(Map.values(info.loaded), &(&1 in [:hit, :miss]))
 
-    # Once deploy returns, every node serves the new version.
+    # Once deploy returns, every node serves the new version, and this node
+    # knows it from the membership alone.
     for n <- nodes, do: assert(TestCluster.call(n, name, "version", []) == {:ok, 2})
     assert versions_by_node(name) == Map.new(nodes, &{&1, h2})
+    assert Capsid.Cluster.serving(name) == Map.new(nodes, &{&1, h2})
 
     Process.sleep(300)
     assert {:ok, info} = Capsid.rollback(name)
