@@ -634,6 +634,8 @@ defmodule Capsid.Cluster do
   # messages (`:load`, `:prepare`, `:commit`, `:abort`); exits with it.
   def agent(coordinator, ref, name, kind, hash, source, opts) do
     Process.monitor(coordinator)
+    # A node that has Capsid's code but has not started it yet.
+    {:ok, _} = Application.ensure_all_started(:capsid)
     await(coordinator, ref, %{name: name, kind: kind, hash: hash, source: source, opts: opts})
   end
 

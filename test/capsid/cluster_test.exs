@@ -333,6 +333,15 @@ defmodule Capsid.ClusterUpgradeTest do
     assert %{traps: %{cancelled: 1}} = :erpc.call(n1, Capsid.Instance, :info, [member])
   end
 
+  test "a node with Capsid's code that has not started it yet can be deployed to",
+       %{name: name} do
+    {_peer, fresh} = TestCluster.start_peer!([], false)
+    refute List.keymember?(:erpc.call(fresh, Application, :started_applications, []), :capsid, 0)
+    {:ok, %{nodes: nodes}} = Capsid.deploy(name, @v1, nodes: [fresh], size: 1)
+    assert Map.keys(nodes) == [fresh]
+    assert Capsid.call(name, "version", []) == {:ok, 1}
+  end
+
   test "a remote pid that is not a live instance is :instance_down", %{nodes: [n1 | _]} do
     pid = Node.spawn(n1, Process, :sleep, [60_000])
     assert {:error, %Error{kind: :instance_down}} = Capsid.call(pid, "ok", [1])

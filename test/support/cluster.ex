@@ -19,8 +19,9 @@ defmodule Capsid.TestCluster do
   @doc """
   Starts a peer running Capsid (with this node's cache directory and the
   given application env), linked to the calling process: `{peer, node}`.
+  With `start?` false, Capsid's code is there but not started.
   """
-  def start_peer!(env \\ []) do
+  def start_peer!(env \\ [], start? \\ true) do
     distribute!()
     name = :"capsid_peer_#{System.unique_integer([:positive])}"
 
@@ -36,7 +37,10 @@ defmodule Capsid.TestCluster do
 
     # :error: global's notices about a peer the tests stopped are expected.
     :ok = :erpc.call(node, Application, :put_env, [:logger, :level, :error])
-    {:ok, _} = :erpc.call(node, Application, :ensure_all_started, [:capsid], 60_000)
+
+    if start?,
+      do: {:ok, _} = :erpc.call(node, Application, :ensure_all_started, [:capsid], 60_000)
+
     {peer, node}
   end
 
