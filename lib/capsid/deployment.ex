@@ -570,7 +570,7 @@ defmodule Capsid.Deployment do
     force = Keyword.get(state.opts, :force, false)
 
     with {:ok, component} <- Component.load(bytes, cache: Keyword.get(state.opts, :cache, true)),
-         {:ok, new_state} <- swap(state, component, path, state.opts, force, :swap) do
+         {:ok, new_state} <- swap(state, component, path, state.current.opts, force, :swap) do
       Logger.info(
         "Capsid: #{inspect(state.name)} reloaded #{path} (sha256 #{String.slice(hash, 0, 12)})"
       )
