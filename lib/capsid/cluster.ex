@@ -409,18 +409,10 @@ defmodule Capsid.Cluster do
           "invalid value for :nodes: expected a non-empty list of node names or :all, got #{inspect(other)}"
   end
 
+  # The bytes, read as `Capsid.Component.load/2` reads them (regular files
+  # only, size-capped).
   defp bytes(%Component{bytes: bytes}) when is_binary(bytes), do: {:ok, bytes}
-  defp bytes(<<"\0asm", _::binary>> = bytes), do: {:ok, bytes}
-
-  defp bytes(path) when is_binary(path) do
-    case File.read(path) do
-      {:ok, bytes} ->
-        {:ok, bytes}
-
-      {:error, reason} ->
-        {:error, Error.new(:file_error, "cannot read #{path}: #{:file.format_error(reason)}")}
-    end
-  end
+  defp bytes(source) when is_binary(source), do: Component.read(source)
 
   defp bytes(other) do
     {:error,

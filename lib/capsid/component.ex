@@ -313,12 +313,13 @@ defmodule Capsid.Component do
     %{name: name, interface: interface, function: function, params: params, result: result}
   end
 
+  @doc false
   # Bytes start with the wasm magic. Anything else is a path if such a file
   # exists; otherwise it is bad bytes (a 404 page, say), or a missing file
   # when it looks like a path.
-  defp read(<<"\0asm", _::binary>> = bytes), do: {:ok, bytes}
+  def read(<<"\0asm", _::binary>> = bytes), do: {:ok, bytes}
 
-  defp read(path) do
+  def read(path) do
     if printable_path?(path) do
       # Only regular files are read: a FIFO would block forever, a device
       # would never end.

@@ -5,14 +5,17 @@ defmodule Capsid.ClusterTest do
 
   import Capsid.TestHelpers, only: [wait_until: 2]
 
-  alias Capsid.TestCluster
-
-  doctest Capsid.Cluster
+  alias Capsid.{Error, TestCluster, Trap}
 
   @moduletag :cluster
   @moduletag timeout: 180_000
 
   @v1 Capsid.Guests.path(:greeter_v1)
+  @v2 Capsid.Guests.path(:greeter_v2)
+  @bad Capsid.Guests.path(:greeter_bad)
+  @faulty Capsid.Guests.path(:faulty)
+
+  doctest Capsid.Cluster
 
   setup_all do
     # The peers are linked to this process (the module's setup_all one).
@@ -24,6 +27,11 @@ defmodule Capsid.ClusterTest do
     name = {:cluster, context.line, System.unique_integer([:positive])}
     on_exit(fn -> Capsid.undeploy(name) end)
     %{name: name}
+  end
+
+  defp versions_by_node(name) do
+    {:ok, %{nodes: nodes}} = Capsid.versions(name)
+    Map.new(nodes, fn {n, v} -> {n, v.hash} end)
   end
 
   test "deploy on three nodes; call from each and from a node without instances",
@@ -58,38 +66,6 @@ defmodule Capsid.ClusterTest do
 
     assert {:ok, %{nodes: versions}} = Capsid.versions(name)
     assert map_size(versions) == 3
-  end
-end
-
-defmodule Capsid.ClusterUpgradeTest do
-  use ExUnit.Case, async: false
-
-  import Capsid.TestHelpers, only: [wait_until: 2]
-
-  alias Capsid.{Error, TestCluster, Trap}
-
-  @moduletag :cluster
-  @moduletag timeout: 180_000
-
-  @v1 Capsid.Guests.path(:greeter_v1)
-  @v2 Capsid.Guests.path(:greeter_v2)
-  @bad Capsid.Guests.path(:greeter_bad)
-  @faulty Capsid.Guests.path(:faulty)
-
-  setup_all do
-    peers = for _ <- 1..3, do: TestCluster.start_peer!()
-    %{nodes: Enum.map(peers, &elem(&1, 1))}
-  end
-
-  setup context do
-    name = {:cluster, context.line, System.unique_integer([:positive])}
-    on_exit(fn -> Capsid.undeploy(name) end)
-    %{name: name}
-  end
-
-  defp versions_by_node(name) do
-    {:ok, %{nodes: nodes}} = Capsid.versions(name)
-    Map.new(nodes, fn {n, v} -> {n, v.hash} end)
   end
 
   test "an upgrade under a stream of callers on every node fails no call; rollback everywhere",
@@ -216,6 +192,27 @@ defmodule Capsid.ClusterUpgradeTest do
     assert Enum.all?(results, &match?({:ok, _}, &1)), inspect(results)
     # Every node ended on the same version.
     assert versions_by_node(name) |> Map.values() |> Enum.uniq() |> length() == 1
+  end
+
+  test "bad input to a cluster-wide deploy is refused in the caller", %{nodes: nodes, name: name} do
+    # Read as Component.load reads: a device is not read (it would never end).
+    assert {:error, %Error{kind: :file_error}} = Capsid.deploy(name, "/dev/zero", nodes: nodes)
+
+    assert {:error, %Error{kind: :invalid_component}} =
+             Capsid.deploy(name, <<1, 2, 3>>, nodes: nodes)
+
+    assert_raise ArgumentError, ~r/:nodes/, fn -> Capsid.deploy(name, @v1, nodes: []) end
+    assert_raise ArgumentError, ~r/:nodes/, fn -> Capsid.deploy(name, @v1, nodes: ["a@b"]) end
+
+    assert_raise ArgumentError, ~r/:timeout/, fn ->
+      Capsid.deploy(name, @v1, nodes: nodes, timeout: -1)
+    end
+
+    assert_raise ArgumentError, ~r/watch/, fn ->
+      Capsid.deploy(name, @v1, nodes: nodes, watch: true)
+    end
+
+    assert Capsid.Cluster.nodes(name) == []
   end
 
   test "a node that is not reachable fails the deploy before anything starts",
