@@ -427,16 +427,17 @@ defmodule Capsid.Cluster do
     t0 = System.monotonic_time()
 
     result =
-      case Enum.reject(nodes, &(&1 == node() or Node.connect(&1) == true)) do
+      case unready(nodes) do
         [] ->
           lock = {{__MODULE__, name}, self()}
           :global.trans(lock, fn -> steps(name, kind, nodes, job) end, [node() | nodes])
 
-        unreachable ->
+        problems ->
           {:error,
            Error.new(
              :instance_down,
-             "cannot reach #{Enum.join(unreachable, ", ")}; no node changed"
+             Enum.map_join(problems, "; ", fn {n, why} -> "#{n}: #{why}" end) <>
+               " (no node changed)"
            )}
       end
 
@@ -456,24 +457,40 @@ defmodule Capsid.Cluster do
     end
   end
 
+  # Nodes that cannot take part: not reachable, or without Capsid's code.
+  defp unready(nodes) do
+    {reachable, unreachable} = Enum.split_with(nodes, &(&1 == node() or Node.connect(&1) == true))
+    loaded = :erpc.multicall(reachable, :code, :ensure_loaded, [__MODULE__], @query_timeout)
+
+    missing =
+      for {n, answer} <- Enum.zip(reachable, loaded),
+          answer != {:ok, {:module, __MODULE__}},
+          do: {n, "Capsid's code is not loaded there"}
+
+    Enum.map(unreachable, &{&1, "cannot be reached"}) ++ missing
+  end
+
   defp steps(name, kind, nodes, job) do
     ref = make_ref()
     args = [self(), ref, name, kind, job.hash, job.source, job.opts]
 
     agents =
       Map.new(nodes, fn n ->
-        pid = Node.spawn(n, __MODULE__, :agent, args)
-        {pid, %{node: n, monitor: Process.monitor(pid)}}
+        # Spawned and monitored at once: an agent that dies at birth
+        # (Capsid's code missing there) tells why.
+        {pid, monitor} = :erlang.spawn_monitor(n, __MODULE__, :agent, args)
+        {pid, %{node: n, monitor: monitor}}
       end)
 
     try do
-      with {:ok, loaded} <- phase(agents, ref, :load, job.bytes),
-           :ok <- compatible(loaded, kind, job.opts),
-           {:ok, _} <- phase(agents, ref, :prepare, nil) do
+      with {:ok, loaded, agents} <- phase(agents, ref, :load, job.bytes),
+           :ok <- compatible(loaded, kind, job.opts, agents),
+           {:ok, _, agents} <- phase(agents, ref, :prepare, nil) do
         commit(name, agents, ref, loaded)
       else
-        {:error, problems, _} ->
-          phase(agents, ref, :abort, nil)
+        {:error, problems, _, alive} ->
+          # Only the agents still alive are told (a dead one never answers).
+          phase(alive, ref, :abort, nil)
           {:error, failure(problems, kind)}
       end
     after
@@ -482,15 +499,15 @@ defmodule Capsid.Cluster do
   end
 
   # Sends `step` to every agent and collects their answers: `{:ok, %{node
-  # => answer}}`, or `{:error, [{node, error}], %{node => answer}}` if any
-  # failed.
+  # => answer}, agents}`, or `{:error, [{node, error}], %{node => answer},
+  # agents}` if any failed; `agents` without those that died meanwhile.
   defp phase(agents, ref, step, bytes) do
     for {pid, _} <- agents, do: send(pid, {ref, step})
     collect(agents, ref, bytes, Map.new(agents, fn {pid, a} -> {pid, a.node} end), %{}, [])
   end
 
-  defp collect(_agents, _ref, _bytes, waiting, done, errors) when waiting == %{} do
-    if errors == [], do: {:ok, done}, else: {:error, Enum.reverse(errors), done}
+  defp collect(agents, _ref, _bytes, waiting, done, errors) when waiting == %{} do
+    if errors == [], do: {:ok, done, agents}, else: {:error, Enum.reverse(errors), done, agents}
   end
 
   defp collect(agents, ref, bytes, waiting, done, errors) do
@@ -509,22 +526,17 @@ defmodule Capsid.Cluster do
 
       {:DOWN, _, :process, pid, reason} when is_map_key(waiting, pid) ->
         {node, waiting} = Map.pop(waiting, pid)
-
-        error =
-          Error.new(
-            :instance_down,
-            "the node went down or Capsid stopped there (#{inspect(reason)})"
-          )
-
+        error = Error.new(:instance_down, "the node went down, or its agent failed: #{why(reason)}")
+        agents = Map.delete(agents, pid)
         collect(agents, ref, bytes, waiting, done, [{node, error} | errors])
     end
   end
 
   # The compatibility check, once: the new version against every version
   # the nodes run now (they may differ, e.g. a node that joined late).
-  defp compatible(_loaded, :rollback, _opts), do: :ok
+  defp compatible(_loaded, :rollback, _opts, _agents), do: :ok
 
-  defp compatible(loaded, :swap, opts) do
+  defp compatible(loaded, :swap, opts, agents) do
     if Keyword.get(opts, :force, false) do
       :ok
     else
@@ -554,10 +566,14 @@ defmodule Capsid.Cluster do
              )}
           end
 
-        {:error, errors, %{}}
+        {:error, errors, %{}, agents}
       end
     end
   end
+
+  defp why(:noconnection), do: "no connection"
+  defp why({:undef, [{__MODULE__, :agent, _, _} | _]}), do: "Capsid's code is not loaded there"
+  defp why(reason), do: inspect(reason, limit: 10)
 
   defp failure(problems, kind) do
     [{_, first} | _] = problems
@@ -575,8 +591,8 @@ defmodule Capsid.Cluster do
   defp commit(name, agents, ref, loaded) do
     {done, lost} =
       case phase(agents, ref, :commit, nil) do
-        {:ok, done} -> {done, []}
-        {:error, problems, done} -> {done, Enum.map(problems, &elem(&1, 0))}
+        {:ok, done, _} -> {done, []}
+        {:error, problems, done, _} -> {done, Enum.map(problems, &elem(&1, 0))}
       end
 
     case done do

@@ -20,6 +20,23 @@ defmodule Capsid.ClusterTest do
   setup_all do
     # The peers are linked to this process (the module's setup_all one).
     peers = for _ <- 1..3, do: TestCluster.start_peer!()
+
+    # :global notes every node that goes away ("requested disconnect ... to
+    # prevent overlapping partitions"): expected here.
+    on_exit(fn ->
+      ExUnit.CaptureLog.capture_log(fn ->
+        for {peer, _} <- peers do
+          try do
+            :peer.stop(peer)
+          catch
+            :exit, _ -> :already_stopped
+          end
+        end
+
+        Process.sleep(200)
+      end)
+    end)
+
     %{nodes: Enum.map(peers, &elem(&1, 1))}
   end
 
@@ -215,12 +232,33 @@ defmodule Capsid.ClusterTest do
     assert Capsid.Cluster.nodes(name) == []
   end
 
+  test "a node without Capsid's code fails the deploy promptly; the others are left as they were",
+       %{nodes: [n1 | _], name: name} do
+    {:ok, _peer, bare} =
+      :peer.start_link(%{
+        name: :"bare_#{System.unique_integer([:positive])}",
+        host: ~c"127.0.0.1",
+        longnames: true
+      })
+
+    {:ok, _} = Capsid.deploy(name, @v1, nodes: [n1], size: 1)
+    task = Task.async(fn -> Capsid.deploy(name, @v2, nodes: [n1, bare]) end)
+
+    assert {:ok, {:error, %Error{kind: :instance_down, message: message}}} =
+             Task.yield(task, 30_000)
+
+    assert message =~ "#{bare}: "
+    assert message =~ "Capsid's code is not loaded there"
+    assert versions_by_node(name) |> Map.keys() == [n1]
+    assert TestCluster.call(n1, name, "version", []) == {:ok, 1}
+  end
+
   test "a node that is not reachable fails the deploy before anything starts",
        %{nodes: nodes, name: name} do
     assert {:error, %Error{kind: :instance_down, message: message}} =
              Capsid.deploy(name, @v1, nodes: [:"nobody@127.0.0.1" | nodes])
 
-    assert message =~ "nobody@127.0.0.1"
+    assert message =~ "nobody@127.0.0.1: cannot be reached"
     assert Capsid.Cluster.nodes(name) == []
   end
 
