@@ -332,13 +332,19 @@ section.("Many nodes: a deployment on two peer nodes, upgraded under calls, one 
 # distributed for it (epmd is started if it is not running).
 unless Node.alive?() do
   {_, 0} = System.cmd(System.find_executable("epmd"), ["-daemon"])
-  {:ok, _} = :net_kernel.start(:"capsid_demo@127.0.0.1", %{name_domain: :longnames})
+  # A unique name: two demos may run at once on one machine.
+  demo_name = :"capsid_demo_#{System.unique_integer([:positive])}_#{System.pid()}@127.0.0.1"
+  {:ok, _} = :net_kernel.start(demo_name, %{name_domain: :longnames})
 end
 
 peers =
   for i <- 1..2 do
     {:ok, peer, node} =
-      :peer.start_link(%{name: :"capsid_demo_peer#{i}", host: ~c"127.0.0.1", longnames: true})
+      :peer.start_link(%{
+        name: :"capsid_demo_peer#{i}_#{System.pid()}",
+        host: ~c"127.0.0.1",
+        longnames: true
+      })
 
     :ok = :erpc.call(node, :code, :add_paths, [:code.get_path()])
     :ok = :erpc.call(node, Application, :put_env, [:logger, :level, :error])
