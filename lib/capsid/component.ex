@@ -16,7 +16,9 @@ defmodule Capsid.Component do
   @enforce_keys [:ref, :hash, :exports, :imports, :size]
   # `bytes` is the component's own binary (shared, not copied): `describe/1`
   # decodes its WIT on request.
-  defstruct [:ref, :hash, :exports, :imports, :size, bytes: nil, cache: :disabled]
+  # `import_keys` is the imports' name table (`Capsid.Imports.keys/1`),
+  # computed once here rather than at every instance start.
+  defstruct [:ref, :hash, :exports, :imports, :size, bytes: nil, cache: :disabled, import_keys: nil]
 
   @typedoc """
   One function: `name` is what `Capsid.call/4` accepts (`"add"` or
@@ -46,7 +48,8 @@ defmodule Capsid.Component do
           imports: [function_info()],
           size: non_neg_integer(),
           bytes: binary() | nil,
-          cache: cache_outcome()
+          cache: cache_outcome(),
+          import_keys: map() | nil
         }
 
   # How long a load waits for a compile slot (`:max_concurrent_compiles`).
@@ -101,12 +104,15 @@ defmodule Capsid.Component do
             %{hash: hash, cache: cache_outcome}
           )
 
+          imports = Enum.map(imports, &function_info/1)
+
           {:ok,
            %__MODULE__{
              ref: ref,
              hash: hash,
              exports: Enum.map(exports, &function_info/1),
-             imports: Enum.map(imports, &function_info/1),
+             imports: imports,
+             import_keys: Capsid.Imports.keys(imports),
              size: byte_size(bytes),
              bytes: bytes,
              cache: cache_outcome

@@ -133,7 +133,11 @@ defmodule Capsid.Instance do
            config.wasi
          ) do
       {:ok, {ref, id}} ->
-        with :ok <- Capsid.Call.warm(ref), do: {:ok, %{ref: ref, id: id, config: config}}
+        # Only what the instance process needs: the component's type
+        # information (tens of KB for a WASI component) would be copied
+        # into every instance's heap.
+        with :ok <- Capsid.Call.warm(ref),
+             do: {:ok, %{ref: ref, id: id, limits: config.limits, hash: config.component.hash}}
 
       {:error, {kind, message}} ->
         {:error, Error.new(kind, message)}
@@ -249,11 +253,11 @@ defmodule Capsid.Instance do
   end
 
   @impl true
-  def handle_call(:info, _from, %{ref: ref, config: config} = state) do
+  def handle_call(:info, _from, %{ref: ref} = state) do
     info =
       ref
       |> Native.instance_info()
-      |> Map.merge(%{limits: config.limits, hash: config.component.hash})
+      |> Map.merge(%{limits: state.limits, hash: state.hash})
       |> Map.merge(Map.get(state, :output, %{}))
 
     {:reply, info, state}

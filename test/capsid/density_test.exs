@@ -25,6 +25,19 @@ defmodule Capsid.DensityTest do
     end
   end
 
+  test "an instance's process does not hold its component's type information" do
+    # The probe imports 101 WASI functions: its type information is ~140 KB
+    # as terms, and each instance process used to hold a copy (230 KB).
+    component = Capsid.Component.load!(Capsid.Guests.path(:probe))
+    assert length(component.imports) > 100
+    {:ok, pid} = Capsid.Instance.start_link(component: component)
+    :erlang.garbage_collect(pid)
+    {:memory, bytes} = Process.info(pid, :memory)
+    assert bytes < 16 * 1024, "instance process: #{bytes} bytes"
+    assert %{hash: hash, limits: %{timeout: 5_000}} = Capsid.Instance.info(pid)
+    assert hash == component.hash
+  end
+
   @tag :stress
   @tag timeout: 900_000
   test "100,000 live instances, each called once, at most 64 KiB each" do
