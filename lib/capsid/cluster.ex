@@ -306,7 +306,7 @@ defmodule Capsid.Cluster do
       Deployment.deploy(name, source, opts) |> with_nodes()
     else
       with {:ok, bytes} <- bytes(source) do
-        hash = :crypto.hash(:sha256, bytes) |> Base.encode16(case: :lower)
+        hash = Capsid.NIF.sha256(bytes)
         origin = if is_binary(source) and source != bytes, do: source
         across(name, :swap, nodes, %{hash: hash, bytes: bytes, source: origin, opts: opts})
       end
@@ -620,10 +620,8 @@ defmodule Capsid.Cluster do
   end
 
   defp settle(name, expected, deadline) do
-    serving = serving(name)
-
     cond do
-      Enum.all?(expected, fn {n, hash} -> serving[n] == hash end) ->
+      Enum.all?(expected, fn {n, hash} -> serves?(name, n, hash) end) ->
         :ok
 
       System.monotonic_time(:millisecond) > deadline ->
@@ -633,6 +631,10 @@ defmodule Capsid.Cluster do
         Process.sleep(1)
         settle(name, expected, deadline)
     end
+  end
+
+  defp serves?(name, node, hash) do
+    :pg.get_members(@scope, {:version, name, hash}) |> Enum.any?(&(node(&1) == node))
   end
 
   ## The agent: one per node and cluster-wide deploy
@@ -727,7 +729,7 @@ defmodule Capsid.Cluster do
   # The component by its hash: one this node holds already, or the bytes
   # (asked for once) loaded through the disk cache.
   defp component(coordinator, ref, job) do
-    case held(job.hash) do
+    case Registry.component(job.hash) do
       %Component{} = component ->
         {:ok, component, :held}
 
@@ -745,21 +747,12 @@ defmodule Capsid.Cluster do
     end
   end
 
-  defp held(hash) do
-    Registry.deployments()
-    |> Enum.flat_map(fn {_, v} -> [v.current, v.previous] end)
-    |> Enum.find_value(fn
-      %{component: %Component{hash: ^hash} = c} -> c
-      _ -> nil
-    end)
-  end
-
   defp prepare(job) do
     case Deployment.whereis(job.name) do
       nil when job.kind == :swap ->
         case Deployment.start_pending(job.name, job.component, job.source, job.opts, self()) do
           {:ok, pid} -> {:ok, {pid, :started}}
-          {:error, reason} -> {:error, start_error(reason)}
+          {:error, reason} -> {:error, Deployment.unwrap(reason)}
         end
 
       nil ->
@@ -784,11 +777,4 @@ defmodule Capsid.Cluster do
     :exit, reason ->
       {:error, Error.new(:instance_down, "the deployment stopped (#{inspect(reason)})")}
   end
-
-  defp start_error(%{__exception__: true} = e), do: e
-  defp start_error({%{__exception__: true} = e, _stack}), do: e
-  defp start_error({:shutdown, %{__exception__: true} = e}), do: e
-
-  defp start_error(other),
-    do: Error.new(:internal, "the deployment failed to start: #{inspect(other)}")
 end

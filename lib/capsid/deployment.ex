@@ -202,10 +202,12 @@ defmodule Capsid.Deployment do
       {:error, Error.new(:instance_down, "the deployment stopped")}
   end
 
-  defp unwrap(%{__exception__: true} = e), do: e
-  defp unwrap({%{__exception__: true} = e, _stack}), do: e
-  defp unwrap({:shutdown, %{__exception__: true} = e}), do: e
-  defp unwrap(other), do: Error.new(:internal, "deployment failed to start: #{inspect(other)}")
+  @doc false
+  # The exception inside a deployment's or pool's start error.
+  def unwrap(%{__exception__: true} = e), do: e
+  def unwrap({%{__exception__: true} = e, _stack}), do: e
+  def unwrap({:shutdown, %{__exception__: true} = e}), do: e
+  def unwrap(other), do: Error.new(:internal, "deployment failed to start: #{inspect(other)}")
 
   @doc false
   def call_server(name, request) do
@@ -521,7 +523,7 @@ defmodule Capsid.Deployment do
     state =
       case read_regular(watch.path) do
         {:ok, bytes} ->
-          hash = :crypto.hash(:sha256, bytes) |> Base.encode16(case: :lower)
+          hash = Capsid.NIF.sha256(bytes)
 
           if hash in [state.current.component.hash, watch.failed],
             do: state,

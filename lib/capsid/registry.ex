@@ -94,8 +94,19 @@ defmodule Capsid.Registry do
   end
 
   @doc false
-  # Every deployment's versions: `[{name, versions}]`.
-  def deployments, do: :ets.tab2list(@deployments)
+  # A compiled component with this SHA-256 that some deployment keeps
+  # (current or previous version), or nil. Only the match is copied out.
+  def component(hash) do
+    spec =
+      for key <- [:current, :previous] do
+        {{:_, %{key => %{component: :"$1"}}}, [{:==, {:map_get, :hash, :"$1"}, hash}], [:"$1"]}
+      end
+
+    case :ets.select(@deployments, spec, 1) do
+      {[component | _], _} -> component
+      :"$end_of_table" -> nil
+    end
+  end
 
   @doc false
   def forget_deployment(name), do: :ets.delete(@deployments, name)
