@@ -47,6 +47,8 @@ defmodule Capsid.HTTP do
 
   alias Capsid.Error
 
+  import Capsid.Options, only: [is_u64: 1]
+
   @max_body 16 * 1024 * 1024
 
   @typedoc """
@@ -132,7 +134,7 @@ defmodule Capsid.HTTP do
       instance not in [:fresh, :reuse] ->
         bad(":instance", "expected :fresh or :reuse", instance)
 
-      not (is_integer(max_body) and max_body > 0 and max_body < 0x1_0000_0000_0000_0000) ->
+      not (is_u64(max_body) and max_body > 0) ->
         bad(":max_body", "expected a positive integer (bytes)", max_body)
 
       true ->

@@ -27,6 +27,8 @@ defmodule Capsid.Limits do
   `:max_memory` at 8 bytes per element.
   """
 
+  import Capsid.Options, only: [is_u64: 1]
+
   @u64_max 0xFFFF_FFFF_FFFF_FFFF
 
   @defaults [
@@ -115,7 +117,7 @@ defmodule Capsid.Limits do
   end
 
   defp value!(key, :infinity) when key in [:fuel, :timeout], do: @u64_max
-  defp value!(_key, v) when is_integer(v) and v >= 0 and v <= @u64_max, do: v
+  defp value!(_key, v) when is_u64(v), do: v
 
   defp value!(key, v) do
     expected =

@@ -3,6 +3,10 @@ defmodule Capsid.Options do
   # Keyword options validated in one place: unknown keys are an
   # ArgumentError with a "did you mean" hint.
 
+  @doc false
+  # What the NIF takes as a u64 (sizes, limits, seeds).
+  defguard is_u64(n) when is_integer(n) and n >= 0 and n <= 0xFFFF_FFFF_FFFF_FFFF
+
   @spec validate!(keyword(), [atom()], String.t()) :: keyword()
   def validate!(opts, known, where) do
     unless Keyword.keyword?(opts) do

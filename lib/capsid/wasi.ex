@@ -68,6 +68,8 @@ defmodule Capsid.WASI do
       [{"A", "1"}]
   """
 
+  import Capsid.Options, only: [is_u64: 1]
+
   @keys [:env, :args, :dirs, :stdin, :clock, :random, :stdout, :stderr, :http]
   @max_response_body 16 * 1024 * 1024
   @levels [:debug, :info, :notice, :warning, :error]
@@ -258,7 +260,7 @@ defmodule Capsid.WASI do
 
     max =
       case Keyword.get(opts, :max_response_body, @max_response_body) do
-        n when is_integer(n) and n > 0 and n < 0x1_0000_0000_0000_0000 ->
+        n when is_u64(n) and n > 0 ->
           n
 
         other ->
@@ -305,7 +307,7 @@ defmodule Capsid.WASI do
 
   defp random!(:secure), do: nil
 
-  defp random!({:seed, n}) when is_integer(n) and n >= 0 and n < 0x1_0000_0000_0000_0000,
+  defp random!({:seed, n}) when is_u64(n),
     do: n
 
   defp random!(other) do
