@@ -319,17 +319,27 @@ async fn call(
                 instantiated,
             }
         }
-        Err(e) => {
-            if !shared.wasi.keep_stdout {
-                shared.stdout.take();
-            }
-            Done {
-                outcome: Err(failure(&e, &live.store)),
-                live: None,
-                fuel_used,
-                instantiated,
-            }
-        }
+        Err(e) => failed(&e, live, &shared, fuel_used, instantiated),
+    }
+}
+
+/// A call that failed: its store goes, and the stdout it wrote with it
+/// unless the instance keeps it (stderr travels with the trap).
+fn failed(
+    e: &wasmtime::Error,
+    live: Live,
+    shared: &Shared,
+    fuel_used: u64,
+    instantiated: bool,
+) -> Done {
+    if !shared.wasi.keep_stdout {
+        shared.stdout.take();
+    }
+    Done {
+        outcome: Err(failure(e, &live.store)),
+        live: None,
+        fuel_used,
+        instantiated,
     }
 }
 
@@ -348,17 +358,7 @@ async fn serve(
     let fuel_used = fuel_used(&live.store, limits.fuel);
     let answered = match answered {
         Ok(a) => a,
-        Err(e) => {
-            if !shared.wasi.keep_stdout {
-                shared.stdout.take();
-            }
-            return Done {
-                outcome: Err(failure(&e, &live.store)),
-                live: None,
-                fuel_used,
-                instantiated,
-            };
-        }
+        Err(e) => return failed(&e, live, shared, fuel_used, instantiated),
     };
     shared.drop_unkept_output();
     let live = if answered.fresh {
