@@ -19,6 +19,31 @@ show = fn label, value ->
   )
 end
 
+# `n` processes calling `fun` without pause; the function returned stops
+# them and gives the tally of their results (result => count).
+call_streams = fn n, fun ->
+  stop = :atomics.new(1, [])
+
+  tasks =
+    for _ <- 1..n do
+      Task.async(fn ->
+        Stream.repeatedly(fun)
+        |> Enum.reduce_while(%{}, fn result, acc ->
+          acc = Map.update(acc, result, 1, &(&1 + 1))
+          if :atomics.get(stop, 1) == 1, do: {:halt, acc}, else: {:cont, acc}
+        end)
+      end)
+    end
+
+  fn ->
+    :atomics.put(stop, 1, 1)
+
+    tasks
+    |> Enum.map(&Task.await(&1, 30_000))
+    |> Enum.reduce(%{}, &Map.merge(&1, &2, fn _, a, b -> a + b end))
+  end
+end
+
 path = Capsid.Guests.path(:toolkit)
 {micros, component} = :timer.tc(fn -> Component.load!(path) end)
 
@@ -181,23 +206,7 @@ section.("Hot swap: v1 -> v2 -> rollback, while 4 processes call without pause")
 v1 = Capsid.Guests.path(:greeter_v1)
 v2 = Capsid.Guests.path(:greeter_v2)
 {:ok, _} = Capsid.deploy(:greeter, v1, size: 2)
-stop = :atomics.new(1, [])
-parent = self()
-
-streams =
-  for _ <- 1..4 do
-    spawn_link(fn ->
-      tally =
-        Stream.repeatedly(fn -> Capsid.call(:greeter, "hello", ["Ada"]) end)
-        |> Enum.reduce_while(%{}, fn result, acc ->
-          acc = Map.update(acc, result, 1, &(&1 + 1))
-          if :atomics.get(stop, 1) == 1, do: {:halt, acc}, else: {:cont, acc}
-        end)
-
-      send(parent, {:tally, tally})
-    end)
-  end
-
+stop_streams = call_streams.(4, fn -> Capsid.call(:greeter, "hello", ["Ada"]) end)
 Process.sleep(200)
 
 for {label, action} <- [
@@ -219,14 +228,7 @@ end
 IO.puts("  Capsid.deploy(:greeter, greeter_bad)  # refused, the running version keeps serving")
 IO.puts("    message: #{Exception.message(error)}")
 Process.sleep(100)
-:atomics.put(stop, 1, 1)
-
-tally =
-  Enum.reduce(streams, %{}, fn _, acc ->
-    receive do
-      {:tally, t} -> Map.merge(acc, t, fn _, a, b -> a + b end)
-    end
-  end)
+tally = stop_streams.()
 
 IO.puts("  the call stream, by reply:")
 
@@ -287,18 +289,11 @@ IO.puts(
   "  curl http://127.0.0.1:#{port}/boom          => #{status} (the handler threw; the VM carries on)"
 )
 
-http_stop = :atomics.new(1, [])
-
-clients =
-  for _ <- 1..2 do
-    Task.async(fn ->
-      Stream.repeatedly(fn -> curl.(:get, "/", "") end)
-      |> Enum.reduce_while(%{}, fn {status, _, body}, acc ->
-        acc = Map.update(acc, {status, body}, 1, &(&1 + 1))
-        if :atomics.get(http_stop, 1) == 1, do: {:halt, acc}, else: {:cont, acc}
-      end)
-    end)
-  end
+stop_clients =
+  call_streams.(2, fn ->
+    {status, _, body} = curl.(:get, "/", "")
+    {status, body}
+  end)
 
 Process.sleep(500)
 {us, {:ok, _}} = :timer.tc(fn -> Capsid.deploy(:site, Path.join(http_dir, "http_v2.wasm")) end)
@@ -308,12 +303,7 @@ IO.puts(
 )
 
 Process.sleep(500)
-:atomics.put(http_stop, 1, 1)
-
-http_tally =
-  clients
-  |> Enum.map(&Task.await(&1, 30_000))
-  |> Enum.reduce(&Map.merge(&1, &2, fn _, a, b -> a + b end))
+http_tally = stop_clients.()
 
 IO.puts("  the requests, by response:")
 
@@ -367,19 +357,7 @@ show.(
   Capsid.call(:calc, "hello", ["Ada"])
 )
 
-cluster_stop = :atomics.new(1, [])
-
-callers =
-  for _ <- 1..2 do
-    Task.async(fn ->
-      Stream.repeatedly(fn -> Capsid.call(:calc, "version", []) end)
-      |> Enum.reduce_while(%{}, fn result, acc ->
-        acc = Map.update(acc, result, 1, &(&1 + 1))
-        if :atomics.get(cluster_stop, 1) == 1, do: {:halt, acc}, else: {:cont, acc}
-      end)
-    end)
-  end
-
+stop_callers = call_streams.(2, fn -> Capsid.call(:calc, "version", []) end)
 Process.sleep(300)
 {:ok, info} = Capsid.deploy(:calc, v2)
 
@@ -392,12 +370,7 @@ Process.sleep(300)
 :peer.stop(peer2)
 IO.puts("  :peer.stop(#{n2})  # a node goes down while the calls go on")
 Process.sleep(300)
-:atomics.put(cluster_stop, 1, 1)
-
-cluster_tally =
-  callers
-  |> Enum.map(&Task.await(&1, 30_000))
-  |> Enum.reduce(&Map.merge(&1, &2, fn _, a, b -> a + b end))
+cluster_tally = stop_callers.()
 
 IO.puts("  the calls from this node, by reply:")
 
