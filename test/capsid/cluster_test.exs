@@ -377,6 +377,32 @@ defmodule Capsid.ClusterTest do
     assert Capsid.call(name, "version", []) == {:ok, 1}
   end
 
+  test "remote calls: a huge argument and result, a large name term, many callers at once",
+       %{nodes: [n1, n2 | _]} do
+    # A name is any term: this one is 100 KB.
+    name = {:tenant, String.duplicate("x", 100_000), System.unique_integer([:positive])}
+    on_exit(fn -> Capsid.undeploy(name) end)
+    {:ok, _} = Capsid.deploy(name, @v1, nodes: [n1, n2], size: 2)
+
+    # 8 MB each way through distribution and both conversions.
+    big = String.duplicate("é", 4_000_000)
+    assert {:ok, reply} = Capsid.call(name, "hello", [big])
+    assert byte_size(reply) == byte_size(big) + byte_size("Hello, !")
+
+    # 200 processes, 20 calls each, spread over two nodes.
+    results =
+      1..200
+      |> Task.async_stream(
+        fn i -> for j <- 1..20, do: Capsid.call(name, "hello", ["c#{i}-#{j}"]) end,
+        max_concurrency: 200,
+        timeout: 60_000
+      )
+      |> Enum.flat_map(fn {:ok, rs} -> rs end)
+
+    assert length(results) == 4_000
+    assert Enum.all?(results, &match?({:ok, "Hello, c" <> _}, &1))
+  end
+
   test "a remote pid that is not a live instance is :instance_down", %{nodes: [n1 | _]} do
     pid = Node.spawn(n1, Process, :sleep, [60_000])
     assert {:error, %Error{kind: :instance_down}} = Capsid.call(pid, "ok", [1])
