@@ -132,15 +132,22 @@ fn discard(addr: usize, len: usize) {
     }
 }
 
-/// Slots of one size: free slots, and the unused rest of the newest chunk.
+/// Slots of one size: free slots (warm ones first: see `WARM_MEMORY_BYTES`),
+/// and the unused rest of the newest chunk.
 struct Class {
     size: usize,
+    /// Zeroed slots whose touched pages stay resident: `(addr, resident bytes)`.
+    warm: Vec<(usize, usize)>,
     free: Vec<usize>,
     bump: Range<usize>,
 }
 
 impl Class {
     fn take(&mut self) -> Result<usize, Exhausted> {
+        if let Some((addr, bytes)) = self.warm.pop() {
+            WARM_BYTES.fetch_sub(bytes, Ordering::Relaxed);
+            return Ok(addr);
+        }
         if let Some(addr) = self.free.pop() {
             return Ok(addr);
         }
@@ -166,6 +173,7 @@ impl Pool {
                 .map(|size| {
                     Mutex::new(Class {
                         size,
+                        warm: Vec::new(),
                         free: Vec::new(),
                         bump: 0..0,
                     })
@@ -343,9 +351,76 @@ unsafe impl LinearMemory for ArenaMemory {
     }
 }
 
+/// Resident bytes all warm memory slots may keep together: a slot reused
+/// soon (instances started and stopped in a loop) then takes no page fault
+/// for the pages it touches again, and its release costs no TLB shootdown.
+/// Past this budget a freed slot's pages go back to the OS, so a node that
+/// once ran 100,000 instances does not keep their RAM.
+const WARM_MEMORY_BYTES: usize = 16 << 20;
+/// A slot that touched more than this is discarded, not kept warm: zeroing
+/// it by hand would cost more than the page faults it saves.
+const WARM_SLOT_BYTES: usize = 256 << 10;
+/// Slots with more accessible bytes than this are never scanned.
+const WARM_SCAN_BYTES: usize = 64 << 20;
+static WARM_BYTES: AtomicUsize = AtomicUsize::new(0);
+
 fn release_memory(addr: usize, class: usize, high_water: usize) {
-    discard(addr, page_round(high_water));
-    memory_pool().class(class).free.push(addr);
+    let len = page_round(high_water);
+    match zero_for_reuse(addr, len) {
+        Some(bytes) => memory_pool().class(class).warm.push((addr, bytes)),
+        None => {
+            discard(addr, len);
+            memory_pool().class(class).free.push(addr);
+        }
+    }
+}
+
+/// Zeroes the slot `[addr, addr + len)` keeping its resident pages, if they
+/// fit the warm budgets: resident pages are cleared by hand, the rest are
+/// discarded (a page the kernel swapped out reads as non-resident but still
+/// holds the old guest's bytes). Returns the resident bytes kept, or None
+/// (nothing done) when the slot is better discarded whole.
+fn zero_for_reuse(addr: usize, len: usize) -> Option<usize> {
+    const PAGE: usize = 4096;
+    let pages = len / PAGE;
+    // A big slot's residency map alone would cost more than discarding it.
+    if pages == 0
+        || len > WARM_SCAN_BYTES
+        || WARM_BYTES.load(Ordering::Relaxed) >= WARM_MEMORY_BYTES
+    {
+        return None;
+    }
+    let mut vec = vec![0u8; pages];
+    // SAFETY: the range is page-aligned and lies inside a chunk we mapped;
+    // `vec` has one byte per page.
+    if unsafe { libc::mincore(addr as *mut libc::c_void, len, vec.as_mut_ptr()) } != 0 {
+        return None;
+    }
+    let resident = vec.iter().filter(|b| *b & 1 == 1).count() * PAGE;
+    if resident > WARM_SLOT_BYTES {
+        return None;
+    }
+    if WARM_BYTES.fetch_add(resident, Ordering::Relaxed) + resident > WARM_MEMORY_BYTES {
+        WARM_BYTES.fetch_sub(resident, Ordering::Relaxed);
+        return None;
+    }
+    // Runs of pages with the same residency: zero or discard each run.
+    let mut start = 0;
+    while start < pages {
+        let here = vec[start] & 1;
+        let end = (start..pages)
+            .find(|&i| vec[i] & 1 != here)
+            .unwrap_or(pages);
+        let (from, bytes) = (addr + start * PAGE, (end - start) * PAGE);
+        if here == 1 {
+            // SAFETY: a range of the slot, which we own exclusively.
+            unsafe { std::ptr::write_bytes(from as *mut u8, 0, bytes) };
+        } else {
+            discard(from, bytes);
+        }
+        start = end;
+    }
+    Some(resident)
 }
 
 fn page_round(n: usize) -> usize {
@@ -517,6 +592,51 @@ mod tests {
         assert_eq!(m.as_ptr() as usize, addr, "the slot is reused");
         // SAFETY: as above.
         unsafe { assert_eq!(*m.as_ptr().add(4096), 0) };
+    }
+
+    #[test]
+    fn warm_slots_come_back_zeroed_and_keep_only_touched_pages() {
+        let creator = Memories;
+        let ty = MemoryType::new(1, None);
+        // 5 MiB (an 8 MiB slot): a class no other test uses.
+        let size = 5 << 20;
+        let m = creator.new_memory(ty.clone(), size, None, None, 0).unwrap();
+        let addr = m.as_ptr() as usize;
+        let touched = [0, 4096 * 3, 4096 * 3 + 17, (1 << 20) + 5, size - 1];
+        for &at in &touched {
+            // SAFETY: within the accessible size.
+            unsafe { *m.as_ptr().add(at) = 0xAB };
+        }
+        let class = class_for(size).unwrap();
+        drop(m);
+        // Four touched pages (two writes share one) stay resident, zeroed.
+        assert_eq!(
+            memory_pool().class(class).warm.last(),
+            Some(&(addr, 4 * 4096))
+        );
+        let m = creator.new_memory(ty.clone(), size, None, None, 0).unwrap();
+        assert_eq!(m.as_ptr() as usize, addr, "the warm slot is reused");
+        // SAFETY: the whole accessible size.
+        let bytes = unsafe { std::slice::from_raw_parts(m.as_ptr(), size) };
+        assert!(bytes.iter().all(|b| *b == 0), "a warm slot reads as zero");
+    }
+
+    #[test]
+    fn a_slot_that_touched_much_is_discarded_not_kept() {
+        let creator = Memories;
+        let ty = MemoryType::new(1, None);
+        // 12 MiB: its own class; touches 1 MiB, past `WARM_SLOT_BYTES`.
+        let size = 12 << 20;
+        let m = creator.new_memory(ty.clone(), size, None, None, 0).unwrap();
+        // SAFETY: within the accessible size.
+        unsafe { std::ptr::write_bytes(m.as_ptr(), 0xCD, 1 << 20) };
+        let class = class_for(size).unwrap();
+        drop(m);
+        assert!(memory_pool().class(class).warm.is_empty());
+        let m = creator.new_memory(ty.clone(), size, None, None, 0).unwrap();
+        // SAFETY: within the accessible size.
+        let bytes = unsafe { std::slice::from_raw_parts(m.as_ptr(), 1 << 20) };
+        assert!(bytes.iter().all(|b| *b == 0));
     }
 
     #[test]
