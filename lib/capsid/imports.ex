@@ -278,7 +278,9 @@ defmodule Capsid.Imports do
     end
   end
 
-  defp invoke(fun, args) do
+  @doc false
+  # `{:ok, result}`, or `{:error, message}` for a raise, throw or exit.
+  def invoke(fun, args) do
     {:ok, apply(fun, args)}
   rescue
     e -> {:error, Exception.message(e)}

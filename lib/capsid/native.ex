@@ -50,6 +50,8 @@ defmodule Capsid.Native do
   def import_take_dirty(_instance, _token), do: nif_error()
   def import_answer(_instance, _token, _reply), do: nif_error()
   def import_answer_dirty(_instance, _token, _reply), do: nif_error()
+  def import_answer_resume(_instance, _token, _reply), do: nif_error()
+  def import_answer_resume_dirty(_instance, _token, _reply), do: nif_error()
   def call_cancel(_instance, _kind), do: nif_error()
   def call_dequeue(_instance), do: nif_error()
 end

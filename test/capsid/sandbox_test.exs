@@ -247,6 +247,64 @@ defmodule Capsid.SandboxTest do
       assert wait_until(fn -> Capsid.call(pid, "ok", [1]) == {:ok, 2} end)
     end
 
+    # The instance keeps its monitor on a caller after the call (creating one
+    # per call cost more than the rest of an import's round trip).
+    test "a caller killed inside one, after earlier calls, releases the instance",
+         %{component: c} do
+      test = self()
+
+      hook = fn x ->
+        if x == 0 do
+          send(test, {:hook_in, self()})
+          Process.sleep(:infinity)
+        end
+
+        x
+      end
+
+      pid = start_instance(c, hook: {hook, inline: true})
+
+      caller =
+        spawn(fn ->
+          for x <- 1..3, do: {:ok, ^x} = Capsid.call(pid, "call-hook", [x])
+          Capsid.call(pid, "call-hook", [0])
+        end)
+
+      assert_receive {:hook_in, ^caller}, 5_000
+      Process.exit(caller, :kill)
+      assert wait_until(fn -> Capsid.call(pid, "ok", [1]) == {:ok, 2} end)
+      assert Capsid.Instance.info(pid).traps.cancelled == 1
+    end
+
+    test "callers taking turns are not left with monitors, and their exits are harmless",
+         %{component: c} do
+      pid = start_instance(c, hook: {& &1, inline: true})
+      test = self()
+
+      callers =
+        for _ <- 1..4 do
+          spawn_link(fn ->
+            for x <- 1..200, do: {:ok, ^x} = Capsid.call(pid, "call-hook", [x])
+            send(test, {:done, self()})
+            receive(do: (:exit -> :ok))
+          end)
+        end
+
+      for caller <- callers, do: assert_receive({:done, ^caller}, 10_000)
+
+      # At most one monitor from the instance on any caller, whatever the
+      # number of calls (one per call would be 200).
+      for caller <- callers do
+        {:monitored_by, by} = Process.info(caller, :monitored_by)
+        assert length(by) <= 2, inspect(by)
+      end
+
+      for caller <- callers, do: send(caller, :exit)
+      assert wait_until(fn -> Enum.all?(callers, &(not Process.alive?(&1))) end)
+      assert Capsid.call(pid, "call-hook", [5]) == {:ok, 5}
+      assert Capsid.Instance.info(pid).traps.cancelled == 0
+    end
+
     test "a call of its own instance from inside one does not deadlock", %{component: c} do
       test = self()
       # Inline: the hook runs in this process, so it sees its dictionary.

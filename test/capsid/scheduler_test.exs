@@ -73,6 +73,9 @@ defmodule Capsid.SchedulerTest do
     :erlang.garbage_collect(self(), type: :minor)
   end
 
+  defp wrap(true, fun), do: {fun, inline: true}
+  defp wrap(false, fun), do: fun
+
   defp drain(acc \\ []) do
     receive do
       {:monitor, _, _, _} = m -> drain([m | acc])
@@ -98,19 +101,32 @@ defmodule Capsid.SchedulerTest do
     assert long == [], "the caller held a scheduler for #{inspect(long)} ms"
   end
 
-  test "an import answering 5 million elements", %{bulk: c} do
-    answer = List.duplicate(2, 5_000_000)
-    pid = start(c, %{"fetch" => fn _ -> answer end, "send" => &length/1})
-    {long, result} = watched(fn -> Capsid.call(pid, "call-fetch", [5_000_000]) end)
-    assert result == {:ok, 10_000_000}
-    assert long == [], "the caller held a scheduler for #{inspect(long)} ms"
-  end
+  # An inline import gets its arguments with the call's status when they
+  # are small; large ones go the runner's way (taken on a dirty scheduler),
+  # and so does a large answer.
+  for inline <- [false, true] do
+    @inline inline
+    @what if inline, do: "an inline import", else: "an import"
 
-  test "an import given 5 million elements", %{bulk: c} do
-    pid = start(c, %{"fetch" => fn _ -> [] end, "send" => &length/1})
-    {long, result} = watched(fn -> Capsid.call(pid, "call-send", [5_000_000]) end)
-    assert result == {:ok, 5_000_000}
-    assert long == [], "the caller held a scheduler for #{inspect(long)} ms"
+    test "#{@what} answering 5 million elements", %{bulk: c} do
+      answer = List.duplicate(2, 5_000_000)
+
+      pid =
+        start(c, %{"fetch" => wrap(@inline, fn _ -> answer end), "send" => wrap(@inline, &length/1)})
+
+      {long, result} = watched(fn -> Capsid.call(pid, "call-fetch", [5_000_000]) end)
+      assert result == {:ok, 10_000_000}
+      assert long == [], "the caller held a scheduler for #{inspect(long)} ms"
+    end
+
+    test "#{@what} given 5 million elements", %{bulk: c} do
+      pid =
+        start(c, %{"fetch" => wrap(@inline, fn _ -> [] end), "send" => wrap(@inline, &length/1)})
+
+      {long, result} = watched(fn -> Capsid.call(pid, "call-send", [5_000_000]) end)
+      assert result == {:ok, 5_000_000}
+      assert long == [], "the caller held a scheduler for #{inspect(long)} ms"
+    end
   end
 
   # Compiling a large component takes seconds. It used to hold a dirty
