@@ -9,11 +9,27 @@ defmodule Capsid.TestCluster do
     unless Node.alive?() do
       epmd = System.find_executable("epmd") || raise "epmd not found (Erlang's erts)"
       {_, 0} = System.cmd(epmd, ["-daemon"])
+      # `-daemon` returns before epmd listens: registering at once failed
+      # with econnrefused.
+      true = wait_for_epmd(100)
       name = :"capsid_test_#{System.unique_integer([:positive])}@127.0.0.1"
       {:ok, _} = :net_kernel.start(name, %{name_domain: :longnames})
     end
 
     :ok
+  end
+
+  defp wait_for_epmd(0), do: false
+
+  defp wait_for_epmd(tries) do
+    case :erl_epmd.names(~c"127.0.0.1") do
+      {:ok, _} ->
+        true
+
+      {:error, _} ->
+        Process.sleep(50)
+        wait_for_epmd(tries - 1)
+    end
   end
 
   @doc """
