@@ -26,8 +26,9 @@ defmodule Capsid.Instance do
       and the runner is killed). `{fun, inline: true}` runs it in the
       calling process itself instead, for functions that are quick and
       cannot hang: it sees the caller's process dictionary and Logger
-      metadata, and saves a message round trip (10-15 % of an import's
-      cost, see BENCHMARKS.md). An inline import is never interrupted: a
+      metadata, and costs about two thirds of a runner's round trip (an
+      inline import's whole call is about 2× a trivial call; see
+      BENCHMARKS.md). An inline import is never interrupted: a
       call that it keeps past its deadline ends in `:timeout` once it
       returns.
     * `:name` — registers the process, as for `GenServer`.
