@@ -777,8 +777,19 @@ impl InstanceResource {
         reply: Term<'a>,
         dirty: bool,
     ) -> Term<'a> {
-        let mut slot = lock(&this.slot);
-        let Slot::Running(running) = &mut *slot else {
+        Self::answer_in(this, env, &mut lock(&this.slot), token, reply, dirty)
+    }
+
+    /// `import_answer` with the slot already locked.
+    fn answer_in<'a>(
+        this: &ResourceArc<Self>,
+        env: Env<'a>,
+        slot: &mut Slot,
+        token: u64,
+        reply: Term<'a>,
+        dirty: bool,
+    ) -> Term<'a> {
+        let Slot::Running(running) = slot else {
             return stale().encode(env);
         };
         let Some(import) = running.import.as_ref().filter(|i| i.token == token) else {
@@ -831,18 +842,20 @@ impl InstanceResource {
             return Error::Internal("this process has no call in progress on this instance".into())
                 .encode(env);
         }
-        let answered = Self::import_answer(this, env, token, reply, dirty);
+        let mut slot = lock(&this.slot);
+        let answered = Self::answer_in(this, env, &mut slot, token, reply, dirty);
         if answered.as_c_arg() == go_dirty().encode(env).as_c_arg() {
             return answered;
         }
-        let late = match &*lock(&this.slot) {
+        let late = match &*slot {
             Slot::Running(r) => r.deadline.is_some_and(|d| Instant::now() >= d),
             _ => false,
         };
         if late {
+            drop(slot);
             Self::cancel(this, env, crate::error::TrapKind::Timeout.atom())
         } else {
-            Self::resume(this, env, dirty)
+            Self::drive(this, env, &mut slot, dirty)
         }
     }
 
