@@ -305,6 +305,37 @@ defmodule Capsid.SandboxTest do
       assert Capsid.Instance.info(pid).traps.cancelled == 0
     end
 
+    test "callers outliving the instance that keeps their monitors exit harmlessly",
+         %{component: c} do
+      test = self()
+
+      callers =
+        for _ <- 1..20 do
+          spawn(fn ->
+            {:ok, pid} =
+              Capsid.Instance.start(component: c, imports: %{"hook" => {& &1, inline: true}})
+
+            {:ok, 3} = Capsid.call(pid, "call-hook", [3])
+            GenServer.stop(pid)
+            send(test, {:stopped, self()})
+            receive(do: (:exit -> :ok))
+          end)
+        end
+
+      for caller <- callers, do: assert_receive({:stopped, ^caller}, 10_000)
+      # The instances are gone; their resources go with the next collections.
+      for caller <- callers, do: :erlang.garbage_collect(caller)
+      :erlang.garbage_collect()
+
+      for {caller, i} <- Enum.with_index(callers) do
+        if rem(i, 2) == 0, do: Process.exit(caller, :kill), else: send(caller, :exit)
+      end
+
+      assert wait_until(fn -> Enum.all?(callers, &(not Process.alive?(&1))) end)
+      pid = start_instance(c, hook: {& &1, inline: true})
+      assert Capsid.call(pid, "call-hook", [4]) == {:ok, 4}
+    end
+
     test "a call of its own instance from inside one does not deadlock", %{component: c} do
       test = self()
       # Inline: the hook runs in this process, so it sees its dictionary.
