@@ -182,7 +182,7 @@ defmodule Capsid.Call do
 
   # An inline import that came with its arguments (the common case of a
   # call to a host function): run it and go on, without the slow path's
-  # bookkeeping (a third of the import's cost). Only a raise in the import
+  # bookkeeping (~0.3 µs of a ~4 µs round trip). Only a raise in the import
   # machinery itself could get past `Imports.invoke/2`: the turn is given
   # back first.
   defp step({:inline_import, ref, token, _remaining, fun, args}, ctx) do
