@@ -132,15 +132,9 @@ struct Control {
 }
 
 impl Control {
-    /// A monitor on `pid`: the kept one if it is that process's.
+    /// The kept monitor, if it is `pid`'s (it leaves `kept`).
     fn reuse(&mut self, pid: LocalPid) -> Option<Monitor> {
-        match self.kept.take() {
-            Some((p, mon)) if p == pid => Some(mon),
-            other => {
-                self.kept = other;
-                None
-            }
-        }
+        self.kept.take_if(|(p, _)| *p == pid).map(|(_, mon)| mon)
     }
 }
 
@@ -226,9 +220,8 @@ impl Resource for InstanceResource {
     /// call (the store goes with it), drain what it wrote, pass the turn on.
     fn down<'a>(&'a self, env: Env<'a>, pid: LocalPid, _monitor: Monitor) {
         let mut ctl = lock(&self.control);
-        if ctl.kept.as_ref().is_some_and(|(p, _)| *p == pid) {
-            ctl.kept = None;
-        }
+        // A kept monitor of `pid` (if that is what fired) is spent.
+        ctl.reuse(pid);
         if ctl.owner.as_ref().is_some_and(|o| o.pid == pid) {
             ctl.owner = None;
             let mut slot = lock(&self.slot);

@@ -63,13 +63,11 @@ defmodule Capsid.Imports do
           "invalid value for :imports: expected a map of name => function, got #{inspect(other)}"
   end
 
+  @doc false
   # Every import by its name, its version-less qualified name and, when no
   # other non-WASI import has the same one, its short name: one map, so that
   # checking n imports costs n lookups (a component may import tens of
-  # thousands of functions).
-  @doc false
-  # Every name an import may be given by (full, versionless, short when
-  # unique) → its function info; computed once per component at load.
+  # thousands of functions). Computed once per component, at load.
   def keys(wanted) do
     full =
       Enum.reduce(wanted, %{}, fn i, acc ->
