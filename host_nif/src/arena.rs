@@ -646,6 +646,34 @@ mod tests {
     }
 
     #[test]
+    fn warm_slots_stay_within_their_budget() {
+        let creator = Memories;
+        // 24 MiB (a 32 MiB slot): a class no other test uses. 100 slots
+        // touching 256 KiB each would keep 25 MiB warm without the budget.
+        let size = 24 << 20;
+        let class = class_for(size).unwrap();
+        let memories: Vec<_> = (0..100)
+            .map(|_| {
+                let m = creator
+                    .new_memory(MemoryType::new(1, None), size, None, None, 0)
+                    .unwrap();
+                // SAFETY: within the accessible size.
+                unsafe { std::ptr::write_bytes(m.as_ptr(), 0xEE, WARM_SLOT_BYTES) };
+                m
+            })
+            .collect();
+        drop(memories);
+        assert!(WARM_BYTES.load(Ordering::Relaxed) <= WARM_MEMORY_BYTES);
+        let pool = memory_pool().class(class);
+        assert!(pool.warm.len() <= WARM_MEMORY_BYTES / WARM_SLOT_BYTES);
+        assert_eq!(pool.warm.len() + pool.free.len(), 100);
+        assert!(
+            !pool.free.is_empty(),
+            "past the budget, slots are discarded"
+        );
+    }
+
+    #[test]
     fn chunks_never_use_transparent_huge_pages() {
         let creator = Memories;
         let m = creator
