@@ -21,6 +21,8 @@ end
 
 Baseline.load()
 {_component, instance} = Capsid.Bench.Guest.start!()
+# The same guest compiled for the guarded engine (no bounds checks).
+{_component, guarded} = Capsid.Bench.Guest.start!(guard_pages: true)
 m = Capsid.Bench.Compute
 
 size = 1024 * 1024
@@ -29,6 +31,7 @@ expected = :crypto.hash(:sha256, data)
 
 # All three must produce OpenSSL's digest before anything is timed.
 {:ok, ^expected} = Capsid.call(instance, "sha256", [data])
+{:ok, ^expected} = Capsid.call(guarded, "sha256", [data])
 ^expected = Baseline.sha256(data)
 ^expected = Sha256.hash(data)
 
@@ -36,6 +39,7 @@ for n <- [0, 1, 55, 56, 63, 64, 65, 1000] do
   d = :crypto.strong_rand_bytes(n)
   e = :crypto.hash(:sha256, d)
   {:ok, ^e} = Capsid.call(instance, "sha256", [d])
+  {:ok, ^e} = Capsid.call(guarded, "sha256", [d])
   ^e = Baseline.sha256(d)
   ^e = Sha256.hash(d)
 end
@@ -46,6 +50,7 @@ slow = [warmup: 300, samples: 15, max_ms: 4_000, min_samples: 5]
 rows = [
   {"Capsid guest (wasm, kernels crate)", {m, :capsid, [instance, data]}, fast},
   {"plain Rust NIF (native, kernels crate)", {m, :nif, [data]}, fast},
+  {"Capsid guest, guard_pages: true", {m, :capsid, [guarded, data]}, fast},
   {"pure Elixir", {m, :elixir, [data]}, slow},
   {":crypto (OpenSSL; reference only: different code, asm)", {m, :crypto, [data]}, fast}
 ]
@@ -64,7 +69,7 @@ interruption on (as every Capsid call does) and yields to the scheduler
 every ≈ 0.5 ms; the NIF holds its scheduler for the whole call.
 """)
 
-[{_, guest}, {_, native} | _] = results
+[{_, guest}, {_, native}, {_, guarded_stats} | _] = results
 
 table =
   for {name, s} <- results do
@@ -85,6 +90,12 @@ IO.puts(
 IO.puts(
   "Guest / native (median): **#{Report.ratio(guest.median / native.median, 2)}** " <>
     "(#{Report.f(guest.median / 1.0e6, 2)} ms vs #{Report.f(native.median / 1.0e6, 2)} ms).\n"
+)
+
+IO.puts(
+  "Guest with guard_pages: true / native (median): " <>
+    "**#{Report.ratio(guarded_stats.median / native.median, 2)}** " <>
+    "(#{Report.f(guarded_stats.median / 1.0e6, 2)} ms).\n"
 )
 
 Report.noise(started)

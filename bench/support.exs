@@ -484,14 +484,14 @@ defmodule Capsid.Bench.Guest do
   @moduledoc false
   # The bench guest, loaded once per script.
 
-  def start! do
+  def start!(load_opts \\ []) do
     path = Capsid.Guests.path(:bench)
 
     unless File.exists?(path) do
       raise "#{path} is missing: run `mix compile` first"
     end
 
-    component = Capsid.Component.load!(path)
+    component = Capsid.Component.load!(path, load_opts)
     {:ok, pid} = Capsid.Instance.start_link(component: component)
     {component, pid}
   end

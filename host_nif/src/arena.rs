@@ -46,7 +46,7 @@ const STACK_GAP: usize = 64 * 1024;
 static ADDRESS_SPACE_LIMIT: AtomicU64 = AtomicU64::new(16 << 40);
 static RESERVED: AtomicU64 = AtomicU64::new(0);
 static CHUNKS: AtomicUsize = AtomicUsize::new(0);
-static LIVE_MEMORIES: AtomicUsize = AtomicUsize::new(0);
+pub(crate) static LIVE_MEMORIES: AtomicUsize = AtomicUsize::new(0);
 static LIVE_STACKS: AtomicUsize = AtomicUsize::new(0);
 
 pub fn set_address_space_limit(bytes: u64) {
@@ -85,6 +85,13 @@ fn map(len: usize) -> Result<usize, Exhausted> {
 }
 
 fn map_within(len: usize, limit: u64) -> Result<usize, Exhausted> {
+    map_with(len, limit, libc::PROT_READ | libc::PROT_WRITE)
+}
+
+/// Maps `len` bytes with protection `prot` (address space only, no RAM),
+/// accounted against the address-space budget as one more mapping.
+/// `unmap` undoes it.
+pub(crate) fn map_with(len: usize, limit: u64, prot: libc::c_int) -> Result<usize, Exhausted> {
     let len64 = len as u64;
     let before = RESERVED.fetch_add(len64, Ordering::Relaxed);
     if before.saturating_add(len64) > limit {
@@ -100,7 +107,7 @@ fn map_within(len: usize, limit: u64) -> Result<usize, Exhausted> {
         libc::mmap(
             std::ptr::null_mut(),
             len,
-            libc::PROT_READ | libc::PROT_WRITE,
+            prot,
             libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
             -1,
             0,
@@ -123,6 +130,19 @@ fn map_within(len: usize, limit: u64) -> Result<usize, Exhausted> {
     unsafe { libc::madvise(ptr, len, libc::MADV_NOHUGEPAGE) };
     CHUNKS.fetch_add(1, Ordering::Relaxed);
     Ok(ptr as usize)
+}
+
+/// The address-space budget in force (`set_address_space_limit`).
+pub(crate) fn address_space_limit() -> u64 {
+    ADDRESS_SPACE_LIMIT.load(Ordering::Relaxed)
+}
+
+/// Unmaps a mapping made by `map_with` and gives back its budget.
+pub(crate) fn unmap(addr: usize, len: usize) {
+    // SAFETY: a whole mapping made by `map_with`, no longer used by anyone.
+    unsafe { libc::munmap(addr as *mut libc::c_void, len) };
+    RESERVED.fetch_sub(len as u64, Ordering::Relaxed);
+    CHUNKS.fetch_sub(1, Ordering::Relaxed);
 }
 
 /// Gives the pages of `[addr, addr + len)` back to the OS; they read as
@@ -222,6 +242,14 @@ pub struct Cell {
     size: AtomicUsize,
 }
 
+impl Cell {
+    /// Records where the memory is and how many bytes are accessible.
+    pub(crate) fn publish(&self, addr: usize, size: usize) {
+        self.addr.store(addr, Ordering::Release);
+        self.size.store(size, Ordering::Release);
+    }
+}
+
 /// The linear memories of one store, in creation order.
 pub type MemoryList = Arc<Mutex<Vec<Arc<Cell>>>>;
 
@@ -252,6 +280,23 @@ pub fn claim(list: &MemoryList, size: usize) {
 
 pub fn unclaim() {
     CLAIM.with(|c| c.borrow_mut().take());
+}
+
+/// For a memory creator: takes this thread's claim, if any, and returns
+/// the size the new memory must start with (at least `minimum`) and the
+/// list it joins (`join` once it has a cell).
+pub(crate) fn take_claim(minimum: usize) -> (usize, Option<MemoryList>) {
+    match CLAIM.with(|c| c.borrow_mut().take()) {
+        Some(claim) => (claim.size.max(minimum), Some(claim.list)),
+        None => (minimum, None),
+    }
+}
+
+/// Adds a new memory's cell to its store's list (from `take_claim`).
+pub(crate) fn join(list: Option<MemoryList>, cell: &Arc<Cell>) {
+    if let Some(list) = list {
+        lock(&list).push(cell.clone());
+    }
 }
 
 /// Copies of the memories in `list` (the store must be idle).
@@ -303,8 +348,7 @@ struct ArenaMemory {
 
 impl ArenaMemory {
     fn publish(&self) {
-        self.cell.addr.store(self.addr, Ordering::Release);
-        self.cell.size.store(self.size, Ordering::Release);
+        self.cell.publish(self.addr, self.size);
     }
 }
 
@@ -459,8 +503,7 @@ unsafe impl MemoryCreator for Memories {
                 "Capsid's arena memories need an engine without reservations or guards".into(),
             );
         }
-        let claim = CLAIM.with(|c| c.borrow_mut().take());
-        let size = claim.as_ref().map_or(minimum, |c| c.size.max(minimum));
+        let (size, list) = take_claim(minimum);
         let class = class_for(size).ok_or("linear memory larger than 4 GiB")?;
         let addr = memory_pool()
             .class(class)
@@ -475,9 +518,7 @@ unsafe impl MemoryCreator for Memories {
             cell: Arc::default(),
         };
         memory.publish();
-        if let Some(claim) = claim {
-            lock(&claim.list).push(memory.cell.clone());
-        }
+        join(list, &memory.cell);
         Ok(Box::new(memory))
     }
 }

@@ -4,7 +4,7 @@
 
 use crate::abi::{MAX_FLAT_PARAMS, shape_flat_count};
 use crate::cache::{self, Cache};
-use crate::engine::engine;
+use crate::engine::{Kind, engine_of};
 use crate::error::{Error, Result, root_message};
 use crate::host::Host;
 use crate::shape::{Budget, Builder, Names, Shape, snake_to_kebab};
@@ -167,7 +167,7 @@ pub fn strip_version(interface: &str) -> &str {
 
 impl ComponentResource {
     pub fn new(env: Env, component: Component, hash: String, budget: Budget) -> Result<Self> {
-        let engine = engine();
+        let engine = &component.engine().clone();
         let ty = component.component_type();
         let mut builder = Builder::new(budget);
         // Resource types first: functions refer to them. Imported ones
@@ -566,6 +566,7 @@ pub fn compile(
     env: Env,
     bytes: &[u8],
     cache: Option<Cache>,
+    kind: Kind,
     limits: CompileLimits,
     budget: Budget,
     reply_to: (LocalPid, Term, Option<String>),
@@ -607,7 +608,7 @@ pub fn compile(
         .name("capsid-compile".into())
         .stack_size(COMPILE_STACK)
         .spawn(move || {
-            let compiled = Component::from_binary(engine(), &owned);
+            let compiled = Component::from_binary(engine_of(kind), &owned);
             drop(slot);
             // The caller may be gone; then nobody needs the answer.
             let _ = msg_env.send_and_clear(&pid, |env| {
@@ -680,14 +681,20 @@ fn component_compile<'a>(
     env: Env<'a>,
     bytes: rustler::Binary<'a>,
     cache: Option<(String, u64)>,
+    guard_pages: bool,
     limits: (usize, usize),
     budget: (usize, usize, usize, usize),
     tag: Term<'a>,
 ) -> Term<'a> {
+    let kind = if guard_pages {
+        Kind::Guarded
+    } else {
+        Kind::Dense
+    };
     let (cache, warning) = match cache {
         None => (None, None),
         Some((dir, max_bytes)) => match Cache::open(std::path::Path::new(&dir), max_bytes) {
-            Ok(c) => (Some(c), None),
+            Ok(c) => (Some(c.for_engine(kind)), None),
             Err(why) => (None, Some(why)),
         },
     };
@@ -702,7 +709,7 @@ fn component_compile<'a>(
         type_nodes: budget.3,
     };
     let reply_to = (env.pid(), tag, warning.clone());
-    match compile(env, bytes.as_slice(), cache, limits, budget, reply_to) {
+    match compile(env, bytes.as_slice(), cache, kind, limits, budget, reply_to) {
         Ok(Compiled::Ready(res, outcome)) => {
             encode_compiled(env, *res, outcome, warning.as_deref())
         }

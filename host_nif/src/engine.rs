@@ -1,5 +1,13 @@
-//! The one shared `wasmtime::Engine`, its configuration, and the epoch
+//! The two shared `wasmtime::Engine`s, their configuration, and the epoch
 //! ticker that drives time slicing and timeouts.
+//!
+//! The dense engine (the default) bounds-checks every memory access, so
+//! memories need no address-space reservation and live in `arena.rs`'s
+//! shared mappings: 100,000 instances per node. The guarded engine, for
+//! components loaded with `guard_pages: true`, reserves 4 GiB plus a guard
+//! region per memory (`guarded.rs`) and compiles no bounds checks: compute
+//! runs faster, at two mappings and 4 GiB of address space per memory.
+//! A component is compiled for one engine and only runs on it.
 //!
 //! The ticker only runs while guest code may be running: every poll of a
 //! call marks its scheduler thread busy, and the ticker parks itself after
@@ -28,32 +36,68 @@ pub const YIELD_FUEL: u64 = 2_000_000;
 /// How long the ticker keeps ticking without any poll before it parks.
 const IDLE_PARK: Duration = Duration::from_millis(100);
 
-static ENGINE: OnceLock<Engine> = OnceLock::new();
+/// Reserved address space of a guarded memory: all a wasm32 memory can
+/// address, so compiled code needs no bounds check.
+pub const GUARDED_RESERVATION: u64 = 4 << 30;
+/// Unmapped bytes after a guarded memory: a load or store at a static
+/// offset below this past the reservation faults instead of being checked.
+pub const GUARDED_GUARD: u64 = 32 << 20;
 
-pub fn config() -> Config {
+/// Which engine a component is compiled for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Dense,
+    Guarded,
+}
+
+static DENSE: OnceLock<Engine> = OnceLock::new();
+static GUARDED: OnceLock<Engine> = OnceLock::new();
+
+pub fn config(kind: Kind) -> Config {
     let mut config = Config::new();
     config
         .consume_fuel(true)
         .epoch_interruption(true)
         .max_wasm_stack(MAX_WASM_STACK)
         .async_stack_size(ASYNC_STACK_SIZE)
-        // Memories and stacks come from Capsid's arenas (see arena.rs): no
-        // per-instance mappings, so no reservation and no guard region;
-        // compiled code bounds-checks memory accesses instead.
-        .memory_reservation(0)
-        .memory_guard_size(0)
-        .memory_reservation_for_growth(0)
         .guard_before_linear_memory(false)
-        .memory_may_move(true)
+        .memory_reservation_for_growth(0)
         .memory_init_cow(false)
-        .with_host_memory(Arc::new(crate::arena::Memories))
         .with_host_stack(Arc::new(crate::arena::Stacks));
+    match kind {
+        // Memories come from Capsid's arenas (see arena.rs): no per-instance
+        // mappings, so no reservation and no guard region; compiled code
+        // bounds-checks memory accesses instead.
+        Kind::Dense => config
+            .memory_reservation(0)
+            .memory_guard_size(0)
+            .memory_may_move(true)
+            .with_host_memory(Arc::new(crate::arena::Memories)),
+        Kind::Guarded => config
+            .memory_reservation(GUARDED_RESERVATION)
+            .memory_guard_size(GUARDED_GUARD)
+            .memory_may_move(false)
+            .with_host_memory(Arc::new(crate::guarded::Memories)),
+    };
     config
 }
 
-/// The shared engine.
-pub fn engine() -> &'static Engine {
-    ENGINE.get_or_init(|| Engine::new(&config()).expect("static engine configuration is valid"))
+/// The shared engine of `kind`.
+pub fn engine_of(kind: Kind) -> &'static Engine {
+    let cell = match kind {
+        Kind::Dense => &DENSE,
+        Kind::Guarded => &GUARDED,
+    };
+    cell.get_or_init(|| Engine::new(&config(kind)).expect("static engine configuration is valid"))
+}
+
+/// Advances the epoch of every engine made so far.
+fn tick_all() {
+    for cell in [&DENSE, &GUARDED] {
+        if let Some(engine) = cell.get() {
+            engine.increment_epoch();
+        }
+    }
 }
 
 // ------------------------------------------------------------ the ticker
@@ -88,14 +132,13 @@ fn any_busy() -> bool {
 
 fn ticker() -> &'static Thread {
     TICKER.get_or_init(|| {
-        let engine = engine().clone();
         std::thread::Builder::new()
             .name("capsid-epoch".into())
             .spawn(move || {
                 let mut last_busy = Instant::now();
                 loop {
                     std::thread::sleep(TICK);
-                    engine.increment_epoch();
+                    tick_all();
                     if any_busy() {
                         last_busy = Instant::now();
                         continue;
@@ -159,8 +202,9 @@ mod tests {
     use super::*;
 
     #[test]
-    fn engine_configuration_is_accepted() {
-        let _ = engine();
+    fn engine_configurations_are_accepted() {
+        let _ = engine_of(Kind::Dense);
+        let _ = engine_of(Kind::Guarded);
     }
 
     #[test]

@@ -6,7 +6,6 @@
 //! the call future (`run.rs`) and the instance (`instance.rs`) all build on,
 //! so that none of them reaches into another.
 
-use crate::engine::engine;
 use crate::error::lock;
 use crate::error::{HostTrap, TrapKind};
 use crate::limits::{Limiter, Limits};
@@ -19,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 use wasmtime::component::{ResourceAny, ResourceTable};
-use wasmtime::{CallHook, CallHookHandler, Store, StoreContextMut, UpdateDeadline};
+use wasmtime::{CallHook, CallHookHandler, Engine, Store, StoreContextMut, UpdateDeadline};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpView};
 
@@ -187,9 +186,11 @@ impl WasiHttpView for Host {
 }
 
 impl Host {
-    /// A store for `limits`; `transplant` gives the sizes its memories must
-    /// start with when it is to take over an earlier store's memories.
+    /// A store of `engine` (its component's) for `limits`; `transplant`
+    /// gives the sizes its memories must start with when it is to take over
+    /// an earlier store's memories.
     pub fn new_store(
+        engine: &Engine,
         limits: Limits,
         shared: &Arc<Shared>,
         transplant: Option<Vec<usize>>,
@@ -211,7 +212,7 @@ impl Host {
             pause_on_host: false,
             paused_at: None,
         };
-        let mut store = Store::new(engine(), host);
+        let mut store = Store::new(engine, host);
         store.limiter(|h| &mut h.limiter);
         // Only fails when fuel is disabled in the engine; it is not.
         let _ = store.fuel_async_yield_interval(Some(crate::engine::YIELD_FUEL));

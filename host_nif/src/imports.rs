@@ -10,7 +10,6 @@
 
 use crate::abi::{Lifted, Lowered, MAX_FLAT_PARAMS, MAX_FLAT_RESULTS, shape_flat_count};
 use crate::component::{Bound, ComponentResource, FuncInfo, Link, strip_version};
-use crate::engine::engine;
 use crate::error::lock;
 use crate::error::{Error, HostTrap, Result, TrapKind, root_message};
 use crate::host::{Host, ImportCall};
@@ -64,7 +63,8 @@ pub fn link(component: &ComponentResource, provided: &[String]) -> Result<Arc<Li
 }
 
 fn make_link(component: &ComponentResource, provided: &[String]) -> Result<Link> {
-    let mut linker: Linker<Host> = Linker::new(engine());
+    // The component's own engine: the dense one or the guarded one.
+    let mut linker: Linker<Host> = Linker::new(component.component.engine());
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)
         .map_err(|e| Error::Internal(format!("linking WASI: {}", root_message(&e))))?;
     wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)

@@ -26,6 +26,7 @@ mod component;
 mod convert;
 mod engine;
 mod error;
+mod guarded;
 mod host;
 mod host_resource;
 mod http;

@@ -202,7 +202,7 @@ async fn instantiate(
     let sizes = transplant
         .as_ref()
         .map(|t| t.iter().map(Vec::len).collect());
-    let mut store = Host::new_store(limits, shared, sizes);
+    let mut store = Host::new_store(pre.engine(), limits, shared, sizes);
     // Handles of the store this one replaces are stale from now on.
     shared.generation.fetch_add(1, Ordering::SeqCst);
     Host::arm(&mut store, &limits, false, false);
@@ -493,8 +493,9 @@ mod bench {
             "/../priv/guests/bench.wasm"
         ))
         .unwrap();
-        let component = Component::new(crate::engine::engine(), &bytes).unwrap();
-        let mut linker: Linker<Host> = Linker::new(crate::engine::engine());
+        let engine = crate::engine::engine_of(crate::engine::Kind::Dense);
+        let component = Component::new(engine, &bytes).unwrap();
+        let mut linker: Linker<Host> = Linker::new(engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).unwrap();
         let pre = linker.instantiate_pre(&component).unwrap();
         let index = component.get_export_index(None, "add").unwrap();

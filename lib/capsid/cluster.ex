@@ -296,6 +296,7 @@ defmodule Capsid.Cluster do
     Capsid.Options.validate!(opts, Deployment.deploy_keys(), "Capsid.deploy/3")
     # Bad limits raise here; the rest is checked by each node.
     _ = Capsid.Limits.new(opts)
+    _ = Component.guard_pages!(Keyword.get(opts, :guard_pages, false))
 
     if Keyword.get(opts, :watch, false) and nodes != [node()] do
       raise ArgumentError,
@@ -308,6 +309,13 @@ defmodule Capsid.Cluster do
       with {:ok, bytes} <- bytes(source) do
         hash = Capsid.NIF.sha256(bytes)
         origin = if is_binary(source) and source != bytes, do: source
+        # A loaded component is compiled for the same engine everywhere.
+        opts =
+          case source do
+            %Component{guard_pages: guard_pages} -> Keyword.put(opts, :guard_pages, guard_pages)
+            _ -> opts
+          end
+
         across(name, :swap, nodes, %{hash: hash, bytes: bytes, source: origin, opts: opts})
       end
     end
@@ -729,7 +737,7 @@ defmodule Capsid.Cluster do
   # The component by its hash: one this node holds already, or the bytes
   # (asked for once) loaded through the disk cache.
   defp component(coordinator, ref, job) do
-    case Registry.component(job.hash) do
+    case Registry.component(job.hash, Keyword.get(job.opts, :guard_pages, false)) do
       %Component{} = component ->
         {:ok, component, :held}
 
@@ -738,7 +746,7 @@ defmodule Capsid.Cluster do
 
         receive do
           {^ref, :bytes, bytes} ->
-            with {:ok, c} <- Component.load(bytes, cache: Keyword.get(job.opts, :cache, true)),
+            with {:ok, c} <- Component.load(bytes, Keyword.take(job.opts, [:cache, :guard_pages])),
                  do: {:ok, c, c.cache}
 
           {:DOWN, _, :process, ^coordinator, _} ->

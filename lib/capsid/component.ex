@@ -18,7 +18,17 @@ defmodule Capsid.Component do
   # decodes its WIT on request.
   # `import_keys` is the imports' name table (`Capsid.Imports.keys/1`),
   # computed once here rather than at every instance start.
-  defstruct [:ref, :hash, :exports, :imports, :size, bytes: nil, cache: :disabled, import_keys: nil]
+  defstruct [
+    :ref,
+    :hash,
+    :exports,
+    :imports,
+    :size,
+    bytes: nil,
+    cache: :disabled,
+    import_keys: nil,
+    guard_pages: false
+  ]
 
   @typedoc """
   One function: `name` is what `Capsid.call/4` accepts (`"add"` or
@@ -49,7 +59,8 @@ defmodule Capsid.Component do
           size: non_neg_integer(),
           bytes: binary() | nil,
           cache: cache_outcome(),
-          import_keys: map() | nil
+          import_keys: map() | nil,
+          guard_pages: boolean()
         }
 
   # How long a load waits for a compile slot (`:max_concurrent_compiles`).
@@ -74,6 +85,18 @@ defmodule Capsid.Component do
       `Capsid.Cache`: artifacts are authenticated before they are loaded, a
       directory that cannot be used safely means no cache (and one warning),
       never a failed load. `component.cache` says what happened.
+    * `:guard_pages` — `false` (the default) or `true`. By default every
+      memory access of the guest is bounds-checked by the compiled code,
+      so that linear memories need no address-space reservation: 100,000
+      instances fit on a node. With `true` the component is compiled for
+      an engine that reserves 4 GiB plus a 32 MiB guard region per linear
+      memory and checks nothing: compute-heavy guests run faster (SHA-256
+      of 1 MiB: about 1.4× native time instead of 2.1×, see
+      BENCHMARKS.md), but each memory costs two kernel mappings and 4 GiB
+      of address space, counted against `:address_space_limit` (16 TiB by
+      default: about 4,000 such instances). Running out is
+      `:resource_limit`. `component.guard_pages` says which it is; a hot
+      swap between the two keeps the instance's state.
 
   Compilation is bounded: components over `:max_component_bytes`
   (application env, default 256 MiB) are refused with `:resource_limit`,
@@ -88,13 +111,15 @@ defmodule Capsid.Component do
   def load(path_or_bytes, opts \\ [])
 
   def load(path_or_bytes, opts) when is_binary(path_or_bytes) and is_list(opts) do
-    Capsid.Options.validate!(opts, [:cache], "Capsid.Component.load/2")
+    Capsid.Options.validate!(opts, [:cache, :guard_pages], "Capsid.Component.load/2")
     cache = Capsid.Cache.settings(Keyword.get(opts, :cache, true))
+    guard_pages = guard_pages!(Keyword.get(opts, :guard_pages, false))
 
     with {:ok, bytes} <- read(path_or_bytes) do
       t0 = System.monotonic_time()
+      give_up_at = System.monotonic_time(:millisecond) + @compile_wait
 
-      case compile(bytes, cache, System.monotonic_time(:millisecond) + @compile_wait) do
+      case compile(bytes, cache, guard_pages, give_up_at) do
         {:ok, {ref, hash, exports, imports, cache_outcome, warning}} ->
           if warning, do: Capsid.Cache.warn_unusable(warning)
 
@@ -115,7 +140,8 @@ defmodule Capsid.Component do
              import_keys: Capsid.Imports.keys(imports),
              size: byte_size(bytes),
              bytes: bytes,
-             cache: cache_outcome
+             cache: cache_outcome,
+             guard_pages: guard_pages
            }}
 
         {:error, {kind, message}} ->
@@ -141,7 +167,17 @@ defmodule Capsid.Component do
     end
   end
 
-  defp compile(bytes, cache, give_up_at) do
+  @doc false
+  # The `:guard_pages` value, checked (also by deploys before they reach
+  # other nodes).
+  def guard_pages!(flag) when is_boolean(flag), do: flag
+
+  def guard_pages!(other) do
+    raise ArgumentError,
+          "invalid value for :guard_pages: expected true or false, got #{inspect(other)}"
+  end
+
+  defp compile(bytes, cache, guard_pages, give_up_at) do
     env = Application.get_all_env(:capsid)
     limits = {env[:max_component_bytes] || @max_component_bytes, env[:max_concurrent_compiles] || 2}
 
@@ -152,7 +188,7 @@ defmodule Capsid.Component do
 
     tag = make_ref()
 
-    case Native.component_compile(bytes, cache, limits, budget, tag) do
+    case Native.component_compile(bytes, cache, guard_pages, limits, budget, tag) do
       # Compiling on a thread of the NIF's own (never on a scheduler): it
       # always answers.
       :compiling ->
@@ -163,7 +199,7 @@ defmodule Capsid.Component do
       :saturated ->
         if System.monotonic_time(:millisecond) < give_up_at do
           Process.sleep(20)
-          compile(bytes, cache, give_up_at)
+          compile(bytes, cache, guard_pages, give_up_at)
         else
           {:error,
            {:resource_limit,
@@ -396,7 +432,8 @@ defmodule Capsid.Component do
   defimpl Inspect do
     def inspect(c, _opts) do
       "#Capsid.Component<sha256:#{String.slice(c.hash, 0, 12)} " <>
-        "#{length(c.exports)} exports, #{length(c.imports)} imports, #{c.size} bytes>"
+        "#{length(c.exports)} exports, #{length(c.imports)} imports, #{c.size} bytes" <>
+        if(c.guard_pages, do: ", guard pages>", else: ">")
     end
   end
 end

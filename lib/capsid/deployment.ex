@@ -56,7 +56,9 @@ defmodule Capsid.Deployment do
 
   @instance_keys [:imports, :strict_imports, :max_queue, :queue_timeout, :wasi] ++
                    Capsid.Limits.keys()
-  @deploy_keys [:size, :force, :watch, :watch_interval, :cache] ++ @instance_keys
+  @deploy_keys [:size, :force, :watch, :watch_interval, :cache, :guard_pages] ++ @instance_keys
+  # The options a deployment hands to `Capsid.Component.load/2`.
+  @load_keys [:cache, :guard_pages]
 
   @type name :: term()
 
@@ -129,7 +131,7 @@ defmodule Capsid.Deployment do
   defp via(name), do: {:via, Elixir.Registry, {Capsid.Deployments, name}}
 
   defp load(%Component{} = component, _opts), do: {:ok, component}
-  defp load(source, opts), do: Component.load(source, cache: Keyword.get(opts, :cache, true))
+  defp load(source, opts), do: Component.load(source, Keyword.take(opts, @load_keys))
 
   @doc false
   def whereis(name) do
@@ -571,7 +573,7 @@ defmodule Capsid.Deployment do
     path = state.watch.path
     force = Keyword.get(state.opts, :force, false)
 
-    with {:ok, component} <- Component.load(bytes, cache: Keyword.get(state.opts, :cache, true)),
+    with {:ok, component} <- Component.load(bytes, Keyword.take(state.opts, @load_keys)),
          {:ok, new_state} <- swap(state, component, path, state.current.opts, force, :swap) do
       Logger.info(
         "Capsid: #{inspect(state.name)} reloaded #{path} (sha256 #{String.slice(hash, 0, 12)})"
@@ -765,8 +767,17 @@ defmodule Capsid.Deployment do
 
   defp versions(state) do
     describe = fn
-      nil -> nil
-      v -> %{version: v.number, hash: v.component.hash, loaded_at: v.loaded_at, source: v.source}
+      nil ->
+        nil
+
+      v ->
+        %{
+          version: v.number,
+          hash: v.component.hash,
+          guard_pages: Map.get(v.component, :guard_pages, false),
+          loaded_at: v.loaded_at,
+          source: v.source
+        }
     end
 
     %{

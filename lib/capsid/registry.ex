@@ -94,12 +94,17 @@ defmodule Capsid.Registry do
   end
 
   @doc false
-  # A compiled component with this SHA-256 that some deployment keeps
-  # (current or previous version), or nil. Only the match is copied out.
-  def component(hash) do
+  # A compiled component with this SHA-256, compiled for the engine
+  # `guard_pages` names, that some deployment keeps (current or previous
+  # version), or nil. Only the match is copied out.
+  def component(hash, guard_pages) do
     spec =
       for key <- [:current, :previous] do
-        {{:_, %{key => %{component: :"$1"}}}, [{:==, {:map_get, :hash, :"$1"}, hash}], [:"$1"]}
+        {{:_, %{key => %{component: :"$1"}}},
+         [
+           {:andalso, {:==, {:map_get, :hash, :"$1"}, hash},
+            {:==, {:map_get, :guard_pages, :"$1"}, guard_pages}}
+         ], [:"$1"]}
       end
 
     case :ets.select(@deployments, spec, 1) do
