@@ -143,8 +143,8 @@ defmodule Capsid do
 
   Options: `:size` (instances, default `System.schedulers_online()`),
   `:imports` and the limits of `Capsid.Instance.start_link/1`, `:force`
-  (skip the compatibility check), `:cache` and `:guard_pages` (as in
-  `Capsid.Component.load/2`, for a path or bytes),
+  (skip the compatibility check), `:cache`, `:guard_pages` and
+  `:fuel_metering` (as in `Capsid.Component.load/2`, for a path or bytes),
   `:watch` (redeploy when the file changes; polled every `:watch_interval`
   ms, default 1000). Options given to an upgrade are merged into the
   deployment's.

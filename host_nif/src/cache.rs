@@ -17,7 +17,7 @@
 //! a byte budget by deleting the least recently used artifacts.
 #![allow(unsafe_code)]
 
-use crate::engine::{Kind, engine_of};
+use crate::engine::{Flavor, engine_of};
 use sha2::{Digest, Sha256};
 use std::fs::{self, File, OpenOptions};
 use std::hash::{Hash, Hasher};
@@ -48,7 +48,7 @@ pub struct Cache {
     dir: PathBuf,
     key: [u8; 32],
     /// The engine artifacts are compiled for (see `for_engine`).
-    kind: Kind,
+    flavor: Flavor,
     /// Bytes of artifacts kept before the least recently used go.
     max_bytes: u64,
 }
@@ -61,9 +61,11 @@ fn euid() -> u32 {
 /// The engine's identity for artifacts: a compiled component is only valid
 /// for an engine whose configuration hashes the same (the dense and the
 /// guarded engine differ, so their artifacts never mix).
-fn engine_tag(kind: Kind) -> String {
+fn engine_tag(flavor: Flavor) -> String {
     let mut h = std::collections::hash_map::DefaultHasher::new();
-    engine_of(kind).precompile_compatibility_hash().hash(&mut h);
+    engine_of(flavor)
+        .precompile_compatibility_hash()
+        .hash(&mut h);
     format!("{:016x}", h.finish())
 }
 
@@ -200,25 +202,25 @@ impl Cache {
         Ok(Cache {
             dir: dir.to_path_buf(),
             key,
-            kind: Kind::Dense,
+            flavor: Flavor::DEFAULT,
             max_bytes,
         })
     }
 
-    /// The same cache, for components compiled for `kind`'s engine.
-    pub fn for_engine(self, kind: Kind) -> Cache {
-        Cache { kind, ..self }
+    /// The same cache, for components compiled for `flavor`'s engine.
+    pub fn for_engine(self, flavor: Flavor) -> Cache {
+        Cache { flavor, ..self }
     }
 
     pub fn path(&self, hash: &str) -> PathBuf {
         self.dir
-            .join(format!("{hash}-{}.{EXTENSION}", engine_tag(self.kind)))
+            .join(format!("{hash}-{}.{EXTENSION}", engine_tag(self.flavor)))
     }
 
     fn mac(&self, hash: &str, payload: &[u8]) -> [u8; MAC_LEN] {
         hmac(
             &self.key,
-            &[engine_tag(self.kind).as_bytes(), hash.as_bytes(), payload],
+            &[engine_tag(self.flavor).as_bytes(), hash.as_bytes(), payload],
         )
     }
 
@@ -248,7 +250,7 @@ impl Cache {
         if bytes.len() < MAC_LEN || !same(&bytes[..MAC_LEN], &self.mac(hash, &bytes[MAC_LEN..])) {
             return Err(());
         }
-        match deserialize(self.kind, &bytes[MAC_LEN..]) {
+        match deserialize(self.flavor, &bytes[MAC_LEN..]) {
             Ok(c) => {
                 // Least recently used goes first: a hit counts as a use.
                 if let Ok(f) = OpenOptions::new()
@@ -340,13 +342,13 @@ fn scan(dir: &Path) -> (Vec<(PathBuf, u64, SystemTime)>, u64) {
 }
 
 /// The one place Capsid deserializes compiled code.
-fn deserialize(kind: Kind, payload: &[u8]) -> wasmtime::Result<Component> {
+fn deserialize(flavor: Flavor, payload: &[u8]) -> wasmtime::Result<Component> {
     // SAFETY: `payload` passed the HMAC check above: it was written by
     // `Cache::store` from `Component::serialize` of this engine's own
     // compilation (the engine tag is part of both the file name and the
     // MAC), and only a holder of this cache's secret key, readable by the
     // current user alone, could forge it.
-    unsafe { Component::deserialize(engine_of(kind), payload) }
+    unsafe { Component::deserialize(engine_of(flavor), payload) }
 }
 
 rustler::atoms! {

@@ -213,6 +213,14 @@ fn start<'a>(
             }
         }
     };
+    if !component.fuel_metering && narrow.0.is_some_and(|fuel| fuel != u64::MAX) {
+        return Error::BadArgument(
+            "fuel: this component was loaded with fuel_metering: false, so it has no fuel \
+             to limit; bound the call with :timeout"
+                .into(),
+        )
+        .encode(env);
+    }
     let prepared = prepare(component, function, args, &mut work(dirty));
     let handles = crate::resource::take_used();
     let (index, values) = match prepared {

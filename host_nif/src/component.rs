@@ -4,7 +4,7 @@
 
 use crate::abi::{MAX_FLAT_PARAMS, shape_flat_count};
 use crate::cache::{self, Cache};
-use crate::engine::{Kind, engine_of};
+use crate::engine::{Flavor, engine_of};
 use crate::error::{Error, Result, root_message};
 use crate::host::Host;
 use crate::shape::{Budget, Builder, Names, Shape, snake_to_kebab};
@@ -153,6 +153,9 @@ pub struct ComponentResource {
     /// The export `wasi:http/incoming-handler#handle`, if it has one: served
     /// with `Capsid.HTTP`, not called with values.
     pub http_handler: Option<usize>,
+    /// Compiled with fuel metering (`fuel_metering`, the default): without
+    /// it a call's `fuel:` limit cannot be honoured and is refused.
+    pub fuel_metering: bool,
 }
 
 #[cfg_attr(not(test), rustler::resource_impl)]
@@ -299,6 +302,7 @@ impl ComponentResource {
 
         let names = builder.finish(env)?;
         let lookup = build_lookup(&exports);
+        let fuel_metering = crate::engine::meters_fuel(component.engine());
         let http_handler = exports
             .iter()
             .position(|e| crate::http::is_handler(e.info.interface.as_deref(), &e.info.short));
@@ -312,6 +316,7 @@ impl ComponentResource {
             names,
             links: Mutex::new(HashMap::new()),
             http_handler,
+            fuel_metering,
         })
     }
 
@@ -566,7 +571,7 @@ pub fn compile(
     env: Env,
     bytes: &[u8],
     cache: Option<Cache>,
-    kind: Kind,
+    flavor: Flavor,
     limits: CompileLimits,
     budget: Budget,
     reply_to: (LocalPid, Term, Option<String>),
@@ -608,7 +613,7 @@ pub fn compile(
         .name("capsid-compile".into())
         .stack_size(COMPILE_STACK)
         .spawn(move || {
-            let compiled = Component::from_binary(engine_of(kind), &owned);
+            let compiled = Component::from_binary(engine_of(flavor), &owned);
             drop(slot);
             // The caller may be gone; then nobody needs the answer.
             let _ = msg_env.send_and_clear(&pid, |env| {
@@ -681,20 +686,19 @@ fn component_compile<'a>(
     env: Env<'a>,
     bytes: rustler::Binary<'a>,
     cache: Option<(String, u64)>,
-    guard_pages: bool,
+    flavor: (bool, bool),
     limits: (usize, usize),
     budget: (usize, usize, usize, usize),
     tag: Term<'a>,
 ) -> Term<'a> {
-    let kind = if guard_pages {
-        Kind::Guarded
-    } else {
-        Kind::Dense
+    let flavor = Flavor {
+        guard_pages: flavor.0,
+        fuel: flavor.1,
     };
     let (cache, warning) = match cache {
         None => (None, None),
         Some((dir, max_bytes)) => match Cache::open(std::path::Path::new(&dir), max_bytes) {
-            Ok(c) => (Some(c.for_engine(kind)), None),
+            Ok(c) => (Some(c.for_engine(flavor)), None),
             Err(why) => (None, Some(why)),
         },
     };
@@ -709,7 +713,15 @@ fn component_compile<'a>(
         type_nodes: budget.3,
     };
     let reply_to = (env.pid(), tag, warning.clone());
-    match compile(env, bytes.as_slice(), cache, kind, limits, budget, reply_to) {
+    match compile(
+        env,
+        bytes.as_slice(),
+        cache,
+        flavor,
+        limits,
+        budget,
+        reply_to,
+    ) {
         Ok(Compiled::Ready(res, outcome)) => {
             encode_compiled(env, *res, outcome, warning.as_deref())
         }

@@ -1,13 +1,15 @@
-//! The two shared `wasmtime::Engine`s, their configuration, and the epoch
+//! The shared `wasmtime::Engine`s, their configuration, and the epoch
 //! ticker that drives time slicing and timeouts.
 //!
-//! The dense engine (the default) bounds-checks every memory access, so
-//! memories need no address-space reservation and live in `arena.rs`'s
-//! shared mappings: 100,000 instances per node. The guarded engine, for
-//! components loaded with `guard_pages: true`, reserves 4 GiB plus a guard
-//! region per memory (`guarded.rs`) and compiles no bounds checks: compute
-//! runs faster, at two mappings and 4 GiB of address space per memory.
-//! A component is compiled for one engine and only runs on it.
+//! The default engine bounds-checks every memory access, so memories need
+//! no address-space reservation and live in `arena.rs`'s shared mappings:
+//! 100,000 instances per node. A component loaded with `guard_pages: true`
+//! gets an engine that reserves 4 GiB plus a guard region per memory
+//! (`guarded.rs`) and compiles no bounds checks: compute runs faster, at two
+//! mappings and 4 GiB of address space per memory. `fuel_metering: false`
+//! drops fuel counting (time limits only). Each combination is its own
+//! engine (`Flavor`), made on first use; a component only runs on the one it
+//! was compiled for.
 //!
 //! The ticker only runs while guest code may be running: every poll of a
 //! call marks its scheduler thread busy, and the ticker parks itself after
@@ -43,20 +45,43 @@ pub const GUARDED_RESERVATION: u64 = 4 << 30;
 /// offset below this past the reservation faults instead of being checked.
 pub const GUARDED_GUARD: u64 = 32 << 20;
 
-/// Which engine a component is compiled for.
+/// Which engine a component is compiled for: one per combination of the
+/// choices `Capsid.Component.load/2` offers. A component only runs on the
+/// engine it was compiled for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum Kind {
-    Dense,
-    Guarded,
+pub struct Flavor {
+    /// Guard regions instead of compiled bounds checks (`guarded.rs`).
+    pub guard_pages: bool,
+    /// Fuel metering: the `:fuel` limit, and a yield every `YIELD_FUEL`
+    /// whatever the ticker does. Without it (about a fifth faster on
+    /// compute) calls are bounded by time alone.
+    pub fuel: bool,
 }
 
-static DENSE: OnceLock<Engine> = OnceLock::new();
-static GUARDED: OnceLock<Engine> = OnceLock::new();
+impl Flavor {
+    pub const DEFAULT: Flavor = Flavor {
+        guard_pages: false,
+        fuel: true,
+    };
 
-pub fn config(kind: Kind) -> Config {
+    fn index(self) -> usize {
+        usize::from(self.guard_pages) * 2 + usize::from(self.fuel)
+    }
+
+    fn from_index(i: usize) -> Flavor {
+        Flavor {
+            guard_pages: i & 2 != 0,
+            fuel: i & 1 != 0,
+        }
+    }
+}
+
+static ENGINES: [OnceLock<Engine>; 4] = [const { OnceLock::new() }; 4];
+
+pub fn config(flavor: Flavor) -> Config {
     let mut config = Config::new();
     config
-        .consume_fuel(true)
+        .consume_fuel(flavor.fuel)
         .epoch_interruption(true)
         .max_wasm_stack(MAX_WASM_STACK)
         .async_stack_size(ASYNC_STACK_SIZE)
@@ -64,36 +89,41 @@ pub fn config(kind: Kind) -> Config {
         .memory_reservation_for_growth(0)
         .memory_init_cow(false)
         .with_host_stack(Arc::new(crate::arena::Stacks));
-    match kind {
-        // Memories come from Capsid's arenas (see arena.rs): no per-instance
-        // mappings, so no reservation and no guard region; compiled code
-        // bounds-checks memory accesses instead.
-        Kind::Dense => config
-            .memory_reservation(0)
-            .memory_guard_size(0)
-            .memory_may_move(true)
-            .with_host_memory(Arc::new(crate::arena::Memories)),
-        Kind::Guarded => config
+    if flavor.guard_pages {
+        config
             .memory_reservation(GUARDED_RESERVATION)
             .memory_guard_size(GUARDED_GUARD)
             .memory_may_move(false)
-            .with_host_memory(Arc::new(crate::guarded::Memories)),
-    };
+            .with_host_memory(Arc::new(crate::guarded::Memories));
+    } else {
+        // Memories come from Capsid's arenas (see arena.rs): no per-instance
+        // mappings, so no reservation and no guard region; compiled code
+        // bounds-checks memory accesses instead.
+        config
+            .memory_reservation(0)
+            .memory_guard_size(0)
+            .memory_may_move(true)
+            .with_host_memory(Arc::new(crate::arena::Memories));
+    }
     config
 }
 
-/// The shared engine of `kind`.
-pub fn engine_of(kind: Kind) -> &'static Engine {
-    let cell = match kind {
-        Kind::Dense => &DENSE,
-        Kind::Guarded => &GUARDED,
-    };
-    cell.get_or_init(|| Engine::new(&config(kind)).expect("static engine configuration is valid"))
+/// The shared engine of `flavor`.
+pub fn engine_of(flavor: Flavor) -> &'static Engine {
+    ENGINES[flavor.index()]
+        .get_or_init(|| Engine::new(&config(flavor)).expect("static engine configuration is valid"))
+}
+
+/// Whether `engine` (one of ours) meters fuel.
+pub fn meters_fuel(engine: &Engine) -> bool {
+    ENGINES.iter().enumerate().any(|(i, cell)| {
+        Flavor::from_index(i).fuel && cell.get().is_some_and(|e| Engine::same(e, engine))
+    })
 }
 
 /// Advances the epoch of every engine made so far.
 fn tick_all() {
-    for cell in [&DENSE, &GUARDED] {
+    for cell in &ENGINES {
         if let Some(engine) = cell.get() {
             engine.increment_epoch();
         }
@@ -203,8 +233,13 @@ mod tests {
 
     #[test]
     fn engine_configurations_are_accepted() {
-        let _ = engine_of(Kind::Dense);
-        let _ = engine_of(Kind::Guarded);
+        for guard_pages in [false, true] {
+            for fuel in [false, true] {
+                let flavor = Flavor { guard_pages, fuel };
+                assert_eq!(Flavor::from_index(flavor.index()), flavor);
+                assert_eq!(meters_fuel(engine_of(flavor)), fuel);
+            }
+        }
     }
 
     #[test]

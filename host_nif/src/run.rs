@@ -78,7 +78,10 @@ pub struct Done {
 pub type CallFuture = Pin<Box<dyn Future<Output = Done> + Send>>;
 
 fn fuel_used(store: &Store<Host>, budget: u64) -> u64 {
-    budget.saturating_sub(store.get_fuel().unwrap_or(0))
+    // An engine without fuel metering (`fuel_metering: false`) counts none.
+    store
+        .get_fuel()
+        .map_or(0, |left| budget.saturating_sub(left))
 }
 
 fn failure(err: &wasmtime::Error, store: &Store<Host>) -> Failure {
@@ -493,7 +496,7 @@ mod bench {
             "/../priv/guests/bench.wasm"
         ))
         .unwrap();
-        let engine = crate::engine::engine_of(crate::engine::Kind::Dense);
+        let engine = crate::engine::engine_of(crate::engine::Flavor::DEFAULT);
         let component = Component::new(engine, &bytes).unwrap();
         let mut linker: Linker<Host> = Linker::new(engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).unwrap();

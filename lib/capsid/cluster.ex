@@ -296,7 +296,7 @@ defmodule Capsid.Cluster do
     Capsid.Options.validate!(opts, Deployment.deploy_keys(), "Capsid.deploy/3")
     # Bad limits raise here; the rest is checked by each node.
     _ = Capsid.Limits.new(opts)
-    _ = Component.guard_pages!(Keyword.get(opts, :guard_pages, false))
+    _ = Component.flavor!(opts)
 
     if Keyword.get(opts, :watch, false) and nodes != [node()] do
       raise ArgumentError,
@@ -312,8 +312,13 @@ defmodule Capsid.Cluster do
         # A loaded component is compiled for the same engine everywhere.
         opts =
           case source do
-            %Component{guard_pages: guard_pages} -> Keyword.put(opts, :guard_pages, guard_pages)
-            _ -> opts
+            %Component{} = c ->
+              opts
+              |> Keyword.put(:guard_pages, c.guard_pages)
+              |> Keyword.put(:fuel_metering, c.fuel_metering)
+
+            _ ->
+              opts
           end
 
         across(name, :swap, nodes, %{hash: hash, bytes: bytes, source: origin, opts: opts})
@@ -737,7 +742,7 @@ defmodule Capsid.Cluster do
   # The component by its hash: one this node holds already, or the bytes
   # (asked for once) loaded through the disk cache.
   defp component(coordinator, ref, job) do
-    case Registry.component(job.hash, Keyword.get(job.opts, :guard_pages, false)) do
+    case Registry.component(job.hash, Component.flavor!(job.opts)) do
       %Component{} = component ->
         {:ok, component, :held}
 
@@ -746,7 +751,7 @@ defmodule Capsid.Cluster do
 
         receive do
           {^ref, :bytes, bytes} ->
-            with {:ok, c} <- Component.load(bytes, Keyword.take(job.opts, [:cache, :guard_pages])),
+            with {:ok, c} <- Component.load(bytes, Keyword.take(job.opts, Deployment.load_keys())),
                  do: {:ok, c, c.cache}
 
           {:DOWN, _, :process, ^coordinator, _} ->

@@ -56,9 +56,9 @@ defmodule Capsid.Deployment do
 
   @instance_keys [:imports, :strict_imports, :max_queue, :queue_timeout, :wasi] ++
                    Capsid.Limits.keys()
-  @deploy_keys [:size, :force, :watch, :watch_interval, :cache, :guard_pages] ++ @instance_keys
   # The options a deployment hands to `Capsid.Component.load/2`.
-  @load_keys [:cache, :guard_pages]
+  @load_keys [:cache, :guard_pages, :fuel_metering]
+  @deploy_keys [:size, :force, :watch, :watch_interval] ++ @load_keys ++ @instance_keys
 
   @type name :: term()
 
@@ -116,6 +116,9 @@ defmodule Capsid.Deployment do
 
   @doc false
   def deploy_keys, do: @deploy_keys
+
+  @doc false
+  def load_keys, do: @load_keys
 
   @doc false
   # Starts a deployment that does not serve yet: a cluster-wide deploy
@@ -775,6 +778,7 @@ defmodule Capsid.Deployment do
           version: v.number,
           hash: v.component.hash,
           guard_pages: Map.get(v.component, :guard_pages, false),
+          fuel_metering: Map.get(v.component, :fuel_metering, true),
           loaded_at: v.loaded_at,
           source: v.source
         }

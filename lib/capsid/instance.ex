@@ -207,6 +207,8 @@ defmodule Capsid.Instance do
           raise ArgumentError, "missing required option :component (a Capsid.Component)"
       end
 
+    unless Map.get(component, :fuel_metering, true), do: time_bound!(opts)
+
     %{
       component: component,
       imports: Imports.check!(Keyword.get(opts, :imports, %{}), component, strict!(opts)),
@@ -215,6 +217,25 @@ defmodule Capsid.Instance do
       queue_timeout: non_negative!(opts, :queue_timeout, @default_queue_timeout),
       wasi: Capsid.WASI.native!(Keyword.get(opts, :wasi, []))
     }
+  end
+
+  # A component without fuel metering is bounded by its timeout alone.
+  defp time_bound!(opts) do
+    case Keyword.get(opts, :fuel, :infinity) do
+      :infinity ->
+        :ok
+
+      fuel ->
+        raise ArgumentError,
+              "invalid value for :fuel: #{inspect(fuel)}: the component was loaded with " <>
+                "fuel_metering: false, so it has no fuel to limit; bound it with :timeout"
+    end
+
+    if Keyword.get(opts, :timeout) == :infinity do
+      raise ArgumentError,
+            "invalid value for :timeout: :infinity: the component was loaded with " <>
+              "fuel_metering: false, so its timeout is its only bound"
+    end
   end
 
   defp strict!(opts) do

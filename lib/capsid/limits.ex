@@ -24,7 +24,10 @@ defmodule Capsid.Limits do
 
   `:fuel` and `:timeout` also accept `:infinity` (use it for one of them
   only: a call must stay bounded by something). Tables count against
-  `:max_memory` at 8 bytes per element.
+  `:max_memory` at 8 bytes per element. A component loaded with
+  `fuel_metering: false` (`Capsid.Component.load/2`) has no fuel: its
+  timeout is its only bound, so a `:fuel` limit and `timeout: :infinity`
+  are refused for it.
   """
 
   import Capsid.Options, only: [is_u64: 1]

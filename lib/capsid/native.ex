@@ -18,7 +18,7 @@ defmodule Capsid.Native do
   defp nif_error, do: :erlang.nif_error(:nif_not_loaded)
 
   # component.rs, cache.rs, node.rs
-  def component_compile(_bytes, _cache, _guard_pages, _limits, _budget, _tag), do: nif_error()
+  def component_compile(_bytes, _cache, _flavor, _limits, _budget, _tag), do: nif_error()
   def cache_info(_dir), do: nif_error()
   def cache_clear(_dir), do: nif_error()
   def node_configure(_address_space_limit), do: nif_error()

@@ -95,15 +95,17 @@ defmodule Capsid.Registry do
 
   @doc false
   # A compiled component with this SHA-256, compiled for the engine
-  # `guard_pages` names, that some deployment keeps (current or previous
-  # version), or nil. Only the match is copied out.
-  def component(hash, guard_pages) do
+  # `{guard_pages, fuel_metering}` names (`Capsid.Component.flavor!/1`),
+  # that some deployment keeps (current or previous version), or nil. Only
+  # the match is copied out.
+  def component(hash, {guard_pages, fuel_metering}) do
     spec =
       for key <- [:current, :previous] do
         {{:_, %{key => %{component: :"$1"}}},
          [
            {:andalso, {:==, {:map_get, :hash, :"$1"}, hash},
-            {:==, {:map_get, :guard_pages, :"$1"}, guard_pages}}
+            {:andalso, {:==, {:map_get, :guard_pages, :"$1"}, guard_pages},
+             {:==, {:map_get, :fuel_metering, :"$1"}, fuel_metering}}}
          ], [:"$1"]}
       end
 

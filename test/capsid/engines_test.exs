@@ -1,10 +1,15 @@
-defmodule Capsid.GuardPagesTest do
+defmodule Capsid.EnginesTest do
   @moduledoc """
-  `guard_pages: true` (Capsid.Component.load/2): the component runs on the
-  guarded engine, whose memories are 4 GiB reservations with a guard region
-  and whose code skips bounds checks. Every access must give the same answer
-  or the same trap as on the default, bounds-checked engine, and the
-  mappings and address space it costs must be bounded and given back.
+  The engine choices of `Capsid.Component.load/2`.
+
+  `guard_pages: true`: the component runs on an engine whose memories are
+  4 GiB reservations with a guard region and whose code skips bounds
+  checks. Every access must give the same answer or the same trap as on the
+  default, bounds-checked engine, and the mappings and address space it
+  costs must be bounded and given back.
+
+  `fuel_metering: false`: no fuel counting; calls are bounded by time alone,
+  and the limits that would need fuel are refused.
 
   Not async: it reads and changes node-wide counters and limits.
   """
@@ -21,15 +26,21 @@ defmodule Capsid.GuardPagesTest do
     bytes = File.read!(wasm)
     File.rm!(wasm)
 
+    faulty = Capsid.Guests.path(:faulty)
+
     %{
       bytes: bytes,
       dense: Capsid.Component.load!(bytes, cache: false),
-      guarded: Capsid.Component.load!(bytes, cache: false, guard_pages: true)
+      guarded: Capsid.Component.load!(bytes, cache: false, guard_pages: true),
+      faulty: Capsid.Component.load!(faulty),
+      unmetered: Capsid.Component.load!(faulty, fuel_metering: false, guard_pages: true)
     }
   end
 
+  # The faulty guest imports `hook`.
   defp start!(component, opts \\ []) do
-    {:ok, pid} = Capsid.Instance.start_link([component: component] ++ opts)
+    imports = %{"hook" => fn x -> x end}
+    {:ok, pid} = Capsid.Instance.start_link([component: component, imports: imports] ++ opts)
     pid
   end
 
@@ -175,5 +186,70 @@ defmodule Capsid.GuardPagesTest do
     end
 
     :ok = Capsid.undeploy(name)
+  end
+
+  describe "fuel_metering: false" do
+    test "is recorded and shown, and a bad value is refused", c do
+      refute c.unmetered.fuel_metering
+      assert c.faulty.fuel_metering
+      assert inspect(c.unmetered) =~ "no fuel metering"
+
+      assert_raise ArgumentError, ~r/:fuel_metering: expected true or false/, fn ->
+        Capsid.Component.load(c.bytes, fuel_metering: nil)
+      end
+    end
+
+    test "calls answer as with metering, count no fuel, and a spinning guest times out", c do
+      metered = start!(c.faulty)
+      pid = start!(c.unmetered, timeout: 300)
+      assert Capsid.call(pid, "burn", [1_000_000]) == Capsid.call(metered, "burn", [1_000_000])
+      assert %{fuel_used: 0} = Capsid.Instance.info(pid)
+      assert %{fuel_used: used} = Capsid.Instance.info(metered)
+      assert used > 1_000_000
+
+      t0 = System.monotonic_time(:millisecond)
+      assert {:error, %Trap{kind: :timeout}} = Capsid.call(pid, "spin", [])
+      assert System.monotonic_time(:millisecond) - t0 < 5_000
+      # A per-call timeout narrows it too.
+      assert {:error, %Trap{kind: :timeout}} = Capsid.call(pid, "spin", [], timeout: 50)
+      assert Capsid.call(pid, "ok", [1]) == Capsid.call(metered, "ok", [1])
+    end
+
+    test "limits that need fuel are refused with a clear error", c do
+      assert_raise ArgumentError, ~r/fuel_metering: false, so it has no fuel to limit/, fn ->
+        Capsid.Instance.start_link(component: c.unmetered, fuel: 1_000)
+      end
+
+      assert_raise ArgumentError, ~r/its timeout is its only bound/, fn ->
+        Capsid.Instance.start_link(component: c.unmetered, timeout: :infinity, fuel: :infinity)
+      end
+
+      pid = start!(c.unmetered, fuel: :infinity)
+
+      assert {:error, %Error{kind: :bad_argument, message: message}} =
+               Capsid.call(pid, "ok", [1], fuel: 10)
+
+      assert message =~ "fuel_metering: false"
+      # Nothing was lost: the instance answers, also with fuel: :infinity.
+      assert {:ok, _} = Capsid.call(pid, "ok", [1], fuel: :infinity)
+
+      assert_raise ArgumentError, ~r/no fuel to limit/, fn ->
+        Capsid.deploy({:engines_test, System.unique_integer()}, c.unmetered, fuel: 5)
+      end
+    end
+
+    test "the cache keeps metered and unmetered artifacts apart", c do
+      dir = Path.join(System.tmp_dir!(), "capsid-fuel-cache-#{System.unique_integer([:positive])}")
+      on_exit(fn -> File.rm_rf!(dir) end)
+      assert %{cache: :miss} = Capsid.Component.load!(c.bytes, cache: dir)
+      assert %{cache: :miss} = Capsid.Component.load!(c.bytes, cache: dir, fuel_metering: false)
+
+      assert %{cache: :hit, fuel_metering: false} =
+               unmetered = Capsid.Component.load!(c.bytes, cache: dir, fuel_metering: false)
+
+      pid = start!(unmetered)
+      assert Capsid.call(pid, "load", [0]) == {:ok, 0}
+      assert %{fuel_used: 0} = Capsid.Instance.info(pid)
+    end
   end
 end
