@@ -143,6 +143,17 @@ impl wasmtime::ResourceLimiter for Limiter {
         Ok(true)
     }
 
+    fn memory_grow_failed(&mut self, error: wasmtime::Error) -> wasmtime::Result<()> {
+        // The address-space budget or the OS refused the growth: the call
+        // fails with `:resource_limit` naming it, rather than the guest
+        // seeing -1 (a Rust guest would abort as if out of memory).
+        // Growth past what a memory can hold stays a plain -1.
+        if crate::error::refusal(&error).is_some() {
+            return Err(error);
+        }
+        Ok(())
+    }
+
     fn instances(&self) -> usize {
         usize::try_from(self.limits.max_instances).unwrap_or(usize::MAX)
     }

@@ -151,6 +151,30 @@ defmodule Capsid.EnginesTest do
     GenServer.stop(pid)
   end
 
+  test "a growth the address-space budget refuses is a clear :resource_limit", c do
+    # 20,000 pages need a 2 GiB arena slot: a class nothing else here uses,
+    # so its first chunk must be mapped, and the budget refuses it.
+    pid = start!(c.dense, max_memory: 4 * 1024 ** 3)
+    assert Capsid.call(pid, "load", [0]) == {:ok, 0}
+    Capsid.Native.node_configure(Capsid.info().address_space_reserved)
+
+    try do
+      assert {:error, %Error{kind: :resource_limit, message: message}} =
+               Capsid.call(pid, "grow", [20_000])
+
+      assert message =~ "address_space_limit"
+    after
+      Capsid.Native.node_configure(
+        Application.get_env(:capsid, :address_space_limit, 16 * 1024 ** 4)
+      )
+    end
+
+    # Nothing lost but that call: the instance answers again, and grows.
+    assert Capsid.call(pid, "load", [0]) == {:ok, 0}
+    assert Capsid.call(pid, "grow", [20_000]) == {:ok, 1}
+    GenServer.stop(pid)
+  end
+
   test "the compile cache keeps the two engines' artifacts apart", c do
     dir = Path.join(System.tmp_dir!(), "capsid-guard-cache-#{System.unique_integer([:positive])}")
     on_exit(fn -> File.rm_rf!(dir) end)
