@@ -93,7 +93,7 @@ defmodule Capsid.Component do
       instances fit on a node. With `true` the component is compiled for
       an engine that reserves 4 GiB plus a 32 MiB guard region per linear
       memory and checks nothing: compute-heavy guests run faster (SHA-256
-      of 1 MiB: about 1.4× native time instead of 2.1×, see
+      of 1 MiB: about 1.75× native time instead of 2.1×, see
       BENCHMARKS.md), but each memory costs two kernel mappings and 4 GiB
       of address space, counted against `:address_space_limit` (16 TiB by
       default: about 4,000 such instances). Running out is
@@ -103,8 +103,8 @@ defmodule Capsid.Component do
       measures, and it makes a guest yield to the scheduler at least every
       few million instructions even when Capsid's ticker thread is starved
       of CPU. It costs compute-heavy guests about a fifth of their speed
-      (SHA-256 of 1 MiB with guard pages: about 1.4× native time without it,
-      1.7× with it). With `false`, calls are bounded by time alone: an
+      (SHA-256 of 1 MiB with guard pages: about 1.5× native time without it,
+      1.75× with it). With `false`, calls are bounded by time alone: an
       instance of such a component refuses a `:fuel` limit and
       `timeout: :infinity` (`ArgumentError`), `Capsid.call/4` with `fuel:`
       is `:bad_argument`, and `fuel_used` is 0. Time slicing and timeouts
