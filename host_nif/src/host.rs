@@ -152,6 +152,10 @@ pub struct Host {
     pub pause_on_return: bool,
     /// Pause before every host call: an Elixir import may get large arguments.
     pub pause_on_host: bool,
+    /// The store's engine meters fuel (`fuel_metering`, the default). Without
+    /// it the store's fuel calls only build errors (and, with
+    /// `RUST_BACKTRACE` set, capture a backtrace each: ~20 µs a call).
+    pub fuel_metering: bool,
     /// When the guest was paused for a dirty scheduler: the wait (and the
     /// host's conversion after it) is not the guest's time, so the deadline
     /// moves by it at the next transition.
@@ -211,11 +215,14 @@ impl Host {
             pause_on_return: false,
             pause_on_host: false,
             paused_at: None,
+            fuel_metering: crate::engine::meters_fuel(engine),
         };
         let mut store = Store::new(engine, host);
         store.limiter(|h| &mut h.limiter);
-        // Only fails when fuel is disabled in the engine; it is not.
-        let _ = store.fuel_async_yield_interval(Some(crate::engine::YIELD_FUEL));
+        if store.data().fuel_metering {
+            // Only fails when fuel is disabled in the engine; it is not.
+            let _ = store.fuel_async_yield_interval(Some(crate::engine::YIELD_FUEL));
+        }
         store.set_max_component_handles(usize::try_from(limits.max_handles).unwrap_or(usize::MAX));
         // What a guest may hand the host in one transfer is bounded by its
         // memory; Capsid's own lifting also charges `abi`'s allowance.
@@ -259,8 +266,10 @@ impl Host {
         data.pause_on_return = pause_on_return;
         data.pause_on_host = pause_on_host;
         data.paused_at = None;
-        // Fuel can only fail to set when fuel is disabled in the engine; it is not.
-        let _ = store.set_fuel(limits.fuel);
+        if data.fuel_metering {
+            // Fuel can only fail to set when fuel is disabled in the engine; it is not.
+            let _ = store.set_fuel(limits.fuel);
+        }
         store.set_epoch_deadline(1);
     }
 }

@@ -79,6 +79,9 @@ pub type CallFuture = Pin<Box<dyn Future<Output = Done> + Send>>;
 
 fn fuel_used(store: &Store<Host>, budget: u64) -> u64 {
     // An engine without fuel metering (`fuel_metering: false`) counts none.
+    if !store.data().fuel_metering {
+        return 0;
+    }
     store
         .get_fuel()
         .map_or(0, |left| budget.saturating_sub(left))
