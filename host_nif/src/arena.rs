@@ -81,7 +81,7 @@ impl std::error::Error for Exhausted {}
 
 /// Maps `len` bytes read/write, reserving address space only.
 fn map(len: usize) -> Result<usize, Exhausted> {
-    map_within(len, ADDRESS_SPACE_LIMIT.load(Ordering::Relaxed))
+    map_within(len, address_space_limit())
 }
 
 fn map_within(len: usize, limit: u64) -> Result<usize, Exhausted> {
@@ -473,7 +473,8 @@ fn zero_for_reuse(addr: usize, len: usize) -> Option<usize> {
     Some(resident)
 }
 
-fn page_round(n: usize) -> usize {
+/// `n` rounded up to whole OS pages.
+pub(crate) fn page_round(n: usize) -> usize {
     n.div_ceil(4096) * 4096
 }
 
@@ -587,6 +588,35 @@ unsafe impl StackCreator for Stacks {
         LIVE_STACKS.fetch_add(1, Ordering::Relaxed);
         Ok(Box::new(ArenaStack { slot }))
     }
+}
+
+/// For tests: the permissions (`rw-p`, `---p`, …) and the `VmFlags` of
+/// the mapping that holds `addr`, read from `/proc/self/smaps`; None when
+/// nothing is mapped there.
+#[cfg(test)]
+pub(crate) fn mapping_at(addr: usize) -> Option<(String, Vec<String>)> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+    let mut found: Option<(String, Vec<String>)> = None;
+    for line in smaps.lines() {
+        let mut parts = line.split_whitespace();
+        if let (Some(range), Some(perms)) = (parts.next(), parts.next())
+            && let Some((lo, hi)) = range.split_once('-')
+            && let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+        {
+            // A mapping's header line; its fields follow until the next.
+            if found.is_some() {
+                break;
+            }
+            if (lo..hi).contains(&addr) {
+                found = Some((perms.to_string(), Vec::new()));
+            }
+        } else if let Some((_, flags)) = found.as_mut()
+            && let Some(f) = line.strip_prefix("VmFlags:")
+        {
+            *flags = f.split_whitespace().map(String::from).collect();
+        }
+    }
+    found
 }
 
 #[cfg(test)]
@@ -721,22 +751,8 @@ mod tests {
             .new_memory(MemoryType::new(1, None), 65_536, None, None, 0)
             .unwrap();
         let addr = m.as_ptr() as usize;
-        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
-        // The block of the mapping holding `addr`: its VmFlags carry `nh`.
-        let mut inside = false;
-        let mut flags = None;
-        for line in smaps.lines() {
-            if let Some((range, _)) = line.split_once(' ')
-                && let Some((lo, hi)) = range.split_once('-')
-                && let (Ok(lo), Ok(hi)) =
-                    (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
-            {
-                inside = (lo..hi).contains(&addr);
-            } else if inside && let Some(f) = line.strip_prefix("VmFlags:") {
-                flags = Some(f.split_whitespace().map(String::from).collect::<Vec<_>>());
-            }
-        }
-        let flags = flags.expect("the chunk's mapping is in /proc/self/smaps");
+        // The VmFlags of the chunk's mapping carry `nh`.
+        let (_, flags) = mapping_at(addr).expect("the chunk's mapping is in /proc/self/smaps");
         assert!(flags.iter().any(|f| f == "nh"), "{flags:?}");
     }
 

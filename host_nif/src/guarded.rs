@@ -11,19 +11,14 @@
 //! address-space budget as the arenas (`:address_space_limit`).
 //!
 //! Memories join their store's list like arena memories (see
-//! `arena::take_claim`), so state survives hot swaps between the engines.
+//! `arena::take_claim`), so a state-preserving call (a hot swap's snapshot)
+//! copies them out and back the same way.
 #![allow(unsafe_code)]
 
-use crate::arena::{self, Cell, Exhausted, MARKER};
+use crate::arena::{self, Cell, Exhausted, MARKER, page_round};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use wasmtime::{LinearMemory, MemoryCreator, MemoryType};
-
-const PAGE: usize = 4096;
-
-fn page_round(n: usize) -> usize {
-    n.div_ceil(PAGE) * PAGE
-}
 
 struct GuardedMemory {
     addr: usize,
@@ -88,8 +83,8 @@ unsafe impl LinearMemory for GuardedMemory {
                 self.capacity
             )));
         }
-        self.open_up_to(new_size)
-            .map_err(|e| wasmtime::Error::msg(format!("{MARKER}{e}")))?;
+        // An `Exhausted` error is a `:resource_limit` (`error::refusal`).
+        self.open_up_to(new_size)?;
         self.size = new_size;
         self.cell.publish(self.addr, self.size);
         Ok(())
@@ -177,24 +172,10 @@ mod tests {
             .unwrap()
     }
 
-    /// The accessible bytes, then a protection check of the next page via
-    /// `/proc/self/maps` (touching it would kill the test process).
+    /// The protection of the page at `addr`, from the kernel's view
+    /// (touching a protected page would kill the test process).
     fn protection_at(addr: usize) -> String {
-        let maps = std::fs::read_to_string("/proc/self/maps").unwrap();
-        for line in maps.lines() {
-            let mut parts = line.split_whitespace();
-            let range = parts.next().unwrap();
-            let perms = parts.next().unwrap();
-            let (a, b) = range.split_once('-').unwrap();
-            let (a, b) = (
-                usize::from_str_radix(a, 16).unwrap(),
-                usize::from_str_radix(b, 16).unwrap(),
-            );
-            if (a..b).contains(&addr) {
-                return perms[..3].to_string();
-            }
-        }
-        "unmapped".to_string()
+        arena::mapping_at(addr).map_or("unmapped".to_string(), |(perms, _)| perms[..3].to_string())
     }
 
     #[test]
