@@ -59,8 +59,8 @@ fn euid() -> u32 {
 }
 
 /// The engine's identity for artifacts: a compiled component is only valid
-/// for an engine whose configuration hashes the same (the dense and the
-/// guarded engine differ, so their artifacts never mix).
+/// for an engine whose configuration hashes the same (each `Flavor`'s
+/// engine hashes differently, so their artifacts never mix).
 fn engine_tag(flavor: Flavor) -> String {
     let mut h = std::collections::hash_map::DefaultHasher::new();
     engine_of(flavor)

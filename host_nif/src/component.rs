@@ -170,7 +170,7 @@ pub fn strip_version(interface: &str) -> &str {
 
 impl ComponentResource {
     pub fn new(env: Env, component: Component, hash: String, budget: Budget) -> Result<Self> {
-        let engine = &component.engine().clone();
+        let engine = component.engine();
         let ty = component.component_type();
         let mut builder = Builder::new(budget);
         // Resource types first: functions refer to them. Imported ones
@@ -302,7 +302,7 @@ impl ComponentResource {
 
         let names = builder.finish(env)?;
         let lookup = build_lookup(&exports);
-        let fuel_metering = crate::engine::meters_fuel(component.engine());
+        let fuel_metering = crate::engine::meters_fuel(engine);
         let http_handler = exports
             .iter()
             .position(|e| crate::http::is_handler(e.info.interface.as_deref(), &e.info.short));
@@ -561,8 +561,9 @@ pub enum Compiled {
     Started,
 }
 
-/// Loads `bytes` from `cache` when it holds a verified artifact for them;
-/// otherwise starts compiling them on a thread of its own that answers
+/// Loads `bytes`, compiled for `flavor`'s engine, from `cache` when it holds
+/// a verified artifact for them; otherwise starts compiling them on a
+/// thread of its own that answers
 /// `pid` with `tag`. Compiling takes seconds for a large component: a dirty
 /// scheduler waiting for it would be one fewer for everything that needs
 /// one meanwhile (large values of calls that hold an instance, garbage
@@ -586,6 +587,8 @@ pub fn compile(
     }
     check_header(bytes)?;
     let hash = format!("{:x}", Sha256::digest(bytes));
+    // Artifacts of the engine this compile is for, and only those.
+    let cache = cache.map(|c| c.for_engine(flavor));
     let mut outcome = cache::Outcome::Disabled;
     if let Some(cache) = &cache {
         match cache.load(&hash, limits.max_bytes) {
@@ -698,7 +701,7 @@ fn component_compile<'a>(
     let (cache, warning) = match cache {
         None => (None, None),
         Some((dir, max_bytes)) => match Cache::open(std::path::Path::new(&dir), max_bytes) {
-            Ok(c) => (Some(c.for_engine(flavor)), None),
+            Ok(c) => (Some(c), None),
             Err(why) => (None, Some(why)),
         },
     };

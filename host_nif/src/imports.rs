@@ -63,7 +63,7 @@ pub fn link(component: &ComponentResource, provided: &[String]) -> Result<Arc<Li
 }
 
 fn make_link(component: &ComponentResource, provided: &[String]) -> Result<Link> {
-    // The component's own engine: the dense one or the guarded one.
+    // The component's own engine (the `Flavor` it was compiled for).
     let mut linker: Linker<Host> = Linker::new(component.component.engine());
     wasmtime_wasi::p2::add_to_linker_async(&mut linker)
         .map_err(|e| Error::Internal(format!("linking WASI: {}", root_message(&e))))?;

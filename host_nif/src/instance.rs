@@ -378,6 +378,11 @@ impl InstanceResource {
             .is_some_and(|o| o.pid == pid && o.started)
     }
 
+    /// The error for a caller that would go on with a call it does not own.
+    fn not_owner(env: Env) -> Term {
+        Error::Internal("this process has no call in progress on this instance".into()).encode(env)
+    }
+
     fn record(&self, done: &Done, is_call: bool) {
         if done.instantiated {
             self.stats.instantiations.fetch_add(1, Ordering::Relaxed);
@@ -682,8 +687,7 @@ impl InstanceResource {
     /// Continues the caller's call (poll again).
     pub fn resume<'a>(this: &ResourceArc<Self>, env: Env<'a>, dirty: bool) -> Term<'a> {
         if !this.is_owner(env.pid()) {
-            return Error::Internal("this process has no call in progress on this instance".into())
-                .encode(env);
+            return Self::not_owner(env);
         }
         let mut slot = lock(&this.slot);
         Self::drive(this, env, &mut slot, dirty)
@@ -832,8 +836,7 @@ impl InstanceResource {
         dirty: bool,
     ) -> Term<'a> {
         if !this.is_owner(env.pid()) {
-            return Error::Internal("this process has no call in progress on this instance".into())
-                .encode(env);
+            return Self::not_owner(env);
         }
         let mut slot = lock(&this.slot);
         let answered = Self::answer_in(this, env, &mut slot, token, reply, dirty);
