@@ -15,6 +15,8 @@ defmodule Capsid.EnginesTest do
   """
   use ExUnit.Case, async: false
 
+  import Capsid.TestHelpers
+
   alias Capsid.{Error, Trap}
 
   @wat Path.expand("../fixtures/hand/guard_pages.wat", __DIR__)
@@ -117,10 +119,38 @@ defmodule Capsid.EnginesTest do
     reservation = 4 * 1024 ** 3 + 32 * 1024 ** 2
     assert during.address_space_reserved - before.address_space_reserved >= 20 * reservation
     Enum.each(pids, &GenServer.stop/1)
+    wait_until(fn -> Capsid.info().mappings <= during.mappings - 20 end)
     after_stop = Capsid.info()
     # Arena chunks stay mapped; the guarded memories are gone.
     assert after_stop.mappings == during.mappings - 20
     assert after_stop.address_space_reserved == during.address_space_reserved - 20 * reservation
+  end
+
+  test "a component's 100 memories: refused past max_memories, else 4 GiB each, all given back" do
+    {:ok, c} = Capsid.Component.load(Capsid.Hostile.memories(100, 1), guard_pages: true)
+
+    assert {:error, %Error{kind: :resource_limit, message: m}} =
+             Capsid.Instance.start_link(component: c)
+
+    assert m =~ "max_memories"
+
+    # Ten instances of it: 1,000 guarded memories, ~4 TiB of address space.
+    before = Capsid.info()
+    pids = for _ <- 1..10, do: start!(c, max_memories: 100)
+    for pid <- pids, do: assert(Capsid.call(pid, "ok", []) == {:ok, 42})
+    during = Capsid.info()
+    reservation = 4 * 1024 ** 3 + 32 * 1024 ** 2
+    assert during.address_space_reserved - before.address_space_reserved >= 1_000 * reservation
+    assert during.mappings - before.mappings >= 1_000
+    Enum.each(pids, &GenServer.stop/1)
+    # An instance's store is freed when the VM frees its dead process's
+    # resources, a moment after `stop` returns.
+    wait_until(fn -> Capsid.info().mappings <= during.mappings - 1_000 end)
+    after_stop = Capsid.info()
+    assert after_stop.mappings == during.mappings - 1_000
+
+    assert after_stop.address_space_reserved ==
+             during.address_space_reserved - 1_000 * reservation
   end
 
   test "running out of the address-space budget is a clear :resource_limit", c do
@@ -237,6 +267,18 @@ defmodule Capsid.EnginesTest do
       # A per-call timeout narrows it too.
       assert {:error, %Trap{kind: :timeout}} = Capsid.call(pid, "spin", [], timeout: 50)
       assert Capsid.call(pid, "ok", [1]) == Capsid.call(metered, "ok", [1])
+    end
+
+    test "a caller killed while its guest spins frees the instance", c do
+      pid = start!(c.unmetered, timeout: 60_000)
+      victim = spawn(fn -> Capsid.call(pid, "spin", []) end)
+      Process.sleep(100)
+      t0 = System.monotonic_time(:millisecond)
+      Process.exit(victim, :kill)
+      assert Capsid.call(pid, "ok", [1], queue_timeout: 10_000) == {:ok, 2}
+      # Freed by the kill, not by the 60 s timeout.
+      assert System.monotonic_time(:millisecond) - t0 < 10_000
+      assert %{traps: %{cancelled: 1}} = Capsid.Instance.info(pid)
     end
 
     test "limits that need fuel are refused with a clear error", c do
