@@ -23,20 +23,27 @@ defmodule Capsid.SandboxTest do
     end)
   end
 
+  # `attempts:` bounds the tries of the bystander check below (1 for a call
+  # whose retry would not trap again).
   defp assert_trap(pid, function, args, kind, opts \\ []) do
+    {attempts, opts} = Keyword.pop(opts, :attempts, 3)
     stop = bystander()
     {micros, result} = :timer.tc(fn -> Capsid.call(pid, function, args, opts) end)
     rounds = stop.()
     assert {:error, %Trap{kind: ^kind} = trap} = result
+    assert Capsid.call(pid, "ok", [41]) == {:ok, 42}, "instance did not recover after #{function}"
 
     # A call shorter than a few ms may end before the bystander is scheduled
-    # at all; it still had to answer `stop` afterwards.
-    if micros > 20_000 do
-      assert rounds > 0, "a bystander process made no progress while #{function} ran"
+    # at all; it still had to answer `stop` afterwards. A longer call with no
+    # bystander progress is tried again: on a loaded machine the OS can stall
+    # the scheduler threads themselves for 20+ ms (seen in CI while a cargo
+    # build ran), but a guest that blocks a scheduler does it every time.
+    if micros > 20_000 and rounds == 0 do
+      assert attempts > 1, "a bystander process made no progress while #{function} ran"
+      assert_trap(pid, function, args, kind, [attempts: attempts - 1] ++ opts)
+    else
+      {trap, div(micros, 1000)}
     end
-
-    assert Capsid.call(pid, "ok", [41]) == {:ok, 42}, "instance did not recover after #{function}"
-    {trap, div(micros, 1000)}
   end
 
   describe "runaway loops" do
@@ -84,7 +91,7 @@ defmodule Capsid.SandboxTest do
       pid = start_instance(c, timeout: 300)
       assert Capsid.call(pid, "flaky", [3]) == {:ok, 1}
       assert Capsid.call(pid, "flaky", [3]) == {:ok, 2}
-      assert_trap(pid, "flaky", [3], :out_of_fuel, fuel: 100_000_000)
+      assert_trap(pid, "flaky", [3], :out_of_fuel, fuel: 100_000_000, attempts: 1)
       # The recycled instance starts from fresh guest state.
       assert Capsid.call(pid, "flaky", [3]) == {:ok, 1}
       assert %{recycles: 1, traps: %{out_of_fuel: 1}} = Instance.info(pid)
