@@ -428,17 +428,22 @@ pub fn term_to_value(
         | Shape::U32
         | Shape::S64
         | Shape::U64 => {
-            let name = wit_name(shape, names);
+            // The type's name only for an error: a String per argument
+            // was a visible share of a trivial call.
+            let name = || wit_name(shape, names);
             if term.get_type() != TermType::Integer {
-                return Err(path.error(&name, term));
+                return Err(path.error(name(), term));
             }
             let (lo, hi) = int_range(shape);
             let v = match int_wide(term).ok_or(()) {
                 Ok(v) if v >= lo && v <= hi => v,
-                Ok(v) => return Err(path.fail(format!("expected {name} ({lo}..{hi}), got {v}"))),
+                Ok(v) => {
+                    return Err(path.fail(format!("expected {} ({lo}..{hi}), got {v}", name())));
+                }
                 Err(_) => {
                     return Err(path.fail(format!(
-                        "expected {name}, got an integer out of range ({lo}..{hi})"
+                        "expected {}, got an integer out of range ({lo}..{hi})",
+                        name()
                     )));
                 }
             };

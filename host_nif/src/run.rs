@@ -430,6 +430,27 @@ impl Wake for CallWaker {
     }
 }
 
+thread_local! {
+    /// Set on a thread's first poll: that thread stays inside wasmtime-wasi's
+    /// tokio runtime for good (its guard is never dropped).
+    static IN_TOKIO: () = {
+        let handle =
+            wasmtime_wasi::runtime::with_ambient_tokio_runtime(tokio::runtime::Handle::current);
+        std::mem::forget(handle.enter());
+    };
+}
+
+/// WASI timers and streams are tokio's: a poll must run inside a tokio
+/// runtime. Entering it per poll (`with_ambient_tokio_runtime`) clones the
+/// runtime's handle, an `Arc` shared by every caller on every scheduler:
+/// two callers bounced its count between their cores on each call (2
+/// callers scaled 1.36-1.58x instead of 1.55-1.85x, and a call cost ~10 %
+/// more; interleaved runs of `bench/density.exs`'s loop). Each scheduler
+/// thread enters it once instead.
+fn in_tokio() {
+    IN_TOKIO.with(|_| ());
+}
+
 struct PollGuard;
 
 impl Drop for PollGuard {
@@ -449,8 +470,8 @@ pub fn poll_slice(fut: &mut CallFuture, waker: &Arc<CallWaker>, allowance: u64) 
     let _busy = crate::engine::Busy::enter();
     crate::abi::set_lift_allowance(allowance);
     let polled = std::panic::catch_unwind(AssertUnwindSafe(|| {
-        // WASI timers are tokio timers: give them a runtime to register with.
-        wasmtime_wasi::runtime::with_ambient_tokio_runtime(|| fut.as_mut().poll(&mut cx))
+        in_tokio();
+        fut.as_mut().poll(&mut cx)
     }));
     match polled {
         Ok(p) => p,

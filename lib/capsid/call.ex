@@ -38,9 +38,21 @@ defmodule Capsid.Call do
   @doc false
   def call(target, function, args, opts) do
     {narrow, queue_timeout} = options!(opts)
-    go = fn -> run(target, function, args, narrow, queue_timeout, opts) end
 
-    if Telemetry.enabled?(), do: observed(target, function, go), else: go.() |> elem(0)
+    if Telemetry.enabled?() do
+      observed(target, function, fn -> run(target, function, args, narrow, queue_timeout, opts) end)
+    else
+      # The common case, a call that ends in its first step, without
+      # building the slow path's context (a visible share of a trivial call).
+      case Native.call_start(target, function, args, narrow) do
+        {:ok, value, _fuel} ->
+          {:ok, value}
+
+        status ->
+          ctx = context(target, function, args, narrow, queue_timeout, opts)
+          status |> started(ctx) |> elem(0)
+      end
+    end
   end
 
   @doc false
@@ -96,7 +108,15 @@ defmodule Capsid.Call do
   # them to another node), `{:here, remote_caller}` (never forwarded) or
   # `:dirty` (starts on a dirty scheduler, never forwarded).
   defp run(target, function, args, narrow, queue_timeout, how) do
-    ctx = %{
+    ctx = context(target, function, args, narrow, queue_timeout, how)
+
+    if how == :dirty,
+      do: step(Native.call_start_dirty(target, function, args, narrow), ctx),
+      else: start(ctx)
+  end
+
+  defp context(target, function, args, narrow, queue_timeout, how) do
+    %{
       target: target,
       function: function,
       args: args,
@@ -105,14 +125,13 @@ defmodule Capsid.Call do
       retries: @retries,
       how: how
     }
-
-    if how == :dirty,
-      do: step(Native.call_start_dirty(target, function, args, narrow), ctx),
-      else: start(ctx)
   end
 
-  defp start(ctx) do
-    case Native.call_start(ctx.target, ctx.function, ctx.args, ctx.narrow) do
+  defp start(ctx),
+    do: started(Native.call_start(ctx.target, ctx.function, ctx.args, ctx.narrow), ctx)
+
+  defp started(status, ctx) do
+    case status do
       {:ok, value, fuel} ->
         {{:ok, value}, fuel}
 
