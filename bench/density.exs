@@ -142,18 +142,22 @@ end
 
 {gs, life} = lifecycle.()
 
-idle =
-  for _ <- 1..50_000 do
-    spawn(fn ->
-      receive do
-        :stop -> :ok
-      end
-    end)
-  end
+# Inside a fun, so that the 50,000 pids are not kept in the script's binding.
+{gs50, life50} =
+  (fn ->
+     idle =
+       for _ <- 1..50_000 do
+         spawn(fn ->
+           receive do
+             :stop -> :ok
+           end
+         end)
+       end
 
-{gs50, life50} = lifecycle.()
-Enum.each(idle, &send(&1, :stop))
-idle = nil
+     result = lifecycle.()
+     Enum.each(idle, &send(&1, :stop))
+     result
+   end).()
 
 IO.puts("""
 ## Lifecycle: `Instance.start_link` + first `add` + `GenServer.stop`
