@@ -77,46 +77,59 @@ impl Work {
     }
 }
 
-/// One step of the path from `args` to the value being converted.
+/// One step of the path from `args` to the value being converted. Field
+/// and case names are the type's own (WIT, kebab-case), borrowed: they are
+/// written in Elixir's snake_case only when an error is rendered.
 #[derive(Debug, Clone)]
-pub enum Seg {
+pub enum Seg<'n> {
     Arg(usize),
-    Field(String),
+    Field(&'n str),
     Index(usize),
     Elem(usize),
-    Case(String),
+    Case(&'n str),
 }
 
 /// Path to the value being converted, rendered only when an error happens.
-#[derive(Debug, Default, Clone)]
-pub struct Path(Vec<Seg>);
+/// Building it allocates nothing until a value nests (a `String` per record
+/// field and a `Vec` per argument were a visible share of a trivial call).
+#[derive(Debug, Clone)]
+pub struct Path<'n> {
+    first: Seg<'n>,
+    rest: Vec<Seg<'n>>,
+}
 
-impl Path {
+impl<'n> Path<'n> {
     pub fn arg(i: usize) -> Self {
-        Path(vec![Seg::Arg(i)])
+        Path {
+            first: Seg::Arg(i),
+            rest: Vec::new(),
+        }
     }
 
-    pub fn root(label: &str) -> Self {
-        Path(vec![Seg::Field(label.to_string())])
+    pub fn root(label: &'n str) -> Self {
+        Path {
+            first: Seg::Field(label),
+            rest: Vec::new(),
+        }
     }
 
-    fn with<T>(&mut self, seg: Seg, f: impl FnOnce(&mut Self) -> T) -> T {
-        self.0.push(seg);
+    fn with<T>(&mut self, seg: Seg<'n>, f: impl FnOnce(&mut Self) -> T) -> T {
+        self.rest.push(seg);
         let out = f(self);
-        self.0.pop();
+        self.rest.pop();
         out
     }
 
     pub fn render(&self) -> String {
         let mut out = String::new();
-        for seg in &self.0 {
+        for seg in std::iter::once(&self.first).chain(&self.rest) {
             let _ = match seg {
                 Seg::Arg(i) => write!(out, "args[{i}]"),
-                Seg::Field(f) if out.is_empty() => write!(out, "{f}"),
-                Seg::Field(f) => write!(out, ".{f}"),
+                Seg::Field(f) if out.is_empty() => write!(out, "{}", kebab_to_snake(f)),
+                Seg::Field(f) => write!(out, ".{}", kebab_to_snake(f)),
                 Seg::Index(i) => write!(out, "[{i}]"),
                 Seg::Elem(i) => write!(out, ".{i}"),
-                Seg::Case(c) => write!(out, "({c})"),
+                Seg::Case(c) => write!(out, "({})", kebab_to_snake(c)),
             };
         }
         out
@@ -402,11 +415,11 @@ fn case_of(
 }
 
 /// Converts an Elixir value to a `Value` of the type `shape`.
-pub fn term_to_value(
+pub fn term_to_value<'n>(
     term: Term,
     shape: &Shape,
-    names: &Names,
-    path: &mut Path,
+    names: &'n Names,
+    path: &mut Path<'n>,
     work: &mut Work,
 ) -> ConvResult<Value> {
     work.spend(1)?;
@@ -556,8 +569,7 @@ pub fn term_to_value(
             for (id, fshape) in fields.iter() {
                 match term.map_get(names.atom(*id)) {
                     Ok(v) => {
-                        let key = kebab_to_snake(names.wit(*id));
-                        out.push(path.with(Seg::Field(key), |p| {
+                        out.push(path.with(Seg::Field(names.wit(*id)), |p| {
                             term_to_value(v, fshape, names, p, work)
                         })?);
                     }
@@ -618,22 +630,29 @@ pub fn term_to_value(
                 )));
             };
             let (id, case_shape) = &cases[index as usize];
-            let case = kebab_to_snake(names.wit(*id));
+            let wit = names.wit(*id);
+            let case = || kebab_to_snake(wit);
             match (case_shape, payload) {
                 (None, None) => Ok(Value::Case(index, None)),
                 (Some(s), Some(p)) => {
-                    let v = path.with(Seg::Case(case), |path| {
+                    let v = path.with(Seg::Case(wit), |path| {
                         term_to_value(p, s, names, path, work)
                     })?;
                     Ok(Value::Case(index, Some(Box::new(v))))
                 }
-                (None, Some(_)) => Err(path.fail(format!(
-                    "case :{case} has no payload; pass the atom :{case}"
-                ))),
-                (Some(s), None) => Err(path.fail(format!(
-                    "case :{case} carries a {}; pass {{:{case}, value}}",
-                    wit_name(s, names)
-                ))),
+                (None, Some(_)) => {
+                    let case = case();
+                    Err(path.fail(format!(
+                        "case :{case} has no payload; pass the atom :{case}"
+                    )))
+                }
+                (Some(s), None) => {
+                    let case = case();
+                    Err(path.fail(format!(
+                        "case :{case} carries a {}; pass {{:{case}, value}}",
+                        wit_name(s, names)
+                    )))
+                }
             }
         }
         Shape::Enum(cases) => {
@@ -737,7 +756,7 @@ pub fn term_to_value(
             match (slot, payload) {
                 (None, None) => Ok(Value::Case(index, None)),
                 (Some(s), Some(p)) => {
-                    let v = path.with(Seg::Case(label.into()), |path| {
+                    let v = path.with(Seg::Case(label), |path| {
                         term_to_value(p, s, names, path, work)
                     })?;
                     Ok(Value::Case(index, Some(Box::new(v))))
@@ -965,14 +984,14 @@ mod tests {
     #[test]
     fn paths_render_like_elixir_access() {
         let mut p = Path::arg(0);
-        p.0.push(Seg::Field("points".into()));
-        p.0.push(Seg::Index(2));
-        p.0.push(Seg::Field("x".into()));
-        assert_eq!(p.render(), "args[0].points[2].x");
+        p.rest.push(Seg::Field("points"));
+        p.rest.push(Seg::Index(2));
+        p.rest.push(Seg::Field("x-min"));
+        assert_eq!(p.render(), "args[0].points[2].x_min");
         let mut p = Path::arg(1);
-        p.0.push(Seg::Case("polygon".into()));
-        p.0.push(Seg::Elem(1));
-        assert_eq!(p.render(), "args[1](polygon).1");
+        p.rest.push(Seg::Case("many-sided"));
+        p.rest.push(Seg::Elem(1));
+        assert_eq!(p.render(), "args[1](many_sided).1");
         assert_eq!(Path::root("result").render(), "result");
     }
 
