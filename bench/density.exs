@@ -49,6 +49,28 @@ defmodule Capsid.Bench.Density do
     calls(pid, fun, arg, n - 1)
   end
 
+  # Instantiation alone, `n` times: `{create_ns, instantiate_ns}` each. The
+  # instance is created (options checked, imports linked), then its guest
+  # instantiated; each is dropped and collected before the next, so that
+  # its memory slot is reused as in a start/stop loop. There is no public
+  # call for this step alone (`Instance.start_link/1` adds the process and
+  # the registry), hence the two internal ones.
+  def instantiations(component, n) do
+    for _ <- 1..n do
+      times = instantiate_once(component)
+      :erlang.garbage_collect()
+      times
+    end
+  end
+
+  defp instantiate_once(component) do
+    t0 = :erlang.monotonic_time(:nanosecond)
+    {:ok, created} = Capsid.Instance.create(component: component)
+    t1 = :erlang.monotonic_time(:nanosecond)
+    :ok = Capsid.Call.warm(created.ref)
+    {t1 - t0, :erlang.monotonic_time(:nanosecond) - t1}
+  end
+
   def add(_pid, 0), do: :ok
 
   def add(pid, n) do
@@ -198,6 +220,21 @@ IO.puts("""
 | `ok(x)`: a trivial call of the same component | #{:erlang.float_to_binary(plain, decimals: 0)} ns | 1× |
 | `call-hook(x)`: calls the Elixir import `hook(x)` once (its runner process) | #{:erlang.float_to_binary(hook, decimals: 0)} ns | #{x.(hook, plain)} |
 | the same with `{fun, inline: true}` (in the calling process) | #{:erlang.float_to_binary(inline, decimals: 0)} ns | #{x.(inline, plain)} |
+""")
+
+# -- instantiation alone
+_ = Density.instantiations(component, 500)
+inst = Density.instantiations(component, 5_000)
+create_ns = inst |> Enum.map(&elem(&1, 0)) |> Measure.median()
+instantiate_ns = inst |> Enum.map(&elem(&1, 1)) |> Measure.median()
+
+IO.puts("""
+## Instantiation alone (the bench guest: 3 core modules, 17 core instances)
+
+| step (5,000 times, each instance dropped before the next) | median |
+|---|---|
+| create: options checked, imports linked, the store's settings | #{us.(create_ns)} µs |
+| instantiate: wasmtime's instantiation in a reused memory slot | #{us.(instantiate_ns)} µs |
 """)
 
 # -- two callers on two instances

@@ -124,6 +124,16 @@ defmodule Capsid.Instance do
   # before any process exists, so that a bad component is a plain error
   # return and never an exit signal. Pools prepare their members this way.
   def prepare(opts) do
+    with {:ok, created} <- create(opts),
+         :ok <- Capsid.Call.warm(created.ref),
+         do: {:ok, created}
+  end
+
+  @doc false
+  # The first half of `prepare/1`: the instance without its guest
+  # (`Capsid.Call.warm/1` instantiates it). Apart for `bench/density.exs`,
+  # which times instantiation alone.
+  def create(opts) do
     config = config!(opts)
 
     case Native.instance_new(
@@ -137,8 +147,7 @@ defmodule Capsid.Instance do
         # Only what the instance process needs: the component's type
         # information (tens of KB for a WASI component) would be copied
         # into every instance's heap.
-        with :ok <- Capsid.Call.warm(ref),
-             do: {:ok, %{ref: ref, id: id, limits: config.limits, hash: config.component.hash}}
+        {:ok, %{ref: ref, id: id, limits: config.limits, hash: config.component.hash}}
 
       {:error, {kind, message}} ->
         {:error, Error.new(kind, message)}
