@@ -445,8 +445,8 @@ thread_local! {
 /// runtime's handle, an `Arc` shared by every caller on every scheduler:
 /// two callers bounced its count between their cores on each call (2
 /// callers scaled 1.36-1.58x instead of 1.55-1.85x, and a call cost ~10 %
-/// more; interleaved runs of `bench/density.exs`'s loop). Each scheduler
-/// thread enters it once instead.
+/// more; interleaved runs of a two-caller `add` throughput loop). Each
+/// scheduler thread enters it once instead.
 fn in_tokio() {
     IN_TOKIO.with(|_| ());
 }
@@ -541,10 +541,10 @@ mod bench {
             let mut cx = Context::from_waker(Waker::noop());
             let _busy = crate::engine::Busy::enter();
             crate::abi::set_lift_allowance(1 << 20);
+            // As `poll_slice` does: the thread enters tokio once.
+            in_tokio();
             loop {
-                if let Poll::Ready(d) = wasmtime_wasi::runtime::with_ambient_tokio_runtime(|| {
-                    fut.as_mut().poll(&mut cx)
-                }) {
+                if let Poll::Ready(d) = fut.as_mut().poll(&mut cx) {
                     return d;
                 }
             }
