@@ -190,6 +190,14 @@ defmodule Capsid.CallTest do
         ~s(args[0].points[2].x: expected f64, got "a")
       )
 
+      # Kebab-case WIT fields are named as the caller wrote them.
+      assert_bad(
+        pid,
+        "echo-nested",
+        [%{nested | outcome: {:ok, <<>>}, points: [], maybe_maybe: {:some, "x"}}],
+        ~s(args[0].maybe_maybe: expected u32, got "x")
+      )
+
       assert_bad(
         pid,
         "echo-shape",
