@@ -123,13 +123,16 @@ defmodule Capsid do
       `config :capsid, :max_atoms_total`, default 100,000);
     * `:compiling` — compilations running now (`:max_concurrent_compiles`);
     * `:ticker_parked` — whether the epoch ticker is asleep (no call running);
-    * `:ticker_wakes` — how many times a call has woken the sleeping ticker.
+    * `:ticker_wakes` — how many times a call has woken the sleeping ticker;
+    * `:budgets` — the node budgets' use (`Capsid.Budget.info/0`);
+    * `:descriptor_limit` — the process's `RLIMIT_NOFILE`, which the
+      descriptors budget is drawn from.
 
       iex> %{mappings: m, atoms_created: a} = Capsid.info()
       iex> is_integer(m) and is_integer(a)
       true
   """
-  @spec info() :: %{atom() => non_neg_integer() | boolean()}
+  @spec info() :: %{atom() => non_neg_integer() | boolean() | map()}
   def info, do: Capsid.Native.node_info()
 
   ## Deployments

@@ -47,6 +47,8 @@ rustler::atoms! {
     instantiations,
     infinity,
     stale,
+    budget_process = "Elixir.Capsid.Budget",
+    capsid_resource_limit,
 }
 
 enum Slot {
@@ -625,10 +627,11 @@ impl InstanceResource {
         }
         let fuel = done.fuel_used;
         **slot = match done.live {
-            Some(live) => Slot::Ready(live),
-            None => Slot::Empty,
+            Some(live) if !this.is_retired() => Slot::Ready(live),
+            _ => Slot::Empty,
         };
         Self::release(this, env);
+        Self::report_refusals(this, env);
         let trap_stderr = match &done.outcome {
             Err(Failure::Trap(t)) => Some(t.stderr.as_slice()),
             _ => None,
@@ -645,6 +648,29 @@ impl InstanceResource {
         match output {
             Some(o) => make_tuple(env, &[reply[0], reply[1], reply[2], o]),
             None => make_tuple(env, &reply),
+        }
+    }
+
+    /// Tells `Capsid.Budget` which node budgets (or the instance's own
+    /// share of them) the call that just ended met: `{:capsid_resource_limit,
+    /// budget, instance, caller, in_use, limit}`. Nothing is sent when none
+    /// was (one relaxed load per call).
+    fn report_refusals(this: &ResourceArc<Self>, env: Env) {
+        for budget in this.shared.refused.take() {
+            let Some(to) = env.whereis_pid(budget_process()) else {
+                continue;
+            };
+            let name = rustler::Atom::from_str(env, budget.name).map(|a| a.encode(env));
+            let instance = *lock(&this.owner);
+            let message = [
+                capsid_resource_limit().encode(env),
+                name.unwrap_or_else(|_| budget.name.encode(env)),
+                instance.encode(env),
+                env.pid().encode(env),
+                budget.in_use().encode(env),
+                budget.limit().encode(env),
+            ];
+            let _ = env.send(&to, make_tuple(env, &message));
         }
     }
 
@@ -923,6 +949,17 @@ impl InstanceResource {
             }
             let _ = env.send(&w.pid, (capsid_turn(), this.id));
         }
+        // An idle store goes now, with its memory, descriptors and host
+        // terms, not when the last process that called the instance happens
+        // to collect its garbage (a running call's store goes when it ends).
+        let idle = {
+            let mut slot = lock(&this.slot);
+            match &*slot {
+                Slot::Ready(_) => std::mem::replace(&mut *slot, Slot::Empty),
+                _ => Slot::Empty,
+            }
+        };
+        drop(idle);
     }
 
     /// The instance's limits narrowed by per-call options (`None` keeps the

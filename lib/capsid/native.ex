@@ -21,7 +21,7 @@ defmodule Capsid.Native do
   def component_compile(_bytes, _cache, _flavor, _limits, _budget, _tag), do: nif_error()
   def cache_info(_dir), do: nif_error()
   def cache_clear(_dir), do: nif_error()
-  def node_configure(_address_space_limit), do: nif_error()
+  def node_configure(_settings), do: nif_error()
   def node_info, do: nif_error()
   def component_wit(_bytes), do: nif_error()
   def wit_dir(_dir, _world), do: nif_error()
