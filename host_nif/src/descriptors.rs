@@ -22,6 +22,7 @@
 
 use crate::budget::{DESCRIPTORS, Refused};
 use std::collections::HashMap;
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use wasmtime::component::{Linker, Resource, ResourceType};
@@ -111,6 +112,21 @@ pub trait Holder {
     fn held(&mut self) -> &mut Held;
 }
 
+/// Whether `descriptor` took one of the last `DESCRIPTOR_RESERVE` numbers
+/// below `RLIMIT_NOFILE`. The kernel hands out the lowest free number, so
+/// one that high means every lower one is taken: the process as a whole
+/// (guests and the VM's own use together) is about to run out, whatever the
+/// budget says. The guest gives it back at once.
+fn near_exhaustion(descriptor: &Descriptor) -> bool {
+    let fd = match descriptor {
+        Descriptor::File(f) => f.file.as_raw_fd(),
+        Descriptor::Dir(d) => d.dir.as_raw_fd(),
+    };
+    u64::try_from(fd).is_ok_and(|fd| {
+        fd >= crate::budget::descriptor_limit().saturating_sub(crate::budget::DESCRIPTOR_RESERVE)
+    })
+}
+
 const TYPES: &str = "wasi:filesystem/types@0.2.12";
 
 /// Replaces wasmtime-wasi's `open-at` and `descriptor` destructor (already
@@ -134,13 +150,20 @@ pub fn add_to_linker<T: WasiView + Holder + 'static>(
                 let Some(permit) = store.data_mut().held().account.acquire() else {
                     return Ok((Err(ErrorCode::InsufficientMemory),));
                 };
-                let opened = {
+                let (opened, reserve_hit) = {
                     let mut view = store.data_mut().filesystem();
                     match view.open_at(fd, path_flags, path, open_flags, flags).await {
-                        Ok(new) => Ok(new),
-                        Err(e) => Err(view.convert_error_code(e)?),
+                        Ok(new) if near_exhaustion(view.table.get(&new)?) => {
+                            view.table.delete(new)?;
+                            (Err(ErrorCode::InsufficientMemory), true)
+                        }
+                        Ok(new) => (Ok(new), false),
+                        Err(e) => (Err(view.convert_error_code(e)?), false),
                     }
                 };
+                if reserve_hit {
+                    store.data_mut().held().account.refused.note(&DESCRIPTORS);
+                }
                 if let Ok(new) = &opened {
                     store.data_mut().held().opened.insert(new.rep(), permit);
                 }
