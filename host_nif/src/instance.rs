@@ -986,7 +986,11 @@ impl InstanceResource {
     /// first call instantiates it with them (a hot swap's rehearsal).
     pub fn copy_state(this: &ResourceArc<Self>, env: Env, copy: &Self) -> Result<(), Error> {
         let pid = env.pid();
-        if !lock(&this.control).owner.as_ref().is_some_and(|o| o.pid == pid) {
+        if lock(&this.control)
+            .owner
+            .as_ref()
+            .is_none_or(|o| o.pid != pid)
+        {
             return Err(Error::Internal(
                 "copying an instance's state needs its turn (hold it first)".into(),
             ));
