@@ -149,8 +149,12 @@ defmodule Capsid do
   (skip the compatibility check), `:cache`, `:guard_pages` and
   `:fuel_metering` (as in `Capsid.Component.load/2`, for a path or bytes),
   `:watch` (redeploy when the file changes; polled every `:watch_interval`
-  ms, default 1000). Options given to an upgrade are merged into the
-  deployment's.
+  ms, default 1000), and for an upgrade that shrinks a pool whose state
+  moves (`capsid:host/lifecycle`), `merge: fn snapshots -> states end` or
+  `drop_state: true` (refused otherwise; see "State across a swap" in
+  `Capsid.Deployment`). Options given to an upgrade are merged into the
+  deployment's, except `:merge` and `:drop_state`, which apply to that
+  upgrade only.
 
   `:nodes` (a list of connected nodes, or `:all`) deploys on each of them
   at once, over Erlang distribution: see `Capsid.Cluster` for the steps
