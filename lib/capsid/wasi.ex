@@ -52,12 +52,28 @@ defmodule Capsid.WASI do
       `:discard` (the default; stderr still comes with a trap as
       `Capsid.Trap`'s `stderr`), `:capture` (kept by the instance, the
       newest 64 KiB per stream, in `Capsid.Instance.info/1`'s `:stdout` and
-      `:stderr`), `:logger` or `{:logger, level}` (a log event per call and
-      stream, default level `:info`, with metadata `capsid_instance` and
-      `capsid_stream`), or `{:send, pid}` (`{:capsid_output, instance,
-      :stdout | :stderr, bytes}` per call and stream). A call keeps at most
+      `:stderr`), `:logger` or `{:logger, level}` (a log event per line the
+      guest wrote, default level `:info`, with metadata `capsid_instance`
+      and `capsid_stream`; see "Output to the log" below), or `{:send, pid}`
+      (`{:capsid_output, instance, :stdout | :stderr, bytes}` per call and
+      stream). A call keeps at most
       64 KiB per stream; what a guest writes beyond is dropped and counted
       (`[capsid: N more bytes dropped]`).
+
+  ## Output to the log
+
+  With `:logger`, what the guest writes is text for people to read, not
+  data, and the guest must not be able to forge the log around it: each line
+  (split at `\\n`; a trailing `\\r` and empty lines left out) is one event,
+  at most 1,000 events per call and stream (then one
+  `[capsid: N more lines dropped]`). Within a line, tab and printable UTF-8
+  stay as they are; ESC shows as `\\e`, other control characters (C0, DEL) as
+  `\\xNN`, C1 controls, line/paragraph separators and bidi overrides as
+  `\\u{NNNN}`, and a byte that is not UTF-8 as `\\xNN`, so no event holds a
+  raw newline or escape sequence. A line longer than 4 KiB (escaped) ends
+  with `… [capsid: N more bytes]`. A backslash the guest wrote stays a
+  backslash: `\\e` in the log may be the guest's own two characters. Use
+  `:capture` or `{:send, pid}` for the exact bytes.
 
   A guest that calls `exit` ends its call with `%Capsid.Trap{kind: :exit}`
   and its `status` (WASI 0.2's `exit` takes success or failure, so the host
@@ -73,6 +89,10 @@ defmodule Capsid.WASI do
   @keys [:env, :args, :dirs, :stdin, :clock, :random, :stdout, :stderr, :http]
   @max_response_body 16 * 1024 * 1024
   @levels [:debug, :info, :notice, :warning, :error]
+  # `stdout: :logger`: the longest line one log event shows (bytes, escaped),
+  # and the most events one call's stream makes.
+  @max_log_line 4096
+  @max_log_lines 1000
 
   @type dir :: {Path.t(), String.t(), :read_only | :read_write}
   @type option ::
@@ -139,15 +159,69 @@ defmodule Capsid.WASI do
   defp route(:capture, instance, stream, bytes) when is_pid(instance),
     do: send(instance, {:"$capsid_output", stream, bytes})
 
+  # One event per line the guest wrote, each safe to print (`log_line/1`):
+  # a guest cannot make one event look like several, or colour the log.
   defp route({:logger, level}, instance, stream, bytes) do
     require Logger
-    Logger.log(level, bytes, capsid_instance: instance, capsid_stream: stream)
+    meta = [capsid_instance: instance, capsid_stream: stream]
+
+    lines =
+      bytes
+      |> :binary.split("\n", [:global])
+      |> Enum.reject(&(&1 in ["", "\r"]))
+
+    {logged, dropped} = Enum.split(lines, @max_log_lines)
+    Enum.each(logged, &Logger.log(level, log_line(&1), meta))
+
+    if dropped != [] do
+      Logger.log(level, "[capsid: #{length(dropped)} more lines dropped]", meta)
+    end
   end
 
   defp route({:send, pid}, instance, stream, bytes),
     do: send(pid, {:capsid_output, instance, stream, bytes})
 
   defp route(_mode, _instance, _stream, _bytes), do: :ok
+
+  # A line of guest output as one log event shows it: valid UTF-8 as is,
+  # except what a terminal or log viewer acts on: control characters but
+  # tab (C0, DEL, C1: ESC as `\e`, others as `\xNN` or `\u{NN}`), line and
+  # paragraph separators, and bidi overrides; a byte that is not UTF-8 as
+  # `\xNN`; at most `@max_log_line` bytes, then how many were left out.
+  defp log_line(line) do
+    line =
+      if String.ends_with?(line, "\r"), do: binary_part(line, 0, byte_size(line) - 1), else: line
+
+    escape(line, [], 0)
+  end
+
+  defp escape(<<>>, acc, _size), do: acc |> Enum.reverse() |> IO.iodata_to_binary()
+
+  defp escape(rest, acc, size) when size >= @max_log_line,
+    do: escape(<<>>, acc, size) <> "… [capsid: #{byte_size(rest)} more bytes]"
+
+  defp escape(<<c::utf8, rest::binary>>, acc, size) do
+    piece = escape_char(c)
+    escape(rest, [piece | acc], size + byte_size(piece))
+  end
+
+  defp escape(<<byte, rest::binary>>, acc, size) do
+    piece = hex(byte)
+    escape(rest, [piece | acc], size + byte_size(piece))
+  end
+
+  defp escape_char(?\t), do: "\t"
+  defp escape_char(?\e), do: "\\e"
+  defp escape_char(c) when c < 0x20 or c == 0x7F, do: hex(c)
+
+  defp escape_char(c)
+       when c in 0x80..0x9F or c in 0x2028..0x2029 or c in 0x202A..0x202E or
+              c in 0x2066..0x2069,
+       do: "\\u{" <> Integer.to_string(c, 16) <> "}"
+
+  defp escape_char(c), do: <<c::utf8>>
+
+  defp hex(byte), do: "\\x" <> String.pad_leading(Integer.to_string(byte, 16), 2, "0")
 
   defp env!(env) when is_map(env), do: env |> Enum.sort() |> env!()
 

@@ -241,6 +241,14 @@ defmodule Capsid.WASITest do
                end)
 
       assert event == "#{tag} a\\xFF\\xC3b\\u{202E}evil"
+
+      # Many short lines: at most 1,000 events per call and stream.
+      many = String.duplicate("#{tag}\n", 1_500)
+      logged = events(tag, fn -> Capsid.call!(pid, "say", [many, ""]) end)
+      assert length(logged) == 1_000
+
+      assert ExUnit.CaptureLog.capture_log(fn -> Capsid.call!(pid, "say", [many, ""]) end) =~
+               "[capsid: 500 more lines dropped]"
     end
   end
 
