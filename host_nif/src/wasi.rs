@@ -33,6 +33,8 @@ pub struct Grant<'a> {
     /// `{stdout_kept, stderr_kept, spec}`: which streams Elixir wants after
     /// each call, and how to route them (`Capsid.WASI.deliver/1`).
     pub output: (bool, bool, Term<'a>),
+    /// Host paths of the preopens granted with `symlinks: false`.
+    no_symlinks: Vec<String>,
 }
 
 #[derive(Default)]
@@ -47,6 +49,8 @@ pub struct WasiConfig {
     clock: Option<Duration>,
     seed: Option<u64>,
     pub http: Arc<Outbound>,
+    /// The preopens the guest may not create symlinks in (`symlinks`).
+    pub symlinks: crate::symlinks::Guarded,
 }
 
 impl From<Grant<'_>> for WasiConfig {
@@ -64,6 +68,7 @@ impl From<Grant<'_>> for WasiConfig {
                 allow: g.http.0,
                 max_body: g.http.1,
             }),
+            symlinks: crate::symlinks::Guarded::new(g.no_symlinks),
         }
     }
 }

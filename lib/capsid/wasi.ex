@@ -21,12 +21,14 @@ defmodule Capsid.WASI do
 
     * `:env` — a map (or keyword list) of strings: the guest's environment.
     * `:args` — a list of strings: the guest's command-line arguments.
-    * `:dirs` — `{host_path, guest_path, :read_only | :read_write}` each: the
+    * `:dirs` — `{host_path, guest_path, :read_only | :read_write}` each, or
+      with options, `{host_path, guest_path, mode, symlinks: false}`: the
       host directory is the guest's `guest_path` (say `"/data"`). The guest
       cannot leave it: `..`, absolute host paths and symlinks that point out
       are refused (wasmtime-wasi resolves every path inside the directory).
       `:read_only` refuses writing, creating, renaming and deleting. The host
-      directory must exist when the instance starts.
+      directory must exist when the instance starts. See "Symlinks" below
+      for what a guest may leave behind in a `:read_write` directory.
     * `:stdin` — bytes the guest reads from stdin (each store, so after a
       recycle the guest reads them again).
     * `:clock` — `:real` (default) or `{:fixed, %DateTime{}}`: the wall
@@ -59,6 +61,32 @@ defmodule Capsid.WASI do
       stream). A call keeps at most
       64 KiB per stream; what a guest writes beyond is dropped and counted
       (`[capsid: N more bytes dropped]`).
+
+  ## Symlinks
+
+  In a `:read_write` directory a guest can create a symlink (wasi:filesystem's
+  `symlink-at`) whose target is relative and points out of the directory,
+  like `../../etc/passwd` (an absolute target is refused). The guest itself
+  can never follow it out: wasmtime-wasi (cap-std) resolves every path the
+  guest uses inside the directory and refuses a symlink that leaves it. The
+  host is not so confined: a host program that later reads the directory
+  with ordinary file functions (`File.read/1`, a backup, a web server
+  serving it) follows the link to wherever it points, with the host's
+  rights. So by default, treat what a guest leaves in a read-write directory
+  as hostile: read it with `File.lstat/1` first, or grant the directory
+  with `symlinks: false`:
+
+      dirs: [{"/srv/uploads", "/uploads", :read_write, symlinks: false}]
+
+  With `symlinks: false` the guest cannot create a symlink in that directory
+  or anywhere below it (also through a subdirectory it opened, or through
+  another granted directory that lies inside it): `symlink-at` answers
+  `not-permitted`. Nor can it bring one in from elsewhere: a hard link or a
+  rename into it from a directory outside it (another grant) is refused with
+  `not-permitted`, whatever the entry is. Symlinks the host itself put there
+  stay, and the guest cannot follow them out either. Everything else the
+  directory grants works as before. The default (`symlinks: true`) is
+  wasmtime-wasi's behaviour, unchanged.
 
   ## Output to the log
 
@@ -94,7 +122,9 @@ defmodule Capsid.WASI do
   @max_log_line 4096
   @max_log_lines 1000
 
-  @type dir :: {Path.t(), String.t(), :read_only | :read_write}
+  @type dir ::
+          {Path.t(), String.t(), :read_only | :read_write}
+          | {Path.t(), String.t(), :read_only | :read_write, [symlinks: boolean()]}
   @type option ::
           {:env, %{String.t() => String.t()} | [{String.t(), String.t()}]}
           | {:args, [String.t()]}
@@ -113,12 +143,13 @@ defmodule Capsid.WASI do
   @spec native!([option()]) :: tuple()
   def native!(opts) when is_list(opts) do
     Capsid.Options.validate!(opts, @keys, "the :wasi option")
+    dirs = Enum.map(list!(Keyword.get(opts, :dirs, []), :dirs), &dir!/1)
 
     {env!(Keyword.get(opts, :env, [])), strings!(Keyword.get(opts, :args, []), :args),
-     Enum.map(list!(Keyword.get(opts, :dirs, []), :dirs), &dir!/1),
+     Enum.map(dirs, fn {host, guest, read_only, _symlinks} -> {host, guest, read_only} end),
      stdin!(Keyword.get(opts, :stdin)), clock!(Keyword.get(opts, :clock, :real)),
      random!(Keyword.get(opts, :random, :secure)), http!(Keyword.get(opts, :http, [])),
-     output!(opts)}
+     output!(opts), for({host, _, _, false} <- dirs, do: host)}
   end
 
   def native!(other) do
@@ -267,8 +298,24 @@ defmodule Capsid.WASI do
           "invalid value for wasi: [#{key}: ...]: expected a list, got #{inspect(other)}"
   end
 
-  defp dir!({host, guest, mode} = dir)
-       when is_binary(host) and is_binary(guest) and mode in [:read_only, :read_write] do
+  defp dir!({host, guest, mode}), do: dir!({host, guest, mode, []})
+
+  defp dir!({host, guest, mode, opts} = dir)
+       when is_binary(host) and is_binary(guest) and mode in [:read_only, :read_write] and
+              is_list(opts) do
+    Capsid.Options.validate!(opts, [:symlinks], "a directory's options in wasi: [dirs: ...]")
+
+    symlinks =
+      case Keyword.get(opts, :symlinks, true) do
+        allow when is_boolean(allow) ->
+          allow
+
+        other ->
+          raise ArgumentError,
+                "invalid value for symlinks: in wasi: [dirs: ...]: expected true or false, " <>
+                  "got #{inspect(other)} (in #{inspect(dir)})"
+      end
+
     unless File.dir?(host) do
       raise ArgumentError,
             "invalid directory in wasi: [dirs: ...]: #{inspect(host)} does not exist " <>
@@ -281,13 +328,14 @@ defmodule Capsid.WASI do
               "must be absolute, like \"/data\""
     end
 
-    {Path.expand(host), guest, mode == :read_only}
+    {Path.expand(host), guest, mode == :read_only, symlinks}
   end
 
   defp dir!(other) do
     raise ArgumentError,
           "invalid value in wasi: [dirs: ...]: expected {host_path, guest_path, " <>
-            ":read_only | :read_write}, got #{inspect(other)}"
+            ":read_only | :read_write} or {host_path, guest_path, :read_only | :read_write, " <>
+            "symlinks: false}, got #{inspect(other)}"
   end
 
   defp stdin!(nil), do: nil
