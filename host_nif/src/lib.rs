@@ -42,6 +42,7 @@ mod resource;
 mod run;
 mod shape;
 mod stdio;
+mod symlinks;
 mod types;
 mod value;
 mod wasi;
