@@ -27,8 +27,9 @@ defmodule Capsid.Cluster do
   caller gets a `%Capsid.Trap{kind: :timeout}` and the remote call is
   stopped. With or without a `:timeout`, the caller waits no longer than
   what the remote instance's own limits allow (its `:queue_timeout` plus
-  its `:timeout`, narrowed by the call's options) plus a margin of 2 s, and
-  a node has 2 s to take the call at all: a node that froze (SIGSTOP, a
+  its `:timeout`, narrowed by the call's options) plus a margin of 2 s (and
+  1 ms per 10 KB of arguments or result, for their time on the wire), and
+  a node has as long to take the call at all: a node that froze (SIGSTOP, a
   stalled VM) or is cut off gives the caller `{:error, %Capsid.Error{kind:
   :timeout}}` naming the node, and the call is stopped there (when it
   wakes up), instead of a wait until Erlang distribution declares the node
@@ -91,6 +92,9 @@ defmodule Capsid.Cluster do
   # and result conversions, the trip back, a busy node. Also how long a
   # node has to take a call at all.
   @margin 2_000
+  # Large arguments and results take time on the wire: the margin grows by
+  # 1 ms per 10 KB (10 MB/s, a slow link).
+  @bytes_per_ms 10_000
   # How long a versions/undeploy request waits for one node.
   @query_timeout 15_000
 
@@ -228,10 +232,10 @@ defmodule Capsid.Cluster do
       pid: nil,
       own: own,
       own_deadline: deadline(now, own),
-      # Until the node says what its instance allows, it has @margin to
-      # acknowledge the call at all.
+      # Until the node says what its instance allows, it has @margin (and
+      # the time its arguments take on the wire) to acknowledge the call.
       bound: nil,
-      bound_deadline: now + @margin
+      bound_deadline: now + @margin + div(:erlang.external_size(args), @bytes_per_ms)
     }
 
     result = await(waiting)
@@ -268,6 +272,12 @@ defmodule Capsid.Cluster do
       {^reply_to, :bound, bound} ->
         now = System.monotonic_time(:millisecond)
         await(%{w | bound: bound, bound_deadline: deadline(now, plus(bound, @margin))})
+
+      # A large result is on its way: its time on the wire is added.
+      {^reply_to, :sending, size} ->
+        now = System.monotonic_time(:millisecond)
+        extended = deadline(now, @margin + div(size, @bytes_per_ms))
+        await(%{w | bound_deadline: max_deadline(w.bound_deadline, extended)})
 
       {^reply_to, :result, result} ->
         Process.demonitor(req, [:flush])
@@ -347,8 +357,8 @@ defmodule Capsid.Cluster do
   defp timeout_error(%{bound: nil} = w) do
     Error.new(
       :timeout,
-      "node #{w.node} did not take the call within #{@margin} ms (frozen, overloaded or " <>
-        "cut off?); the call was abandoned there"
+      "node #{w.node} did not take the call within #{@margin} ms (plus 1 ms per 10 KB of " <>
+        "arguments): frozen, overloaded or cut off?; the call was abandoned there"
     )
   end
 
@@ -366,6 +376,9 @@ defmodule Capsid.Cluster do
 
   defp plus(:infinity, _), do: :infinity
   defp plus(a, b), do: a + b
+
+  defp max_deadline(:infinity, _), do: :infinity
+  defp max_deadline(a, b), do: max(a, b)
 
   defp min_deadline(:infinity, b), do: b
   defp min_deadline(a, :infinity), do: a
@@ -393,7 +406,10 @@ defmodule Capsid.Cluster do
   # limits, narrowed by the call's options), then answers.
   def serve(caller, reply_to, target, function, args, opts) do
     send(reply_to, {reply_to, :bound, bound(target, opts)})
-    send(reply_to, {reply_to, :result, serve_here(caller, target, function, args, opts)})
+    result = serve_here(caller, target, function, args, opts)
+    size = :erlang.external_size(result)
+    if size > 1_000_000, do: send(reply_to, {reply_to, :sending, size})
+    send(reply_to, {reply_to, :result, result})
   end
 
   defp serve_here(caller, target, function, args, opts) do
