@@ -349,6 +349,25 @@ defmodule Capsid.HTTP.ServerTest do
     end
   end
 
+  @tag server: [max_connections: 2]
+  test "connections beyond :max_connections get a 503 and are closed", %{url: url} do
+    %URI{port: port} = URI.parse(url)
+
+    open =
+      for _ <- 1..2, do: elem(:gen_tcp.connect({127, 0, 0, 1}, port, [:binary, active: false]), 1)
+
+    # The server has counted both once the third is answered.
+    Process.sleep(100)
+    assert {:closed, response} = raw(url, "GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert response =~ ~r/\AHTTP\/1\.1 503 /
+    Enum.each(open, &:gen_tcp.close/1)
+
+    Capsid.TestHelpers.wait_until(
+      fn -> match?({:closed, "HTTP/1.1 200 " <> _}, raw(url, "GET / HTTP/1.0\r\n\r\n")) end,
+      5_000
+    )
+  end
+
   test "100 requests in a row, each on a fresh instance", %{url: url} do
     for i <- 1..100 do
       assert {200, _, "hello from js v1"} = request(:get, url <> "/"), "request #{i}"
