@@ -278,6 +278,56 @@ pub fn classify(err: &wasmtime::Error, stderr: Vec<u8>) -> TrapInfo {
     }
 }
 
+/// Bytes kept of a message that an import or a guest provides (a trap's
+/// message, its stderr, a frame's name): a trap is not a channel for
+/// megabytes, and copying them would hold the scheduler that encodes it.
+pub const MAX_MESSAGE: usize = 4096;
+
+/// Room for the note that says how much was left out: a text bounded
+/// once (by Elixir, or by a previous step) is not cut again.
+const NOTE: usize = 64;
+
+/// `bytes` as text, cut to its first `max` bytes (at a character boundary)
+/// with how many were left out: "… N bytes more". Invalid UTF-8 is
+/// replaced, never a reason to lose the message.
+pub fn bounded(bytes: &[u8], max: usize) -> String {
+    if bytes.len() <= max + NOTE {
+        return String::from_utf8_lossy(bytes).into_owned();
+    }
+    let mut cut = max;
+    while cut > 0 && bytes[cut] & 0xC0 == 0x80 {
+        cut -= 1;
+    }
+    format!(
+        "{}… {} bytes more",
+        String::from_utf8_lossy(&bytes[..cut]),
+        bytes.len() - cut
+    )
+}
+
+/// A guest's output kept whole up to `max` bytes, or else its first and
+/// last `max / 2` (a panic's message comes last) with how many bytes
+/// were left out between them.
+pub fn bounded_output(bytes: &[u8], max: usize) -> String {
+    if bytes.len() <= max {
+        return String::from_utf8_lossy(bytes).into_owned();
+    }
+    let mut end = max / 2;
+    while end > 0 && bytes[end] & 0xC0 == 0x80 {
+        end -= 1;
+    }
+    let mut start = bytes.len() - max / 2;
+    while start < bytes.len() && bytes[start] & 0xC0 == 0x80 {
+        start += 1;
+    }
+    format!(
+        "{}… {} bytes more …{}",
+        String::from_utf8_lossy(&bytes[..end]),
+        start - end,
+        String::from_utf8_lossy(&bytes[start..])
+    )
+}
+
 /// Rust symbol names as people read them: `faulty::recurse`, not
 /// `_ZN6faulty7recurse17hc3e4484b645d37e3E`. Other names pass through.
 pub fn demangle(name: &str) -> String {
@@ -326,6 +376,22 @@ mod tests {
             "faulty::recurse"
         );
         assert_eq!(demangle("hit-unreachable"), "hit-unreachable");
+    }
+
+    #[test]
+    fn long_messages_are_bounded_at_a_character_boundary() {
+        assert_eq!(bounded(b"short", 8), "short");
+        let long = "x".repeat(100);
+        assert_eq!(bounded(long.as_bytes(), 4), "xxxx\u{2026} 96 bytes more");
+        // Bounded once, with its note: not cut again.
+        let once = bounded(long.as_bytes(), 4);
+        assert_eq!(bounded(once.as_bytes(), 4), once);
+        // "é" is two bytes: a cut inside it keeps it whole out.
+        let accents = format!("abc{}", "é".repeat(50));
+        assert_eq!(bounded(accents.as_bytes(), 4), "abc\u{2026} 100 bytes more");
+        assert_eq!(bounded(b"\xff\xfe", 8), "\u{fffd}\u{fffd}");
+        let out = bounded_output(b"0123456789panic!", 8);
+        assert_eq!(out, "0123\u{2026} 8 bytes more \u{2026}nic!");
     }
 
     #[test]

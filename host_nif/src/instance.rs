@@ -8,7 +8,7 @@
 use crate::component::{ComponentResource, Link};
 use crate::convert::{Conv, Path, Work, binary, term_to_value, value_to_term};
 use crate::error::lock;
-use crate::error::{Error, Failure, TrapInfo, TrapKind};
+use crate::error::{Error, Failure, MAX_MESSAGE, TrapInfo, TrapKind, bounded, bounded_output};
 use crate::host::{ImportCall, Shared};
 use crate::imports;
 use crate::limits::Limits;
@@ -851,8 +851,10 @@ impl InstanceResource {
                     }
                 }
             },
+            // Bounded before it is copied: an import may raise with megabytes.
             Some([_, message]) if message.get_type() == TermType::Binary => Err(message
-                .decode::<String>()
+                .decode::<rustler::Binary>()
+                .map(|b| bounded(b.as_slice(), MAX_MESSAGE))
                 .unwrap_or_else(|_| format!("import {:?} failed", info.name))),
             _ => Err(format!("import {:?} failed", info.name)),
         };
@@ -1067,13 +1069,21 @@ pub fn encode_trap<'a>(env: Env<'a>, t: &TrapInfo, fuel: u64) -> Term<'a> {
 }
 
 /// `{kind | {:exit, status}, message, backtrace, stderr}`.
+/// Strings a guest (or an import) provides are bounded here, whatever made
+/// the trap (see `error::bounded`).
 fn trap_info<'a>(env: Env<'a>, t: &TrapInfo) -> Term<'a> {
-    let stderr = String::from_utf8_lossy(&t.stderr).into_owned();
+    let stderr = bounded_output(&t.stderr, MAX_MESSAGE);
+    let message = bounded(t.message.as_bytes(), MAX_MESSAGE);
+    let backtrace: Vec<String> = t
+        .backtrace
+        .iter()
+        .map(|frame| bounded(frame.as_bytes(), 256))
+        .collect();
     let kind = match t.status {
         Some(status) => (t.kind.atom(), status).encode(env),
         None => t.kind.atom().encode(env),
     };
-    (kind, t.message.as_str(), &t.backtrace, stderr).encode(env)
+    (kind, message, backtrace, stderr).encode(env)
 }
 
 /// Creates an instance resource: links the component's imports (WASI plus

@@ -5,10 +5,13 @@ defmodule Capsid.Imports do
   # host_nif/src/imports.rs).
   #
   # An import runs in a runner process that belongs to the calling process:
-  # started on first use, linked to the caller (so it dies with it, even in
-  # the middle of an import), reused by the caller's later imports (a message
-  # round trip instead of a spawn), and killed when an import overruns the
-  # call's deadline.
+  # started on first use, killed with the caller (even in the middle of an
+  # import), reused by the caller's later imports (a message round trip
+  # instead of a spawn), and killed when an import overruns the call's
+  # deadline. The runner is not linked to the caller: an import that kills
+  # its runner (or a process linked to it that crashes) must end in an
+  # `:import_failed` trap, not take the caller down. A guard process linked
+  # to the caller, trapping exits, kills the runner when the caller dies.
 
   alias Capsid.{Component, Native}
 
@@ -178,7 +181,13 @@ defmodule Capsid.Imports do
 
       {:DOWN, ^mref, :process, ^pid, reason} ->
         Process.delete(@runner)
-        answer(ref, token, {:error, "the import's process died: #{inspect(reason)}"})
+
+        answer(
+          ref,
+          token,
+          {:error, bounded("the import's runner process exited: #{inspect(reason)}")}
+        )
+
         :answered
     after
       timeout ->
@@ -202,24 +211,45 @@ defmodule Capsid.Imports do
       nil ->
         caller = self()
         callers = [caller | Process.get(:"$callers", [])]
-        pid = spawn_link(fn -> init_runner(callers) end)
-        runner = {pid, Process.monitor(pid)}
-        Process.put(@runner, runner)
-        runner
+        {pid, mref} = spawn_monitor(fn -> init_runner(callers) end)
+        spawn(fn -> guard(caller, pid) end)
+        Process.put(@runner, {pid, mref})
+        {pid, mref}
     end
   end
 
   defp stop_runner(pid, mref) do
     Process.delete(@runner)
-    # Unlinked first, so that killing it does not take the caller along.
-    Process.unlink(pid)
     Process.demonitor(mref, [:flush])
     Process.exit(pid, :kill)
   end
 
-  # The link kills the runner if the caller dies abnormally, even in the
-  # middle of an import; the monitor ends it when the caller exits normally
-  # (a `:normal` exit signal does not stop a linked process).
+  # Kills `runner` if `caller` dies abnormally, even in the middle of an
+  # import (the runner itself, busy running it, cannot notice); ends with
+  # the runner. Linked to the caller only once it traps exits, so it never
+  # misses the caller's death (a caller already dead: `:noproc`), and
+  # unlinked before it ends, so that a caller that traps exits gets no
+  # `{:EXIT, ...}` message from it.
+  defp guard(caller, runner) do
+    Process.flag(:trap_exit, true)
+    mref = Process.monitor(runner)
+    Process.link(caller)
+
+    receive do
+      {:EXIT, ^caller, :normal} ->
+        :ok
+
+      {:EXIT, ^caller, _reason} ->
+        Process.exit(runner, :kill)
+
+      {:DOWN, ^mref, :process, _, _} ->
+        Process.unlink(caller)
+    end
+  end
+
+  # The monitor ends the runner when the caller exits normally (the caller
+  # is then not waiting on an import); the guard above, when it dies
+  # abnormally.
   defp init_runner([caller | _] = callers) do
     Process.put(:"$callers", callers)
     loop(caller, Process.monitor(caller))
@@ -277,12 +307,34 @@ defmodule Capsid.Imports do
   end
 
   @doc false
-  # `{:ok, result}`, or `{:error, message}` for a raise, throw or exit.
+  # `{:ok, result}`, or `{:error, message}` for a raise, throw or exit
+  # (bounded: a trap's message is not a channel for megabytes).
   def invoke(fun, args) do
     {:ok, apply(fun, args)}
   rescue
-    e -> {:error, Exception.message(e)}
+    e -> {:error, bounded(Exception.message(e))}
   catch
-    kind, reason -> {:error, Exception.format_banner(kind, reason)}
+    kind, reason -> {:error, bounded(Exception.format_banner(kind, reason))}
+  end
+
+  @max_message 4096
+
+  @doc false
+  # `message` cut to its first #{@max_message} bytes (at a character
+  # boundary) plus how much was left out, before anything copies it into
+  # the NIF or a trap. The NIF bounds what reaches it the same way.
+  def bounded(message) when byte_size(message) <= @max_message, do: message
+
+  def bounded(message) do
+    head = utf8_head(binary_part(message, 0, @max_message))
+    "#{head}… #{byte_size(message) - byte_size(head)} bytes more"
+  end
+
+  # Drops a character cut in two at the end (at most 3 bytes of one).
+  defp utf8_head(head) do
+    Enum.find_value(0..3, head, fn drop ->
+      candidate = binary_part(head, 0, byte_size(head) - drop)
+      if String.valid?(candidate), do: candidate
+    end)
   end
 end

@@ -117,6 +117,103 @@ defmodule Capsid.ImportsTest do
     assert msg =~ "seed"
   end
 
+  describe "an import whose runner process dies" do
+    # `seed` fails as `die` says on its first run, then answers 100; `run(1)`
+    # is 4 * 1 + 1 + seed().
+    defp dying(c, die) do
+      first = :atomics.new(1, [])
+
+      seed = fn ->
+        if :atomics.exchange(first, 1, 1) == 0, do: die.()
+        100
+      end
+
+      {:ok, pid} =
+        start(c, %{
+          "acme:a/math#twice" => &Host.twice/1,
+          "acme:b/math#twice" => &Host.twice/1,
+          "inc" => &Host.inc/1,
+          "seed" => seed
+        })
+
+      pid
+    end
+
+    # Two calls from one fresh caller (trapping exits or not), which then
+    # reports both results and whatever else reached its mailbox.
+    defp from_caller(pid, trap_exit) do
+      test = self()
+
+      {caller, ref} =
+        spawn_monitor(fn ->
+          Process.flag(:trap_exit, trap_exit)
+          first = Capsid.call(pid, "run", [1])
+          second = Capsid.call(pid, "run", [1])
+          Process.sleep(50)
+          {:messages, stray} = Process.info(self(), :messages)
+          send(test, {:results, first, second, stray})
+        end)
+
+      assert_receive {:DOWN, ^ref, :process, ^caller, reason}, 10_000
+      assert reason == :normal, "the caller died: #{inspect(reason)}"
+      assert_received {:results, first, second, stray}
+      {first, second, stray}
+    end
+
+    for trap_exit <- [false, true] do
+      test "that kills itself: the caller gets an :import_failed trap (trap_exit: #{trap_exit})",
+           %{component: c} do
+        pid = dying(c, fn -> Process.exit(self(), :kill) end)
+        {first, second, stray} = from_caller(pid, unquote(trap_exit))
+
+        assert {:error, %Capsid.Trap{kind: :import_failed, message: message}} = first
+        assert message =~ "runner"
+        assert message =~ ":killed"
+        assert second == {:ok, 105}
+        assert stray == []
+      end
+    end
+
+    test "through a linked Task that raises: the caller gets an :import_failed trap",
+         %{component: c} do
+      pid = dying(c, fn -> Task.async(fn -> raise "boom in a task" end) |> Task.await() end)
+
+      {{first, second, stray}, _log} = ExUnit.CaptureLog.with_log(fn -> from_caller(pid, false) end)
+
+      assert {:error, %Capsid.Trap{kind: :import_failed, message: message}} = first
+      assert message =~ "runner"
+      assert message =~ "boom in a task"
+      assert second == {:ok, 105}
+      assert stray == []
+    end
+  end
+
+  describe "an import failing with a huge message" do
+    for inline <- [false, true] do
+      # 50 MB, with a two-byte character across the cut.
+      test "gives a trap with its first 4 KiB and how much was left out (inline: #{inline})",
+           %{component: c} do
+        big = "a" <> String.duplicate("é", 25_000_000)
+        seed = fn -> raise big end
+        seed = if unquote(inline), do: {seed, inline: true}, else: seed
+
+        {:ok, pid} =
+          start(c, %{
+            "acme:a/math#twice" => &Host.twice/1,
+            "acme:b/math#twice" => &Host.twice/1,
+            "inc" => &Host.inc/1,
+            "seed" => seed
+          })
+
+        assert {:error, %Capsid.Trap{kind: :import_failed, message: message}} =
+                 Capsid.call(pid, "run", [1])
+
+        head = "a" <> String.duplicate("é", 2047)
+        assert message == head <> "… #{byte_size(big) - byte_size(head)} bytes more"
+      end
+    end
+  end
+
   test "host_imports/1 lists only what the host must provide" do
     names = toolkit() |> Capsid.Component.host_imports() |> Enum.map(& &1.name)
     assert names == ["log", "get-config"]

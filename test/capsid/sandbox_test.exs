@@ -148,6 +148,19 @@ defmodule Capsid.SandboxTest do
       assert Exception.message(trap) =~ "the answer is not 41"
     end
 
+    # The guest's stderr is kept up to 64 KiB per call (delivered as
+    # configured); the trap carries a few KiB of it: its start and its end,
+    # where a panic's message is.
+    test "a trap carries at most a few KiB of a long panic's stderr", %{component: c} do
+      pid = start_instance(c)
+      message = String.duplicate("x", 100_000)
+      {trap, _} = assert_trap(pid, "panic-with", [message], :unreachable)
+      assert byte_size(trap.stderr) < 4_200
+      assert trap.stderr =~ "panicked at"
+      assert trap.stderr =~ ~r/… \d+ bytes more …/
+      assert trap.stderr =~ "more bytes dropped]"
+    end
+
     test "unreachable", %{component: c} do
       pid = start_instance(c)
       {trap, _} = assert_trap(pid, "hit-unreachable", [], :unreachable)
