@@ -182,6 +182,10 @@ pub struct InstanceResource {
     /// Per bound import: run in the calling process itself (`inline: true`)
     /// rather than in its runner.
     inline: Vec<bool>,
+    /// Per bound import: its function captures a large environment (see
+    /// `Capsid.Imports`), so copying it into the caller, at every import,
+    /// is done on a dirty scheduler.
+    heavy: Vec<bool>,
     pub limits: Limits,
     max_queue: usize,
     queue_timeout: u64,
@@ -770,6 +774,9 @@ impl InstanceResource {
         dirty: bool,
     ) -> Result<(Term<'a>, Vec<Term<'a>>), Option<String>> {
         let index = import.call.import;
+        if !dirty && this.heavy.get(index).copied().unwrap_or(false) {
+            return Err(None);
+        }
         let info = &this.component.imports[this.link.bound[index].import];
         let mut work = if dirty {
             Work::unbounded()
@@ -1087,18 +1094,19 @@ fn trap_info<'a>(env: Env<'a>, t: &TrapInfo) -> Term<'a> {
 }
 
 /// Creates an instance resource: links the component's imports (WASI plus
-/// the Elixir functions given as `[{key, fun, inline}]`, sorted by key)
+/// the Elixir functions given as `[{key, fun, inline, heavy}]`, sorted by
+/// key)
 /// through the component's link cache.
 #[cfg_attr(not(test), rustler::nif)]
 fn instance_new<'a>(
     env: Env<'a>,
     component: ResourceArc<ComponentResource>,
-    provided: Vec<(String, Term<'a>, bool)>,
+    provided: Vec<(String, Term<'a>, bool, bool)>,
     limits: Limits,
     queue: (usize, u64),
     wasi: crate::wasi::Grant<'a>,
 ) -> Term<'a> {
-    let keys: Vec<String> = provided.iter().map(|(k, _, _)| k.clone()).collect();
+    let keys: Vec<String> = provided.iter().map(|(k, ..)| k.clone()).collect();
     let link = match imports::link(&component, &keys) {
         Ok(link) => link,
         Err(e) => return e.encode(env),
@@ -1106,21 +1114,22 @@ fn instance_new<'a>(
     let owned = OwnedEnv::new();
     let output = owned.save(wasi.output.2);
     // A map, not a search per import: a component may import 100,000.
-    let by_key: std::collections::HashMap<&str, (Term<'a>, bool)> = provided
+    let by_key: std::collections::HashMap<&str, (Term<'a>, bool, bool)> = provided
         .iter()
-        .map(|(k, f, inline)| (k.as_str(), (*f, *inline)))
+        .map(|(k, f, inline, heavy)| (k.as_str(), (*f, *inline, *heavy)))
         .collect();
-    let (funs, inline) = link
-        .bound
-        .iter()
-        .map(|b| {
-            let (fun, inline) = by_key
-                .get(b.key.as_str())
-                .copied()
-                .unwrap_or_else(|| (rustler::types::atom::nil().encode(env), false));
-            (owned.save(fun), inline)
-        })
-        .unzip();
+    let mut funs = Vec::with_capacity(link.bound.len());
+    let mut inline = Vec::with_capacity(link.bound.len());
+    let mut heavy = Vec::with_capacity(link.bound.len());
+    for b in &link.bound {
+        let (fun, is_inline, is_heavy) = by_key
+            .get(b.key.as_str())
+            .copied()
+            .unwrap_or_else(|| (rustler::types::atom::nil().encode(env), false, false));
+        funs.push(owned.save(fun));
+        inline.push(is_inline);
+        heavy.push(is_heavy);
+    }
     let res = InstanceResource {
         id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         owner: Mutex::new(None),
@@ -1132,6 +1141,7 @@ fn instance_new<'a>(
             output,
         }),
         inline,
+        heavy,
         limits,
         max_queue: queue.0,
         queue_timeout: queue.1,

@@ -54,7 +54,8 @@ defmodule Capsid.Imports do
                   Enum.map_join(names, " and ", &inspect/1) <> "; use the full name"
 
         import ->
-          [{import.name, function!(key, fun, import), inline}]
+          fun = function!(key, fun, import)
+          [{import.name, fun, inline, heavy?(fun)}]
       end
     end)
     |> Enum.sort_by(&elem(&1, 0))
@@ -158,6 +159,33 @@ defmodule Capsid.Imports do
   end
 
   defp import_value!(_key, fun), do: {fun, false}
+
+  # A function that captures a large environment (a closure over a big
+  # list, say) is copied into the calling process at every import; the NIF
+  # does that copy on a dirty scheduler for these. Measured once, at start,
+  # by a walk that stops as soon as the environment is known to be large.
+  @heavy_nodes 20_000
+
+  defp heavy?(fun) do
+    {:env, env} = Function.info(fun, :env)
+    spend(env, @heavy_nodes) < 0
+  end
+
+  defp spend(_term, n) when n < 0, do: n
+  defp spend([head | tail], n), do: spend(tail, spend(head, n - 1))
+
+  defp spend(t, n) when is_tuple(t),
+    do: if(tuple_size(t) > n, do: -1, else: spend(Tuple.to_list(t), n - 1))
+
+  defp spend(m, n) when is_map(m),
+    do: if(map_size(m) > n, do: -1, else: spend(Map.to_list(m), n - 1))
+
+  defp spend(f, n) when is_function(f) do
+    {:env, env} = Function.info(f, :env)
+    spend(env, n - 1)
+  end
+
+  defp spend(_other, n), do: n - 1
 
   defp strip_version(interface), do: interface |> String.split("@") |> hd()
 
