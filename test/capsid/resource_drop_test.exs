@@ -86,6 +86,17 @@ defmodule Capsid.ResourceDropTest do
     assert_clean([ping(pid)])
   end
 
+  test "what a destructor wrote is not in the stderr of B's later trap", %{component: c} do
+    pid = start(c)
+
+    # Writes the secret to stderr and returns: nobody asked for its output.
+    abandon(pid, "spin", 1)
+    assert_receive {@event, _, %{instance: ^pid, result: :ok}}, 5_000
+    assert {:error, %Trap{stderr: stderr}} = Capsid.call(pid, "fail", [])
+    assert stderr =~ "ping failed on purpose"
+    refute stderr =~ "SECRET"
+  end
+
   test "a trapping destructor recycles the instance as any trap does", %{component: c} do
     pid = start(c)
 

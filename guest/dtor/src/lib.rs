@@ -62,6 +62,10 @@ impl hazards::Guest for Component {
         "pong".into()
     }
 
+    fn fail() {
+        panic!("ping failed on purpose");
+    }
+
     fn finished() -> u32 {
         FINISHED.with(Cell::get)
     }
