@@ -369,10 +369,14 @@ defmodule Capsid.Instance do
 
     report(outcome, instance)
 
-    Capsid.Telemetry.execute([:capsid, :instance, :destructors], %{duration: duration, fuel: fuel}, %{
-      instance: instance,
-      result: outcome
-    })
+    Capsid.Telemetry.execute(
+      [:capsid, :instance, :destructors],
+      %{duration: duration, fuel: fuel},
+      %{
+        instance: instance,
+        result: outcome
+      }
+    )
 
     case outcome do
       {:trap, trap} ->
