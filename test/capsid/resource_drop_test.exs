@@ -7,7 +7,7 @@ defmodule Capsid.ResourceDropTest do
 
   import ExUnit.CaptureLog
 
-  alias Capsid.{Resource, Trap}
+  alias Capsid.{Error, Resource, Trap}
 
   @secret "SECRET-A card 4111-1111"
   @event [:capsid, :instance, :destructors]
@@ -141,6 +141,31 @@ defmodule Capsid.ResourceDropTest do
     end)
 
     assert_clean([ping(pid)])
+  end
+
+  test "destructors that a busy instance turned away run later", %{component: c} do
+    pid = start(c, queue_timeout: 50)
+    {:ok, slow} = Capsid.call(pid, "[constructor]hazard", ["spin", "slow", 1_500])
+    test = self()
+
+    keeper =
+      spawn(fn ->
+        {:ok, _} = Capsid.call(pid, "[constructor]hazard", ["quiet", "y", 0])
+        send(test, :made)
+        receive(do: (:go -> :ok))
+      end)
+
+    assert_receive :made
+    # Holds the instance for 1.5 s (its own destructor, in its own call).
+    holder = Task.async(fn -> Resource.drop(slow) end)
+    Process.sleep(100)
+    # The keeper's handle dies with it, while the holder has the instance.
+    send(keeper, :go)
+
+    assert_receive {@event, _, %{instance: ^pid, result: {:error, %Error{kind: :busy}}}}, 2_000
+    assert Task.await(holder) == :ok
+    assert_receive {@event, _, %{instance: ^pid, result: :ok}}, 3_000
+    assert Capsid.call(pid, "finished", []) == {:ok, 2}
   end
 
   test "Resource.drop/1 runs only its own destructor, not one another caller left behind",
