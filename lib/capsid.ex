@@ -123,13 +123,16 @@ defmodule Capsid do
       `config :capsid, :max_atoms_total`, default 100,000);
     * `:compiling` — compilations running now (`:max_concurrent_compiles`);
     * `:ticker_parked` — whether the epoch ticker is asleep (no call running);
-    * `:ticker_wakes` — how many times a call has woken the sleeping ticker.
+    * `:ticker_wakes` — how many times a call has woken the sleeping ticker;
+    * `:budgets` — the node budgets' use (`Capsid.Budget.info/0`);
+    * `:descriptor_limit` — the process's `RLIMIT_NOFILE`, which the
+      descriptors budget is drawn from.
 
       iex> %{mappings: m, atoms_created: a} = Capsid.info()
       iex> is_integer(m) and is_integer(a)
       true
   """
-  @spec info() :: %{atom() => non_neg_integer() | boolean()}
+  @spec info() :: %{atom() => non_neg_integer() | boolean() | map()}
   def info, do: Capsid.Native.node_info()
 
   ## Deployments
@@ -146,8 +149,12 @@ defmodule Capsid do
   (skip the compatibility check), `:cache`, `:guard_pages` and
   `:fuel_metering` (as in `Capsid.Component.load/2`, for a path or bytes),
   `:watch` (redeploy when the file changes; polled every `:watch_interval`
-  ms, default 1000). Options given to an upgrade are merged into the
-  deployment's.
+  ms, default 1000), and for an upgrade that shrinks a pool whose state
+  moves (`capsid:host/lifecycle`), `merge: fn snapshots -> states end` or
+  `drop_state: true` (refused otherwise; see "State across a swap" in
+  `Capsid.Deployment`). Options given to an upgrade are merged into the
+  deployment's, except `:merge` and `:drop_state`, which apply to that
+  upgrade only.
 
   `:nodes` (a list of connected nodes, or `:all`) deploys on each of them
   at once, over Erlang distribution: see `Capsid.Cluster` for the steps

@@ -767,9 +767,9 @@ pub fn term_to_value<'n>(
         Shape::Own(r) | Shape::Borrow(r) if names.is_host(*r) => {
             // Any term is a host resource's state: it is kept as it is,
             // copied (so a large one goes to a dirty scheduler first).
-            let nodes = term_nodes(term, work)?;
+            let (nodes, bytes) = term_size(term, work)?;
             Ok(Value::HostTerm(HostTerm {
-                stored: Stored::new(term, nodes),
+                stored: Stored::new(term, nodes, bytes),
                 resource: *r,
                 own: matches!(shape, Shape::Own(_)),
             }))
@@ -814,16 +814,28 @@ fn float_term(env: Env, f: f64) -> Term {
     }
 }
 
+/// Bytes a term node is counted for in `term_size` (a cons cell or a map
+/// entry is two words, a small value one; this errs on the large side).
+const NODE_BYTES: u64 = 16;
+
 /// How many nodes `term` has (a binary counts as one: copying a large one
-/// copies a reference), spending one unit of `work` each. Iterative: a
-/// term nested a million deep must not overflow the native stack.
-fn term_nodes(term: Term, work: &mut Work) -> ConvResult<u64> {
+/// copies a reference), spending one unit of `work` each, and about how
+/// many bytes the host keeps for it: its nodes and its binaries' bytes (a
+/// sub-binary counts its visible part). Iterative: a term nested a million
+/// deep must not overflow the native stack.
+fn term_size(term: Term, work: &mut Work) -> ConvResult<(u64, u64)> {
     let mut stack = vec![term];
     let mut nodes = 0u64;
+    let mut bytes = 0u64;
     while let Some(t) = stack.pop() {
         nodes += 1;
         work.spend(1)?;
         match t.get_type() {
+            TermType::Binary => {
+                if let Ok(b) = rustler::Binary::from_term(t) {
+                    bytes = bytes.saturating_add(b.len() as u64);
+                }
+            }
             TermType::List => {
                 if let Ok(items) = t.into_list_iterator() {
                     for item in items {
@@ -850,7 +862,10 @@ fn term_nodes(term: Term, work: &mut Work) -> ConvResult<u64> {
             _ => {}
         }
     }
-    Ok(nodes)
+    Ok((
+        nodes,
+        bytes.saturating_add(nodes.saturating_mul(NODE_BYTES)),
+    ))
 }
 
 pub fn binary<'a>(env: Env<'a>, bytes: &[u8]) -> Term<'a> {

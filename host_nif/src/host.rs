@@ -113,6 +113,10 @@ pub struct Shared {
     pub drops_notified: AtomicBool,
     /// The WASI capabilities granted to the instance.
     pub wasi: crate::wasi::WasiConfig,
+    /// OS descriptors the instance's stores hold (`descriptors`).
+    pub descriptors_held: Arc<AtomicU64>,
+    /// Node budgets the running call met (told to Elixir when it ends).
+    pub refused: Arc<crate::budget::Refused>,
 }
 
 impl Shared {
@@ -141,6 +145,8 @@ pub struct Host {
     http: WasiHttpCtx,
     /// The instance's outbound `wasi:http` grant, asked before each request.
     http_hooks: crate::wasi::Hooks,
+    /// OS descriptors held for the guest (`descriptors`).
+    pub descriptors: crate::descriptors::Held,
     /// The state of the host resources (implemented in Elixir) the guest
     /// holds.
     pub host_resources: crate::host_resource::Table,
@@ -169,17 +175,27 @@ pub struct Host {
 impl WasiView for Host {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         let shared = &self.shared;
+        let descriptors = &mut self.descriptors;
         // What the instance was granted (deny by default), stdout/stderr
         // captured.
         let ctx = self.wasi.get_or_insert_with(|| {
-            shared
-                .wasi
-                .ctx(shared.stdout.clone(), shared.stderr.clone())
+            shared.wasi.ctx(
+                shared.stdout.clone(),
+                shared.stderr.clone(),
+                &descriptors.account,
+                &mut descriptors.preopens,
+            )
         });
         WasiCtxView {
             ctx,
             table: &mut self.table,
         }
+    }
+}
+
+impl crate::descriptors::Holder for Host {
+    fn held(&mut self) -> &mut crate::descriptors::Held {
+        &mut self.descriptors
     }
 }
 
@@ -205,12 +221,23 @@ impl Host {
     ) -> Store<Host> {
         let mut limiter = Limiter::new(limits);
         limiter.transplant = transplant;
+        limiter.refused = shared.refused.clone();
+        let account = crate::descriptors::Account::new(
+            shared.descriptors_held.clone(),
+            limits.max_descriptors,
+            shared.refused.clone(),
+        );
         let host = Host {
             wasi: None,
             table: ResourceTable::new(),
             http: WasiHttpCtx::new(),
-            http_hooks: crate::wasi::Hooks(shared.wasi.http.clone()),
-            host_resources: crate::host_resource::Table::new(limits.max_handles),
+            http_hooks: crate::wasi::Hooks(shared.wasi.http.clone(), account.clone()),
+            descriptors: crate::descriptors::Held::new(account),
+            host_resources: crate::host_resource::Table::new(
+                limits.max_handles,
+                limits.max_host_bytes,
+                shared.refused.clone(),
+            ),
             limiter,
             shared: shared.clone(),
             timeout_ms: limits.timeout,

@@ -14,6 +14,7 @@
 //! (the resource's destructor, `drop_rep`, which runs the optional
 //! `[resource-drop]R` import with it). A `borrow` leaves it in place.
 
+use crate::budget::{HOST_BYTES, Refused};
 use crate::error::{HostTrap, TrapKind};
 use crate::host::{Host, ImportCall};
 use crate::value::{HostTerm, Stored, Value};
@@ -30,16 +31,23 @@ pub struct Table {
     /// the call ends.
     lent: Vec<u32>,
     max: usize,
+    /// Bytes of the terms in the table (`Stored::bytes`), and their ceiling.
+    bytes: u64,
+    max_bytes: u64,
+    refused: Arc<Refused>,
 }
 
 impl Table {
-    pub fn new(max: u64) -> Self {
+    pub fn new(max: u64, max_bytes: u64, refused: Arc<Refused>) -> Self {
         Table {
             entries: Vec::new(),
             free: Vec::new(),
             live: 0,
             lent: Vec::new(),
             max: usize::try_from(max).unwrap_or(usize::MAX),
+            bytes: 0,
+            max_bytes,
+            refused,
         }
     }
 
@@ -54,6 +62,31 @@ impl Table {
                 ),
             }));
         }
+        // What a guest makes the host keep is bounded like its own memory:
+        // a term of a few bytes per handle from the guest's point of view
+        // may be megabytes of the host's.
+        let total = self.bytes.saturating_add(stored.bytes);
+        if total > self.max_bytes {
+            return Err(wasmtime::Error::new(HostTrap {
+                kind: TrapKind::MemoryLimit,
+                message: format!(
+                    "host resource state limit exceeded: the host would keep {total} bytes of \
+                     terms for the guest's {} host resources, the limit is {} bytes \
+                     (max_host_bytes)",
+                    self.live + 1,
+                    self.max_bytes
+                ),
+            }));
+        }
+        HOST_BYTES.take(stored.bytes).map_err(|state| {
+            self.refused.note(&HOST_BYTES);
+            wasmtime::Error::new(crate::arena::Exhausted(HOST_BYTES.refusal(
+                stored.bytes,
+                state,
+                "bytes of host resource state",
+            )))
+        })?;
+        self.bytes = total;
         self.live += 1;
         match self.free.pop() {
             Some(rep) => {
@@ -73,9 +106,11 @@ impl Table {
 
     fn remove(&mut self, rep: u32) -> Option<Arc<Stored>> {
         let taken = self.entries.get_mut(rep as usize).and_then(Option::take);
-        if taken.is_some() {
+        if let Some(stored) = &taken {
             self.live -= 1;
             self.free.push(rep);
+            self.bytes = self.bytes.saturating_sub(stored.bytes);
+            HOST_BYTES.give(stored.bytes);
         }
         taken
     }
@@ -85,6 +120,13 @@ impl Table {
         for rep in std::mem::take(&mut self.lent) {
             self.remove(rep);
         }
+    }
+}
+
+/// The store's terms go with it: their bytes go back to the node.
+impl Drop for Table {
+    fn drop(&mut self) {
+        HOST_BYTES.give(self.bytes);
     }
 }
 

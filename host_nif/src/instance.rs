@@ -47,6 +47,8 @@ rustler::atoms! {
     instantiations,
     infinity,
     stale,
+    budget_process = "Elixir.Capsid.Budget",
+    capsid_resource_limit,
 }
 
 enum Slot {
@@ -129,6 +131,9 @@ struct Control {
     /// whole round trip otherwise would (~1.4 µs of ~5), and the same
     /// process usually calls again.
     kept: Option<(LocalPid, Monitor)>,
+    /// The process holding the instance between its calls (a hot swap's
+    /// handoff, `hold`): its turn is not passed on when one of them ends.
+    held: Option<LocalPid>,
 }
 
 impl Control {
@@ -222,6 +227,7 @@ impl Resource for InstanceResource {
         let mut ctl = lock(&self.control);
         // A kept monitor of `pid` (if that is what fired) is spent.
         ctl.reuse(pid);
+        ctl.held.take_if(|h| *h == pid);
         if ctl.owner.as_ref().is_some_and(|o| o.pid == pid) {
             ctl.owner = None;
             let mut slot = lock(&self.slot);
@@ -319,6 +325,14 @@ impl InstanceResource {
     /// Ends the caller's turn and passes it on.
     fn release(this: &ResourceArc<Self>, env: Env) {
         let mut ctl = lock(&this.control);
+        let held = ctl.held;
+        if let Some(owner) = ctl.owner.as_mut()
+            && Some(owner.pid) == held
+        {
+            // Still held: its next call needs no turn, nobody else gets one.
+            owner.started = false;
+            return;
+        }
         if let Some(owner) = ctl.owner.take()
             && let Some(mon) = owner.monitor
             && let Some((_, old)) = ctl.kept.replace((owner.pid, mon))
@@ -639,10 +653,11 @@ impl InstanceResource {
         }
         let fuel = done.fuel_used;
         **slot = match done.live {
-            Some(live) => Slot::Ready(live),
-            None => Slot::Empty,
+            Some(live) if !this.is_retired() => Slot::Ready(live),
+            _ => Slot::Empty,
         };
         Self::release(this, env);
+        Self::report_refusals(this, env);
         let trap_stderr = match &done.outcome {
             Err(Failure::Trap(t)) => Some(t.stderr.as_slice()),
             _ => None,
@@ -659,6 +674,29 @@ impl InstanceResource {
         match output {
             Some(o) => make_tuple(env, &[reply[0], reply[1], reply[2], o]),
             None => make_tuple(env, &reply),
+        }
+    }
+
+    /// Tells `Capsid.Budget` which node budgets (or the instance's own
+    /// share of them) the call that just ended met: `{:capsid_resource_limit,
+    /// budget, instance, caller, in_use, limit}`. Nothing is sent when none
+    /// was (one relaxed load per call).
+    fn report_refusals(this: &ResourceArc<Self>, env: Env) {
+        for budget in this.shared.refused.take() {
+            let Some(to) = env.whereis_pid(budget_process()) else {
+                continue;
+            };
+            let name = rustler::Atom::from_str(env, budget.name).map(|a| a.encode(env));
+            let instance = *lock(&this.owner);
+            let message = [
+                capsid_resource_limit().encode(env),
+                name.unwrap_or_else(|_| budget.name.encode(env)),
+                instance.encode(env),
+                env.pid().encode(env),
+                budget.in_use().encode(env),
+                budget.limit().encode(env),
+            ];
+            let _ = env.send(&to, make_tuple(env, &message));
         }
     }
 
@@ -937,6 +975,94 @@ impl InstanceResource {
             }
             let _ = env.send(&w.pid, (capsid_turn(), this.id));
         }
+        // An idle store goes now, with its memory, descriptors and host
+        // terms, not when the last process that called the instance happens
+        // to collect its garbage (a running call's store goes when it ends).
+        let idle = {
+            let mut slot = lock(&this.slot);
+            match &*slot {
+                Slot::Ready(_) => std::mem::replace(&mut *slot, Slot::Empty),
+                _ => Slot::Empty,
+            }
+        };
+        drop(idle);
+    }
+
+    /// Holds the instance for the calling process: it becomes the owner once
+    /// the calls running and queued before it are done (`Queued` until
+    /// then: `{:capsid_turn, id}` says when to ask again), and stays the
+    /// owner across its own calls until `unhold`. A hot swap holds the old
+    /// members so that no call runs on them after their snapshot.
+    pub fn hold(this: &ResourceArc<Self>, env: Env) -> Turn {
+        let pid = env.pid();
+        let mut ctl = lock(&this.control);
+        if this.is_retired() {
+            Self::leave(this, env, &mut ctl, pid);
+            return Turn::Retired;
+        }
+        ctl.held = Some(pid);
+        let idle = ctl.queue.is_empty();
+        match ctl.owner.as_ref() {
+            Some(o) if o.pid == pid => Turn::Go,
+            None if idle => {
+                let monitor = ctl.reuse(pid).or_else(|| this.monitor(Some(env), &pid));
+                ctl.owner = Some(Owner {
+                    pid,
+                    started: false,
+                    monitor,
+                });
+                Turn::Go
+            }
+            _ => {
+                if !ctl.queue.iter().any(|w| w.pid == pid) {
+                    let monitor = ctl.reuse(pid).or_else(|| this.monitor(Some(env), &pid));
+                    ctl.queue.push_back(Waiter { pid, monitor });
+                }
+                Turn::Queued
+            }
+        }
+    }
+
+    /// Ends the calling process's hold (or its wait for one): the turn
+    /// goes to the next caller.
+    pub fn unhold(this: &ResourceArc<Self>, env: Env) {
+        let pid = env.pid();
+        let mut ctl = lock(&this.control);
+        ctl.held.take_if(|h| *h == pid);
+        Self::leave(this, env, &mut ctl, pid);
+    }
+
+    /// Gives `copy` (of the same component, never instantiated) the
+    /// memories of this instance, which the calling process holds: its
+    /// first call instantiates it with them (a hot swap's rehearsal).
+    pub fn copy_state(this: &ResourceArc<Self>, env: Env, copy: &Self) -> Result<(), Error> {
+        let pid = env.pid();
+        if lock(&this.control)
+            .owner
+            .as_ref()
+            .is_none_or(|o| o.pid != pid)
+        {
+            return Err(Error::Internal(
+                "copying an instance's state needs its turn (hold it first)".into(),
+            ));
+        }
+        if !std::ptr::eq(&*this.component, &*copy.component) {
+            return Err(Error::Internal(
+                "an instance's state can only be copied into one of the same component".into(),
+            ));
+        }
+        let memories = match &*lock(&this.slot) {
+            Slot::Ready(live) => Some(Arc::new(live.checkpoint())),
+            Slot::Empty => lock(&this.transplant).clone(),
+            Slot::Running(_) => {
+                return Err(Error::Internal("the instance is running a call".into()));
+            }
+        };
+        if !matches!(*lock(&copy.slot), Slot::Empty) {
+            return Err(Error::Internal("the copy was instantiated already".into()));
+        }
+        *lock(&copy.transplant) = memories;
+        Ok(())
     }
 
     /// The instance's limits narrowed by per-call options (`None` keeps the
@@ -1099,6 +1225,38 @@ fn instance_drain<'a>(env: Env<'a>, this: ResourceArc<InstanceResource>) -> Term
 fn instance_retire(env: Env, this: ResourceArc<InstanceResource>) -> Atom {
     InstanceResource::retire(&this, env, true);
     ok()
+}
+
+/// Holds the instance for the caller (see `InstanceResource::hold`): `:ok`,
+/// `{:queued, id}` (wait for `{:capsid_turn, id}`, then ask again) or
+/// `:retired`.
+#[cfg_attr(not(test), rustler::nif)]
+fn instance_hold(env: Env, this: ResourceArc<InstanceResource>) -> Term {
+    match InstanceResource::hold(&this, env) {
+        Turn::Go => ok().encode(env),
+        Turn::Queued => (queued(), this.id).encode(env),
+        Turn::Taken | Turn::Retired => retired().encode(env),
+    }
+}
+
+/// Ends the caller's hold on the instance.
+#[cfg_attr(not(test), rustler::nif)]
+fn instance_unhold(env: Env, this: ResourceArc<InstanceResource>) -> Atom {
+    InstanceResource::unhold(&this, env);
+    ok()
+}
+
+/// Gives `copy` the memories of `this`, which the caller holds.
+#[cfg_attr(not(test), rustler::nif)]
+fn instance_copy_state<'a>(
+    env: Env<'a>,
+    this: ResourceArc<InstanceResource>,
+    copy: ResourceArc<InstanceResource>,
+) -> Term<'a> {
+    match InstanceResource::copy_state(&this, env, &copy) {
+        Ok(()) => ok().encode(env),
+        Err(e) => e.encode(env),
+    }
 }
 
 /// True when no call is running or waiting: a retired instance can stop.

@@ -2,8 +2,8 @@
 //! mirrored by one Elixir module per concept in `lib/capsid/`.
 //!
 //! Layers, lowest first (a file only uses files above it in this list):
-//! `error`, `arena`, `engine`, `limits`, `shape`, `value`, `abi`, `stdio`,
-//! `cache`, `wasi`, `host`, `http`, `host_resource`, `resource`, `convert`,
+//! `budget`, `error`, `arena`, `engine`, `limits`, `shape`, `value`, `abi`, `stdio`,
+//! `cache`, `descriptors`, `wasi`, `host`, `http`, `host_resource`, `resource`, `convert`,
 //! `component`, `types`, `imports`, `run`, `instance`, `pool`, `registry`,
 //! `call`, `node`, `wit`.
 //!
@@ -20,10 +20,12 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod abi;
 mod arena;
+mod budget;
 mod cache;
 mod call;
 mod component;
 mod convert;
+mod descriptors;
 mod engine;
 mod error;
 mod guarded;

@@ -24,6 +24,10 @@ pub struct Limits {
     /// Resource handles (own and borrow, guest and host resources) alive in
     /// the store at once.
     pub max_handles: u64,
+    /// OS descriptors (files, directories, connections) held for the guest.
+    pub max_descriptors: u64,
+    /// Bytes of Elixir terms the host keeps for the guest's host resources.
+    pub max_host_bytes: u64,
 }
 
 impl Limits {
@@ -55,6 +59,8 @@ pub struct Limiter {
     /// Sizes the store's memories must start with: a transplant of an
     /// earlier store's memories (see `instance.rs`).
     pub transplant: Option<Vec<usize>>,
+    /// The instance's record of node budgets refused (`Shared::refused`).
+    pub refused: std::sync::Arc<crate::budget::Refused>,
 }
 
 impl Limiter {
@@ -65,7 +71,34 @@ impl Limiter {
             memory_in_use: 0,
             memories: MemoryList::default(),
             transplant: None,
+            refused: Default::default(),
         }
+    }
+}
+
+impl Limiter {
+    /// Growth counts against the node's memory budget too: many instances
+    /// each within `max_memory` can still add up to more than the machine
+    /// has. A refusal fails the call with `:resource_limit` (as an
+    /// exhausted address space does), not the guest's `memory_limit`.
+    fn take_from_node(&self, growth: u64) -> wasmtime::Result<()> {
+        let budget = &crate::budget::MEMORY;
+        budget.take(growth).map_err(|state| {
+            self.refused.note(budget);
+            wasmtime::Error::new(crate::arena::Exhausted(budget.refusal(
+                growth,
+                state,
+                "bytes of linear memory and tables",
+            )))
+        })
+    }
+}
+
+/// A store's memories and tables go when it does: their bytes go back to
+/// the node's budget.
+impl Drop for Limiter {
+    fn drop(&mut self) {
+        crate::budget::MEMORY.give(self.memory_in_use);
     }
 }
 
@@ -103,6 +136,7 @@ impl wasmtime::ResourceLimiter for Limiter {
                 ),
             }));
         }
+        self.take_from_node(growth)?;
         self.memory_in_use = total;
         if current == 0 {
             crate::arena::claim(&self.memories, start);
@@ -139,6 +173,7 @@ impl wasmtime::ResourceLimiter for Limiter {
                 ),
             }));
         }
+        self.take_from_node(growth)?;
         self.memory_in_use = total;
         Ok(true)
     }
@@ -182,6 +217,8 @@ mod tests {
             max_tables: 5,
             max_memories: 5,
             max_handles: 100,
+            max_descriptors: 10,
+            max_host_bytes: 1 << 20,
         }
     }
 

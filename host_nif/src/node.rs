@@ -12,17 +12,48 @@ rustler::atoms! {
     ticker_parked,
     ticker_wakes,
     compiling,
+    budgets,
+    in_use,
+    limit,
+    refused,
+    descriptor_limit,
 }
 
-/// Sets the address space Capsid's arenas may reserve, in bytes.
+/// Node-wide settings from the application environment (checked by
+/// `Capsid.Application`): `address_space_limit` (bytes Capsid's arenas may
+/// reserve; `nil` leaves it), and each budget of `budget.rs` by its key
+/// (`nil`: its default).
 #[cfg_attr(not(test), rustler::nif)]
-fn node_configure(address_space_limit: u64) -> rustler::Atom {
-    crate::arena::set_address_space_limit(address_space_limit);
-    ok()
+fn node_configure(settings: Vec<(String, Option<u64>)>) -> Result<rustler::Atom, String> {
+    for (key, value) in settings {
+        if key == "address_space_limit" {
+            if let Some(bytes) = value {
+                crate::arena::set_address_space_limit(bytes);
+            }
+        } else if let Some(budget) = crate::budget::ALL.iter().find(|b| b.key == key) {
+            budget.set_limit(value);
+        } else {
+            return Err(format!("unknown node setting {key}"));
+        }
+    }
+    Ok(ok())
+}
+
+/// `%{name => %{in_use, limit, refused}}` for each node budget.
+fn budgets_info(env: Env) -> Term {
+    let keys = crate::budget::ALL.map(|b| {
+        rustler::Atom::from_str(env, b.name).map_or_else(|_| b.name.encode(env), |a| a.encode(env))
+    });
+    let vals = crate::budget::ALL.map(|b| {
+        let k = [in_use(), limit(), refused()].map(|a| a.encode(env));
+        let v = [b.in_use(), b.limit(), b.refused()].map(|n| n.encode(env));
+        Term::map_from_term_arrays(env, &k, &v).unwrap_or_else(|_| Term::map_new(env))
+    });
+    Term::map_from_term_arrays(env, &keys, &vals).unwrap_or_else(|_| Term::map_new(env))
 }
 
 /// `%{address_space_reserved, mappings, memories, stacks, atoms_created,
-/// ticker_parked, ticker_wakes, compiling}`.
+/// ticker_parked, ticker_wakes, compiling, budgets, descriptor_limit}`.
 #[cfg_attr(not(test), rustler::nif)]
 fn node_info(env: Env) -> Term {
     let (reserved, chunks, live_memories, live_stacks) = crate::arena::usage();
@@ -35,6 +66,8 @@ fn node_info(env: Env) -> Term {
         ticker_parked(),
         ticker_wakes(),
         compiling(),
+        budgets(),
+        descriptor_limit(),
     ]
     .map(|a| a.encode(env));
     let vals = [
@@ -46,6 +79,8 @@ fn node_info(env: Env) -> Term {
         crate::engine::ticker_parked().encode(env),
         crate::engine::ticker_wakes().encode(env),
         crate::component::compiling().encode(env),
+        budgets_info(env),
+        crate::budget::descriptor_limit().encode(env),
     ];
     Term::map_from_term_arrays(env, &keys, &vals).unwrap_or_else(|_| Term::map_new(env))
 }

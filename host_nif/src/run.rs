@@ -586,6 +586,8 @@ mod bench {
             max_tables: 32,
             max_memories: 8,
             max_handles: 10_000,
+            max_descriptors: 256,
+            max_host_bytes: 64 << 20,
         };
         let shared = Arc::new(Shared::default());
         let poll = |fut: &mut CallFuture| {

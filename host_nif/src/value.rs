@@ -62,16 +62,20 @@ pub struct Stored {
     term: Mutex<(OwnedEnv, SavedTerm)>,
     /// Its size in term nodes: what copying it out costs (`convert::Work`).
     pub nodes: u64,
+    /// About how many bytes the host keeps for it (`host_resource::Table`
+    /// counts them against `max_host_bytes` and the node's budget).
+    pub bytes: u64,
 }
 
 #[cfg(not(test))]
 impl Stored {
-    pub fn new(term: Term, nodes: u64) -> Arc<Self> {
+    pub fn new(term: Term, nodes: u64, bytes: u64) -> Arc<Self> {
         let env = OwnedEnv::new();
         let saved = env.save(term);
         Arc::new(Stored {
             term: Mutex::new((env, saved)),
             nodes,
+            bytes,
         })
     }
 
@@ -84,8 +88,8 @@ impl Stored {
 
 #[cfg(test)]
 impl Stored {
-    pub fn new(_term: Term, nodes: u64) -> Arc<Self> {
-        Arc::new(Stored { nodes })
+    pub fn new(_term: Term, nodes: u64, bytes: u64) -> Arc<Self> {
+        Arc::new(Stored { nodes, bytes })
     }
 
     pub fn load<'a>(&self, env: Env<'a>) -> Term<'a> {

@@ -5,6 +5,7 @@
 //! becomes a `WasiCtx`, made for each store the first time the guest touches
 //! WASI, and the hooks wasmtime-wasi-http asks before sending a request.
 
+use crate::descriptors::{Account, Permit};
 use crate::stdio::Capture;
 use http_body_util::BodyExt;
 use rand::SeedableRng;
@@ -96,7 +97,15 @@ impl HostMonotonicClock for FixedMonotonic {
 impl WasiConfig {
     /// The context of one store: `stdout`/`stderr` go to the instance's
     /// captures (bounded per call; see `stdio`).
-    pub fn ctx(&self, stdout: Capture, stderr: Capture) -> WasiCtx {
+    /// Each preopen is a descriptor: one that `account` gives no permit
+    /// for is left out.
+    pub fn ctx(
+        &self,
+        stdout: Capture,
+        stderr: Capture,
+        account: &Account,
+        permits: &mut Vec<Permit>,
+    ) -> WasiCtx {
         let mut b = WasiCtx::builder();
         b.stdout(stdout)
             .stderr(stderr)
@@ -111,9 +120,14 @@ impl WasiConfig {
             } else {
                 FsPerms::ReadWrite
             };
+            let Some(permit) = account.acquire() else {
+                continue;
+            };
             // Checked when the instance started; a directory removed since
             // is simply not there for the guest.
-            let _ = b.preopened_dir(host, guest, perms);
+            if b.preopened_dir(host, guest, perms).is_ok() {
+                permits.push(permit);
+            }
         }
         if let Some(bytes) = &self.stdin {
             b.stdin(MemoryInputPipe::new(bytes.clone()));
@@ -158,7 +172,8 @@ impl Outbound {
 
 /// wasmtime-wasi-http's hooks for one store: every outbound request passes
 /// the allow-list first, and its response body is capped.
-pub struct Hooks(pub Arc<Outbound>);
+/// Each connection holds a descriptor permit until it ends.
+pub struct Hooks(pub Arc<Outbound>, pub Account);
 
 type SendFuture = Box<
     dyn Future<
@@ -178,12 +193,16 @@ impl WasiHttpHooks for Hooks {
     ) -> SendFuture {
         let allowed = self.0.allows(request.uri());
         let max = self.0.max_body;
+        let permit = if allowed { self.1.acquire() } else { None };
         Box::new(async move {
             if !allowed {
                 // What the guest sees for a request it may not make: the
                 // WASI error code, never a host failure.
                 return Err(wasmtime_wasi_http::Error::HttpRequestDenied);
             }
+            let Some(permit) = permit else {
+                return Err(wasmtime_wasi_http::Error::ConnectionLimitReached);
+            };
             let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
             let response = response.map(|body| {
                 http_body_util::Limited::new(body, usize::try_from(max).unwrap_or(usize::MAX))
@@ -193,6 +212,10 @@ impl WasiHttpHooks for Hooks {
                     })
                     .boxed_unsync()
             });
+            let io = async move {
+                let _permit = permit;
+                io.await
+            };
             Ok((
                 response,
                 Box::new(io) as Box<dyn Future<Output = wasmtime_wasi_http::Result<()>> + Send>,

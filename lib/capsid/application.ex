@@ -6,11 +6,10 @@ defmodule Capsid.Application do
   def start(_type, _args) do
     Capsid.Telemetry.setup()
 
-    if limit = Application.get_env(:capsid, :address_space_limit) do
-      Capsid.Native.node_configure(limit)
-    end
+    Capsid.Budget.configure_from_env()
 
     children = [
+      Capsid.Budget,
       Capsid.Registry,
       Capsid.Cluster,
       {Registry, keys: :unique, name: Capsid.Deployments},

@@ -26,9 +26,9 @@ defmodule Capsid.Deployment do
      own protocol and is not part of this check.
   3. Its pool is started (instances linked, instantiated): a link error or a
      trap here leaves the current version serving.
-  4. If both versions export `capsid:host/lifecycle`, each new instance is
-     seeded with `restore(snapshot())` of an old one. A failing snapshot or
-     restore aborts the upgrade; the current version keeps serving.
+  4. If both versions export `capsid:host/lifecycle`, the state moves
+     (see "State across a swap" below); a failure aborts the upgrade and
+     the current version keeps serving, as it was.
   5. The switch: one atomic write of the name → pool entry. Every call that
      starts afterwards runs on the new version; the old pool is retired (a
      call that had picked one of its instances before the switch is turned
@@ -38,13 +38,50 @@ defmodule Capsid.Deployment do
   The previous version's compiled component stays in memory for
   `Capsid.rollback/1`, which swaps back the same way.
 
+  ## State across a swap
+
+  When both versions export `capsid:host/lifecycle`, each old member is
+  *held* first: the calls already running on it or waiting for it finish,
+  then the upgrade keeps its turn until the switch; callers arriving
+  meanwhile wait (within their `:queue_timeout`) and then run on the new
+  version. So every call that returned `{:ok, _}` before the switch is in
+  the state handed over, and none runs on an old member after its
+  snapshot.
+
+  A failed upgrade must leave every serving instance as it was. The host
+  cannot copy a store whole (wasmtime exposes a component's linear
+  memories, not its globals, tables or resources), and `snapshot` may
+  change the instance it runs in (move the state out) or trap (the store is
+  then unusable). So the handoff is rehearsed first, on copies: for each
+  old member, a scratch instance of the running version holding a copy of
+  its memories runs `snapshot`, and scratch instances of the new version
+  run `restore` with what that gave. A failure there aborts the upgrade
+  before any serving instance was entered: their memories, globals, tables
+  and resources are untouched. Only then do the serving instances run
+  `snapshot` for real, and the new members `restore`.
+
+  A guest can still fail only for real (it behaves differently in the copy,
+  whose globals start afresh). Then the upgrade is aborted and put right as
+  far as the guest allows, and logged: an old member whose snapshot
+  returned gets its bytes back through its own `restore` (a snapshot may
+  have moved the state out, so `restore` must replace the state, not add
+  to it), and one whose snapshot trapped comes back with the memories it
+  had before (its globals and tables start afresh). `snapshot` and
+  `restore` may therefore run twice per upgrade and should have no effect
+  outside the instance; the copies get no WASI output.
+
+  Each old member is snapshotted once. New member `i` gets old member `i`'s
+  state (a larger pool repeats them in order). A pool that shrinks would
+  lose the state of the members it no longer has, so such an upgrade is
+  refused with an `:incompatible` error unless it says what to do:
+  `merge: fun` (given the list of every old member's snapshot, in member
+  order, returns the list of states for the new members, one per member;
+  also usable when the size stays) or `drop_state: true` (the extra
+  members' state is dropped). Both apply to the one upgrade given them.
+
   If a deployment process crashes, its supervisor restarts it on the
   version it was serving (with its previous version still available for
   rollback), not on the one it was first deployed with.
-
-  State is snapshotted while the old version still serves: a call that
-  completes between the snapshot and the switch is not reflected in the new
-  version's state.
   """
 
   use GenServer
@@ -58,7 +95,12 @@ defmodule Capsid.Deployment do
                    Capsid.Limits.keys()
   # The options a deployment hands to `Capsid.Component.load/2`.
   @load_keys [:cache, :guard_pages, :fuel_metering]
-  @deploy_keys [:size, :force, :watch, :watch_interval] ++ @load_keys ++ @instance_keys
+  # How an upgrade hands state over; they apply to one upgrade only.
+  @handoff_keys [:merge, :drop_state]
+  @deploy_keys [:size, :force, :watch, :watch_interval] ++
+                 @handoff_keys ++ @load_keys ++ @instance_keys
+  # How long an upgrade waits for an old member's running calls to end.
+  @hold_timeout 30_000
 
   @type name :: term()
 
@@ -191,6 +233,25 @@ defmodule Capsid.Deployment do
   # Bad option values raise here, in the caller, as they would for an
   # instance; they must not reach the deployment process.
   defp check!(component, opts) do
+    case Keyword.get(opts, :merge) do
+      nil ->
+        :ok
+
+      fun when is_function(fun, 1) ->
+        :ok
+
+      other ->
+        raise ArgumentError,
+              "invalid value for :merge: expected a function of one argument " <>
+                "(the list of the old members' snapshots), got #{inspect(other)}"
+    end
+
+    unless is_boolean(Keyword.get(opts, :drop_state, false)) do
+      raise ArgumentError,
+            "invalid value for :drop_state: expected a boolean, got " <>
+              inspect(Keyword.get(opts, :drop_state))
+    end
+
     Instance.check!([component: component] ++ Keyword.take(opts, @instance_keys))
   end
 
@@ -363,7 +424,7 @@ defmodule Capsid.Deployment do
   end
 
   def handle_call({:upgrade, component, source, opts}, _from, state) do
-    opts = Keyword.merge(state.opts, opts)
+    opts = Keyword.merge(Keyword.drop(state.opts, @handoff_keys), opts)
 
     case swap(state, component, source, opts, Keyword.get(opts, :force, false), :swap) do
       {:ok, state} -> {:reply, {:ok, versions(state)}, state}
@@ -405,12 +466,13 @@ defmodule Capsid.Deployment do
       {:reply, {:ok, :unchanged}, state}
     else
       case prepare_pool(state, component, opts) do
-        {:ok, pool} ->
+        {:ok, pool, held} ->
           pending = %{
             agent: agent,
             monitor: Process.monitor(agent),
             kind: kind,
             pool: pool,
+            held: held,
             component: component,
             source: source,
             opts: opts,
@@ -432,7 +494,7 @@ defmodule Capsid.Deployment do
     state =
       case p.kind do
         :start -> state |> publish() |> maybe_watch()
-        kind -> commit_swap(state, p.pool, p.component, p.source, p.opts, kind, p.t0)
+        kind -> commit_swap(state, {p.pool, p.held}, p.component, p.source, p.opts, kind, p.t0)
       end
 
     {:reply, {:ok, versions(state)}, state}
@@ -466,6 +528,7 @@ defmodule Capsid.Deployment do
 
   defp abort(%{pending: p} = state) do
     Process.demonitor(p.monitor, [:flush])
+    release(p.held)
     stop_pool(p.pool.pid)
     {:ok, %{state | pending: nil}}
   end
@@ -488,6 +551,7 @@ defmodule Capsid.Deployment do
       state.pending != nil and state.pending[:pool] != nil and pid == state.pending.pool.pid ->
         # The prepared version's pool died: the commit will say so.
         Process.demonitor(state.pending.monitor, [:flush])
+        release(state.pending.held)
         {:noreply, %{state | pending: nil}}
 
       Map.has_key?(state.retiring, pid) ->
@@ -611,20 +675,22 @@ defmodule Capsid.Deployment do
     t0 = System.monotonic_time()
 
     with :ok <- check(state.current.component, component, force),
-         {:ok, pool} <- prepare_pool(state, component, opts) do
-      {:ok, commit_swap(state, pool, component, source, opts, event, t0)}
+         {:ok, pool, held} <- prepare_pool(state, component, opts) do
+      {:ok, commit_swap(state, {pool, held}, component, source, opts, event, t0)}
     end
   end
 
   # The new version's pool, started and seeded with the running version's
-  # state; nothing serves from it yet.
+  # state; nothing serves from it yet. `held`: the old members held until
+  # the switch (or the abort), so that nothing runs on them after their
+  # snapshot.
   defp prepare_pool(state, component, opts) do
     with {:ok, pool} <- start_pool(component, opts),
-         :ok <- hand_over(state.current, component, pool),
-         do: {:ok, pool}
+         {:ok, held} <- hand_over(state.current, component, pool, opts),
+         do: {:ok, pool, held}
   end
 
-  defp commit_swap(state, pool, component, source, opts, event, t0) do
+  defp commit_swap(state, {pool, held}, component, source, opts, event, t0) do
     old = state.current
     # An old pool that died since the preparation has no member to drain.
     old_members = old_members(old.pool.pid)
@@ -633,6 +699,9 @@ defmodule Capsid.Deployment do
     # Calls that picked an old member before the switch are turned away
     # by the retire flag and retry on the new version.
     Native.pool_retire(old.pool.ref)
+    # The callers that waited for a held member were just turned away by
+    # the retirement, and go to the new version.
+    release(held)
     Capsid.Cluster.switch(state.name, old.component.hash, component.hash)
     send(self(), :drain)
     number = state.number + 1
@@ -678,38 +747,255 @@ defmodule Capsid.Deployment do
     end
   end
 
-  # Seeds each new member with the state of an old one. Any failure (a
-  # trap, an old member gone) aborts the upgrade and stops the new pool.
-  defp hand_over(old, component, pool) do
-    with true <- lifecycle?(old.component) and lifecycle?(component),
-         {:ok, {_, olds}} <- refs(old.pool.pid, pool),
-         {:ok, {_, news}} <- refs(pool.pid, pool) do
-      olds = List.to_tuple(olds)
+  # Moves the running version's state into the new pool (see "State across
+  # a swap" in the moduledoc): `{:ok, held}`, the old members now held, or
+  # an error, with the new pool stopped and the old members serving.
+  defp hand_over(old, component, pool, opts) do
+    if lifecycle?(old.component) and lifecycle?(component) do
+      with {:ok, {_, olds}} <- refs(old.pool.pid, pool),
+           {:ok, {_, news}} <- refs(pool.pid, pool),
+           :ok <- check_shrink(length(olds), length(news), opts, pool),
+           {:ok, held} <- hold(olds, pool) do
+        case move_state(old, component, opts, olds, news) do
+          :ok ->
+            {:ok, held}
 
-      news
-      |> Enum.with_index()
-      |> Enum.reduce_while(:ok, fn {new, i}, :ok ->
-        source = elem(olds, rem(i, tuple_size(olds)))
-
-        # A snapshot that traps must not cost the old instance its state.
-        with {:ok, state} <- Capsid.Call.call_preserving(source, "#{@lifecycle}#snapshot", []),
-             {:ok, nil} <- Capsid.call(new, "#{@lifecycle}#restore", [state]) do
-          {:cont, :ok}
-        else
           {:error, error} ->
+            release(held)
             stop_pool(pool.pid)
 
-            {:halt,
-             {:error,
-              Error.new(
-                :link,
-                "state handoff failed, the running version keeps serving: #{Exception.message(error)}"
-              )}}
+            # A guest's failure is a `:link` error; the host's own (a
+            # bad `merge:`) keeps its kind.
+            kind = if match?(%Error{}, error), do: error.kind, else: :link
+
+            {:error,
+             Error.new(
+               kind,
+               "state handoff failed, the running version keeps serving: " <>
+                 Exception.message(error)
+             )}
         end
-      end)
+      end
     else
-      false -> :ok
+      {:ok, []}
+    end
+  end
+
+  defp check_shrink(from, to, opts, pool) do
+    if to < from and Keyword.get(opts, :merge) == nil and not Keyword.get(opts, :drop_state, false) do
+      stop_pool(pool.pid)
+
+      {:error,
+       Error.new(
+         :incompatible,
+         "the upgrade shrinks the pool from #{from} to #{to} members, which would lose the " <>
+           "state of #{from - to}: pass merge: fn snapshots -> states end (given the #{from} " <>
+           "members' snapshots, it returns #{to} states) or drop_state: true to drop it"
+       )}
+    else
+      :ok
+    end
+  end
+
+  # Takes each old member's turn once its running and waiting calls are
+  # done, and keeps it (`instance_hold`) until `release/1`.
+  defp hold(refs, pool) do
+    Enum.reduce_while(refs, {:ok, []}, fn ref, {:ok, held} ->
+      case hold_one(ref, System.monotonic_time(:millisecond) + @hold_timeout) do
+        :ok ->
+          {:cont, {:ok, [ref | held]}}
+
+        {:error, error} ->
+          release(held)
+          stop_pool(pool.pid)
+          {:halt, {:error, error}}
+      end
+    end)
+  end
+
+  defp hold_one(ref, deadline) do
+    case Native.instance_hold(ref) do
+      :ok ->
+        :ok
+
+      :retired ->
+        {:error, Error.new(:instance_down, "the running version stopped during the upgrade")}
+
+      {:queued, id} ->
+        receive do
+          # Granted (or retired meanwhile): ask again, which says which.
+          {:capsid_turn, ^id} -> hold_one(ref, deadline)
+        after
+          max(deadline - System.monotonic_time(:millisecond), 0) ->
+            Native.instance_unhold(ref)
+
+            receive do
+              {:capsid_turn, ^id} -> :ok
+            after
+              0 -> :ok
+            end
+
+            {:error,
+             Error.new(
+               :busy,
+               "the running version's calls did not end within #{@hold_timeout} ms; " <>
+                 "the upgrade was not applied"
+             )}
+        end
+    end
+  end
+
+  defp release(held), do: Enum.each(held, &Native.instance_unhold/1)
+
+  defp move_state(old, component, opts, olds, news) do
+    snapshot = "#{@lifecycle}#snapshot"
+    restore = "#{@lifecycle}#restore"
+
+    # The rehearsal, on copies: nothing here enters a serving instance.
+    rehearsal =
+      with {:ok, states} <-
+             each_ok(olds, fn src ->
+               with {:ok, copy} <- scratch(old.component, old.opts),
+                    :ok <- copy_state(src, copy),
+                    do: Capsid.Call.call_preserving(copy, snapshot, [])
+             end),
+           {:ok, seeds} <- seeds(states, length(news), opts) do
+        each_ok(seeds, fn seed ->
+          with {:ok, copy} <- scratch(component, opts),
+               do: Capsid.Call.call_preserving(copy, restore, [seed])
+        end)
+      end
+
+    # The real handoff: every old member's snapshot, then every restore.
+    with {:ok, _} <- rehearsal,
+         {:ok, states} <- live_snapshots(olds, snapshot, restore),
+         {:ok, seeds} <- seeds(states, length(news), opts) |> put_back(olds, states, restore),
+         {:ok, _} <-
+           Enum.zip(news, seeds)
+           |> each_ok(fn {new, seed} -> Capsid.call(new, restore, [seed]) end)
+           |> put_back(olds, states, restore) do
+      :ok
+    end
+  end
+
+  # Snapshots of the serving members, in order. If one fails, those taken
+  # already are put back.
+  defp live_snapshots(olds, snapshot, restore) do
+    Enum.reduce_while(olds, {:ok, []}, fn src, {:ok, acc} ->
+      case Capsid.Call.call_preserving(src, snapshot, []) do
+        {:ok, state} ->
+          {:cont, {:ok, [state | acc]}}
+
+        {:error, _} = error ->
+          taken = Enum.reverse(acc)
+
+          Logger.warning(
+            "Capsid: a snapshot failed on a serving instance but not on its copy; " <>
+              "it recycled with the memories it had before (its globals and tables start afresh)"
+          )
+
+          {:halt, put_back(error, Enum.take(olds, length(taken)), taken, restore)}
+      end
+    end)
+    |> case do
+      {:ok, states} -> {:ok, Enum.reverse(states)}
+      error -> error
+    end
+  end
+
+  # After a handoff failed past the live snapshots, each old member gets its
+  # own state back through its own `restore` (the snapshot may have moved it
+  # out). The error is returned as it was.
+  defp put_back({:ok, _} = ok, _olds, _states, _restore), do: ok
+
+  defp put_back({:error, _} = error, olds, states, restore) do
+    for {src, state} <- Enum.zip(olds, states) do
+      case Capsid.Call.call_preserving(src, restore, [state]) do
+        {:ok, _} ->
+          Logger.warning(
+            "Capsid: an upgrade failed after the serving instances' snapshots; " <>
+              "their state was put back with the running version's restore"
+          )
+
+        {:error, e} ->
+          Logger.error(
+            "Capsid: an upgrade failed after a serving instance's snapshot, and putting " <>
+              "its state back failed too: #{Exception.message(e)}"
+          )
+      end
+    end
+
+    error
+  end
+
+  # The state of each new member, from the old members' snapshots.
+  defp seeds(states, n, opts) do
+    case Keyword.get(opts, :merge) do
+      nil ->
+        {:ok, Enum.map(0..(n - 1), &Enum.at(states, rem(&1, length(states))))}
+
+      merge ->
+        try do
+          merge.(states)
+        rescue
+          e -> {:error, Error.new(:bad_argument, "merge: raised #{Exception.message(e)}")}
+        catch
+          kind, reason ->
+            {:error, Error.new(:bad_argument, "merge: #{kind}: #{inspect(reason, limit: 20)}")}
+        else
+          seeds when is_list(seeds) and length(seeds) == n ->
+            if Enum.all?(seeds, &is_binary/1),
+              do: {:ok, seeds},
+              else: {:error, merge_error(n, seeds)}
+
+          other ->
+            {:error, merge_error(n, other)}
+        end
+    end
+  end
+
+  defp merge_error(n, got) do
+    Error.new(
+      :bad_argument,
+      "merge: expected a list of #{n} binaries (one state per new member), got " <>
+        inspect(got, limit: 10, printable_limit: 64)
+    )
+  end
+
+  # A scratch instance of `component` for the rehearsal: the version's
+  # imports and limits, no WASI output, owned by no process.
+  defp scratch(component, opts) do
+    opts =
+      opts
+      |> Keyword.take(@instance_keys)
+      |> Keyword.update(:wasi, [], &Keyword.drop(&1, [:stdout, :stderr]))
+      |> Keyword.put(:component, component)
+
+    case Instance.create(opts) do
+      {:ok, %{ref: ref}} -> {:ok, ref}
       {:error, _} = error -> error
+    end
+  rescue
+    e in ArgumentError -> {:error, Error.new(:link, Exception.message(e))}
+  end
+
+  defp copy_state(src, copy) do
+    case Native.instance_copy_state(src, copy) do
+      :ok -> :ok
+      {:error, {kind, message}} -> {:error, Error.new(kind, message)}
+    end
+  end
+
+  defp each_ok(list, fun) do
+    Enum.reduce_while(list, {:ok, []}, fn x, {:ok, acc} ->
+      case fun.(x) do
+        {:ok, v} -> {:cont, {:ok, [v | acc]}}
+        {:error, _} = error -> {:halt, error}
+      end
+    end)
+    |> case do
+      {:ok, acc} -> {:ok, Enum.reverse(acc)}
+      error -> error
     end
   end
 
@@ -761,7 +1047,7 @@ defmodule Capsid.Deployment do
     %{
       component: component,
       pool: pool,
-      opts: opts,
+      opts: Keyword.drop(opts, @handoff_keys),
       source: if(is_binary(source) and not String.starts_with?(source, "\0asm"), do: source),
       number: number,
       loaded_at: DateTime.utc_now()

@@ -14,6 +14,8 @@ defmodule Capsid.Limits do
   | `:max_tables`         | 32               | tables a component may create               |
   | `:max_memories`       | 8                | memories a component may create             |
   | `:max_handles`        | 10_000           | resource handles alive in an instance       |
+  | `:max_descriptors`    | 256              | OS descriptors held for the guest: files and directories it opened, preopens, outbound HTTP connections |
+  | `:max_host_bytes`     | 64 MiB           | bytes of Elixir terms the host keeps as the state of the guest's host resources |
 
   The timeout is the usual stop. Fuel defaults to a backstop derived from
   the timeout: 100 million units per millisecond, about five times what the
@@ -28,6 +30,13 @@ defmodule Capsid.Limits do
   `fuel_metering: false` (`Capsid.Component.load/2`) has no fuel: its
   timeout is its only bound, so a `:fuel` limit and `timeout: :infinity`
   are refused for it.
+
+  A guest past `:max_descriptors` sees a WASI error (`insufficient-memory`
+  when opening a file, `connection-limit-reached` for an HTTP request; a
+  preopen it gets no descriptor for is not there); past `:max_host_bytes`
+  its call traps with `:memory_limit`. What all instances of the node share
+  (memory, descriptors, host-held terms) has node-wide budgets on top of
+  these: see `Capsid.Budget`.
   """
 
   import Capsid.Options, only: [is_u64: 1]
@@ -42,7 +51,9 @@ defmodule Capsid.Limits do
     max_instances: 64,
     max_tables: 32,
     max_memories: 8,
-    max_handles: 10_000
+    max_handles: 10_000,
+    max_descriptors: 256,
+    max_host_bytes: 64 * 1024 * 1024
   ]
 
   # Fuel per millisecond of timeout for the default fuel.
@@ -60,7 +71,9 @@ defmodule Capsid.Limits do
           max_instances: non_neg_integer(),
           max_tables: non_neg_integer(),
           max_memories: non_neg_integer(),
-          max_handles: non_neg_integer()
+          max_handles: non_neg_integer(),
+          max_descriptors: non_neg_integer(),
+          max_host_bytes: non_neg_integer()
         }
 
   @doc """

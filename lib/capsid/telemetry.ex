@@ -38,6 +38,11 @@ defmodule Capsid.Telemetry do
       upgrade or rollback ended, on the node that ran it: measurements
       `%{duration}`; metadata `%{name, nodes, hash, result}` (`result`:
       `:ok` or `{:error, exception}`).
+    * `[:capsid, :resource_limit]` — a call met a node budget, or its
+      instance's share of one (see `Capsid.Budget`), emitted by the
+      `Capsid.Budget` process when the call ends: measurements `%{in_use,
+      limit}` (the node budget's); metadata `%{resource, instance, caller}`
+      (`resource`: `:memory`, `:descriptors` or `:host_bytes`).
   """
 
   @key {__MODULE__, :enabled}

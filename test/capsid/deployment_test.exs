@@ -9,6 +9,8 @@ defmodule Capsid.DeploymentTest do
   @v2 Capsid.Guests.path(:greeter_v2)
   @bad Capsid.Guests.path(:greeter_bad)
   @hello %{1 => "Hello, Ada!", 2 => "Hi Ada, welcome back!"}
+  @stateful Capsid.Guests.path(:stateful)
+  @hand Path.expand("../fixtures/hand", __DIR__)
 
   doctest Capsid, only: [deploy: 3]
 
@@ -307,5 +309,177 @@ defmodule Capsid.DeploymentTest do
 
     assert wrong == [],
            "calls landed on the old version after a swap returned: #{inspect(Enum.take(wrong, 5))}"
+  end
+
+  ## A failed upgrade leaves every serving instance as it was (issue 23)
+
+  # A hand-written swap fixture (test/fixtures/hand/NAME.wat), as bytes.
+  defp wat!(name) do
+    wasm = Path.join(System.tmp_dir!(), "capsid-#{name}-#{System.unique_integer([:positive])}.wasm")
+    source = Path.join(@hand, "#{name}.wat")
+    {_, 0} = System.cmd(Capsid.Hostile.wat2wasm!(), [source, wasm], stderr_to_stdout: true)
+    bytes = File.read!(wasm)
+    File.rm(wasm)
+    bytes
+  end
+
+  defp members(name) do
+    Capsid.Pool.members(:sys.get_state(Capsid.Deployment.whereis(name)).current.pool.pid)
+  end
+
+  defp bump(target, n), do: for(_ <- 1..n//1, do: {:ok, _} = Capsid.call(target, "bump", []))
+
+  test "a snapshot that moves the state out, then a failing restore: the state stays",
+       %{name: name} do
+    {:ok, _} = Capsid.deploy(name, wat!("swap_drain"), size: 1)
+    bump(name, 10)
+
+    assert {:error, %Error{kind: :link, message: msg}} = Capsid.deploy(name, wat!("swap_norestore"))
+
+    assert msg =~ "state handoff failed, the running version keeps serving"
+    assert {:ok, %{current: %{version: 1}, previous: nil}} = Capsid.versions(name)
+    assert Capsid.call(name, "get", []) == {:ok, 10}
+    assert Capsid.call(name, "bump", []) == {:ok, 11}
+  end
+
+  test "a restore that fails only on the live state: the state moved out is put back",
+       %{name: name} do
+    # swap_picky accepts a copy's state (globals fresh: 0) and refuses the
+    # live one (10): only the real handoff fails, after the live snapshot
+    # drained the counter.
+    {:ok, _} = Capsid.deploy(name, wat!("swap_drain"), size: 1)
+    bump(name, 10)
+
+    log =
+      ExUnit.CaptureLog.capture_log(fn ->
+        assert {:error, %Error{kind: :link, message: msg}} = Capsid.deploy(name, wat!("swap_picky"))
+
+        assert msg =~ "state handoff failed"
+      end)
+
+    assert Capsid.call(name, "get", []) == {:ok, 10}
+    assert Capsid.call(name, "bump", []) == {:ok, 11}
+    assert log =~ "put back"
+  end
+
+  test "a trapping snapshot leaves every member exactly as it was, wasm globals included",
+       %{name: name} do
+    {:ok, _} = Capsid.deploy(name, wat!("swap_trap"), size: 2)
+    [a, b] = members(name)
+    bump(a, 10)
+    bump(b, 3)
+
+    assert {:error, %Error{kind: :link, message: msg}} = Capsid.deploy(name, wat!("swap_drain"))
+    assert msg =~ "state handoff failed"
+    assert msg =~ "unreachable"
+    assert members(name) == [a, b]
+    assert Capsid.call(a, "get", []) == {:ok, 10}
+    assert Capsid.call(b, "get", []) == {:ok, 3}
+    # Not recycled either: nothing trapped in them.
+    assert Capsid.Instance.info(a).recycles == 0
+    assert Capsid.Instance.info(b).recycles == 0
+  end
+
+  test "a successful swap carries a draining snapshot's state", %{name: name} do
+    {:ok, _} = Capsid.deploy(name, wat!("swap_drain"), size: 1)
+    bump(name, 7)
+    assert {:ok, %{current: %{version: 2}}} = Capsid.deploy(name, wat!("swap_drain"))
+    assert Capsid.call(name, "get", []) == {:ok, 7}
+  end
+
+  test "an upgrade that shrinks a pool is refused unless the caller merges or drops state",
+       %{name: name} do
+    {:ok, _} = Capsid.deploy(name, @stateful, size: 2)
+    [a, b] = members(name)
+    bump(a, 3)
+    bump(b, 5)
+
+    assert {:error, %Error{kind: :incompatible, message: msg}} =
+             Capsid.deploy(name, @stateful, size: 1)
+
+    assert msg =~ "from 2 to 1"
+    assert msg =~ "merge:"
+    assert msg =~ "drop_state: true"
+    assert {:ok, %{current: %{version: 1}}} = Capsid.versions(name)
+    assert Capsid.call(a, "digest", []) == {:ok, {3, 0, 0}}
+    assert Capsid.call(b, "digest", []) == {:ok, {5, 0, 0}}
+
+    # merge: gets every member's snapshot, returns one per new member.
+    sum = fn snapshots ->
+      total = Enum.sum(for <<n::little-64, _::binary>> <- snapshots, do: n)
+      [<<total::little-64>>]
+    end
+
+    assert {:ok, %{current: %{version: 2}}} = Capsid.deploy(name, @stateful, size: 1, merge: sum)
+    assert Capsid.call(name, "digest", []) == {:ok, {8, 0, 0}}
+
+    # drop_state: true keeps the first members' state and drops the rest.
+    {:ok, _} = Capsid.deploy(name, @stateful, size: 2)
+    [c, _] = members(name)
+    bump(c, 1)
+
+    assert {:ok, %{current: %{version: 4}}} =
+             Capsid.deploy(name, @stateful, size: 1, drop_state: true)
+
+    assert Capsid.call(name, "digest", []) == {:ok, {9, 0, 0}}
+
+    # A merge that answers the wrong number of states fails the upgrade.
+    assert {:error, %Error{kind: :bad_argument, message: msg}} =
+             Capsid.deploy(name, @stateful, size: 1, merge: fn _ -> [] end)
+
+    assert msg =~ "merge"
+    assert Capsid.call(name, "digest", []) == {:ok, {9, 0, 0}}
+
+    assert_raise ArgumentError, ~r/:merge/, fn -> Capsid.deploy(name, @stateful, merge: :sum) end
+
+    assert_raise ArgumentError, ~r/:drop_state/, fn ->
+      Capsid.deploy(name, @stateful, drop_state: 1)
+    end
+  end
+
+  @tag timeout: 120_000
+  test "under load, every acknowledged update is in the state handed over", %{name: name} do
+    {:ok, _} = Capsid.deploy(name, @stateful, size: 1)
+    parent = self()
+    stop = :atomics.new(1, [])
+
+    callers =
+      for _ <- 1..4 do
+        spawn_link(fn ->
+          acked = count_acks(name, stop, 0)
+          send(parent, {:acked, self(), acked})
+        end)
+      end
+
+    Process.sleep(20)
+
+    for _ <- 1..15 do
+      assert {:ok, _} = Capsid.deploy(name, @stateful)
+      Process.sleep(5)
+    end
+
+    :atomics.put(stop, 1, 1)
+
+    acked =
+      for pid <- callers, reduce: 0 do
+        acc ->
+          assert_receive {:acked, ^pid, n}, 30_000
+          acc + n
+      end
+
+    assert acked > 1000, "too few calls under load: #{acked}"
+    assert {:ok, {counter, _, _}} = Capsid.call(name, "digest", [])
+    assert counter == acked, "#{acked - counter} acknowledged updates lost across the swaps"
+  end
+
+  defp count_acks(name, stop, n) do
+    if :atomics.get(stop, 1) == 1 do
+      n
+    else
+      case Capsid.call(name, "bump", []) do
+        {:ok, _} -> count_acks(name, stop, n + 1)
+        {:error, _} -> count_acks(name, stop, n)
+      end
+    end
   end
 end

@@ -134,6 +134,32 @@ impl io::Guest for Component {
     fn quit(code: u32) {
         std::process::exit(code as i32)
     }
+
+    fn hoard_files(path: String, n: u32) -> (u32, String) {
+        FILES.with(|files| {
+            let mut files = files.borrow_mut();
+            let mut last = String::new();
+            for _ in 0..n {
+                match std::fs::File::open(&path) {
+                    Ok(f) => files.push(f),
+                    Err(e) => {
+                        last = e.to_string();
+                        break;
+                    }
+                }
+            }
+            (files.len() as u32, last)
+        })
+    }
+
+    fn release_files() -> u32 {
+        FILES.with(|files| std::mem::take(&mut *files.borrow_mut()).len() as u32)
+    }
+}
+
+thread_local! {
+    /// Descriptors kept across calls by `hoard-files`.
+    static FILES: std::cell::RefCell<Vec<std::fs::File>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 // The `export!` macro expands to `#[unsafe(export_name = ...)]` entry points.
