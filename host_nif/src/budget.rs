@@ -109,6 +109,12 @@ impl Budget {
         }
     }
 
+    /// Counts a refusal made on the budget's behalf (the descriptor reserve,
+    /// which the kernel's numbering shows before the count does).
+    pub fn count_refusal(&self) {
+        self.refused.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// Gives back `n` taken earlier.
     pub fn give(&self, n: u64) {
         // Saturating: a bug elsewhere must not wrap the count to "all used".

@@ -162,6 +162,7 @@ pub fn add_to_linker<T: WasiView + Holder + 'static>(
                     }
                 };
                 if reserve_hit {
+                    DESCRIPTORS.count_refusal();
                     store.data_mut().held().account.refused.note(&DESCRIPTORS);
                 }
                 if let Ok(new) = &opened {

@@ -71,6 +71,8 @@ fn make_link(component: &ComponentResource, provided: &[String]) -> Result<Link>
         .map_err(|e| Error::Internal(format!("linking wasi:http: {}", root_message(&e))))?;
     crate::descriptors::add_to_linker(&mut linker)
         .map_err(|e| Error::Internal(format!("linking descriptors: {}", root_message(&e))))?;
+    crate::symlinks::add_to_linker(&mut linker)
+        .map_err(|e| Error::Internal(format!("linking symlink guards: {}", root_message(&e))))?;
 
     let provided: HashSet<&str> = provided.iter().map(String::as_str).collect();
     let mut bound = Vec::new();

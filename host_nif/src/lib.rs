@@ -3,7 +3,7 @@
 //!
 //! Layers, lowest first (a file only uses files above it in this list):
 //! `budget`, `error`, `arena`, `engine`, `limits`, `shape`, `value`, `abi`, `stdio`,
-//! `cache`, `descriptors`, `wasi`, `host`, `http`, `host_resource`, `resource`, `convert`,
+//! `cache`, `descriptors`, `wasi`, `host`, `symlinks`, `http`, `host_resource`, `resource`, `convert`,
 //! `component`, `types`, `imports`, `run`, `instance`, `pool`, `registry`,
 //! `call`, `node`, `wit`.
 //!
@@ -42,6 +42,7 @@ mod resource;
 mod run;
 mod shape;
 mod stdio;
+mod symlinks;
 mod types;
 mod value;
 mod wasi;

@@ -34,6 +34,8 @@ pub struct Grant<'a> {
     /// `{stdout_kept, stderr_kept, spec}`: which streams Elixir wants after
     /// each call, and how to route them (`Capsid.WASI.deliver/1`).
     pub output: (bool, bool, Term<'a>),
+    /// Host paths of the preopens granted with `symlinks: false`.
+    no_symlinks: Vec<String>,
 }
 
 #[derive(Default)]
@@ -48,6 +50,8 @@ pub struct WasiConfig {
     clock: Option<Duration>,
     seed: Option<u64>,
     pub http: Arc<Outbound>,
+    /// The preopens the guest may not create symlinks in (`symlinks`).
+    pub symlinks: crate::symlinks::Guarded,
 }
 
 impl From<Grant<'_>> for WasiConfig {
@@ -65,6 +69,7 @@ impl From<Grant<'_>> for WasiConfig {
                 allow: g.http.0,
                 max_body: g.http.1,
             }),
+            symlinks: crate::symlinks::Guarded::new(g.no_symlinks),
         }
     }
 }
@@ -137,12 +142,32 @@ impl WasiConfig {
         }
         if let Some(seed) = self.seed {
             // Every source of randomness WASI has, derived from the seed.
-            b.secure_random(StdRng::seed_from_u64(seed))
-                .insecure_random(StdRng::seed_from_u64(seed.wrapping_add(1)))
-                .insecure_random_seed(u128::from(seed));
+            b.secure_random(StdRng::from_seed(derive(seed, "secure")))
+                .insecure_random(StdRng::from_seed(derive(seed, "insecure")))
+                .insecure_random_seed(derive_u128(seed, "insecure-seed"));
         }
         b.build()
     }
+}
+
+/// The bytes that seed one WASI source of randomness (`stream`) for
+/// `random: {:seed, n}`: SHA-256 of the stream's label and `n`, so no two
+/// seeds or streams share a sequence (seeding with `n` and `n + 1` made
+/// seed 1's secure stream seed 0's insecure one).
+fn derive(seed: u64, stream: &str) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(b"capsid/wasi/random/");
+    h.update(stream.as_bytes());
+    h.update([0]);
+    h.update(seed.to_le_bytes());
+    h.finalize().into()
+}
+
+fn derive_u128(seed: u64, stream: &str) -> u128 {
+    let mut half = [0; 16];
+    half.copy_from_slice(&derive(seed, stream)[..16]);
+    u128::from_le_bytes(half)
 }
 
 /// Outbound `wasi:http` as granted (`wasi: [http: ...]`).
@@ -233,6 +258,17 @@ mod tests {
             allow: allow.iter().map(|s| s.to_string()).collect(),
             max_body: 1 << 20,
         }
+    }
+
+    #[test]
+    fn seeds_derive_distinct_streams() {
+        let mut seen = std::collections::HashSet::new();
+        for seed in 0..100 {
+            for stream in ["secure", "insecure", "insecure-seed"] {
+                assert!(seen.insert(derive(seed, stream)), "{seed} {stream}");
+            }
+        }
+        assert_eq!(derive(7, "secure"), derive(7, "secure"));
     }
 
     #[test]

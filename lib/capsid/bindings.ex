@@ -13,10 +13,13 @@ defmodule Capsid.Bindings do
   What is generated:
 
     * **a module per exported interface**, named after the interface in
-      CamelCase (`pricing` → `MyPlugin.Pricing`; when two exported
-      interfaces share a name, the package is added: `MyPlugin.AcmePricing`);
-      the component's root exports are functions of the `use`-ing module
-      itself;
+      CamelCase (`pricing` → `MyPlugin.Pricing`). Interfaces whose names
+      give the same module (two packages' `pricing`, or `foo` and `FOO`)
+      are qualified by their package (`MyPlugin.AcmePricing`), and those
+      that still clash (two versions of a package) by their whole key
+      (`MyPlugin.AcmePricing010`); names that no qualification tells apart
+      are a compile error naming both interfaces. The component's root
+      exports are functions of the `use`-ing module itself;
     * **a function per exported function**, snake_case (`word-frequencies`
       → `word_frequencies`), taking the call's target first (anything
       `Capsid.call/4` accepts: an instance, a pool, a deployment) and call
@@ -49,7 +52,19 @@ defmodule Capsid.Bindings do
 
   A function whose snake_case name is an Elixir keyword (`end`, `do`, ...)
   gets a trailing underscore (`end_`), as do parameters named `target` or
-  `opts`.
+  `opts`. A type whose Elixir name another type of the same module already
+  has (`integer` is `integer_type()`, a built-in's name, as is
+  `integer-type`) gets `_2`, `_3`, ... in WIT order; two functions of one
+  module with the same Elixir name and arity are a compile error naming
+  both.
+
+  Every name becomes an atom, and atoms are never collected: the bindings
+  of one component may create at most as many new atoms as loading a
+  component may (`config :capsid, :max_atoms_per_component`, 10,000 by
+  default), and count against the same node-wide limit
+  (`:max_atoms_total`, 100,000, with the atoms loads have created); past
+  either, `use` is a compile error naming the setting, and generation
+  stops before creating more.
   """
 
   alias Capsid.Bindings.Generate
@@ -85,15 +100,21 @@ defmodule Capsid.Bindings do
                   "or wit: dir (a WIT package), one of them"
       end
 
-    case api do
-      {:ok, api} ->
-        Generate.module(__CALLER__.module, path, api)
+    generated =
+      case api do
+        {:ok, api} -> Generate.module(__CALLER__.module, path, api)
+        {:error, e} -> {:error, Exception.message(e)}
+      end
 
-      {:error, e} ->
+    case generated do
+      {:ok, ast} ->
+        ast
+
+      {:error, message} ->
         raise CompileError,
           file: __CALLER__.file,
           line: __CALLER__.line,
-          description: "Capsid.Bindings: #{path}: #{Exception.message(e)}"
+          description: "Capsid.Bindings: #{path}: #{message}"
     end
   end
 
@@ -119,30 +140,99 @@ defmodule Capsid.Bindings.Generate do
   @reserved ~w(do end fn nil true false when and or not in catch rescue after else
                __MODULE__ __CALLER__ __ENV__ __DIR__ __STACKTRACE__ module_info)
 
+  @budget {__MODULE__, :atoms}
+
+  # `{:ok, quoted}` or `{:error, message}`: a name clash, or more new
+  # atoms than the budget allows.
   def module(root, path, api) do
+    env = Application.get_all_env(:capsid)
+    per_component = env[:max_atoms_per_component] || 10_000
+    total = env[:max_atoms_total] || 100_000
+    headroom = :erlang.system_info(:atom_limit) - :erlang.system_info(:atom_count)
+    # The lowest of the three limits, and the message that names it.
+    limit =
+      Enum.min_by(
+        [
+          {per_component,
+           "the limit is #{per_component} per component (config :capsid, :max_atoms_per_component)"},
+          {max(total - Capsid.Native.node_info().atoms_created, 0),
+           "components have created #{Capsid.Native.node_info().atoms_created} and the limit is " <>
+             "#{total} for all of them (config :capsid, :max_atoms_total)"},
+          {div(headroom, 2), "the VM's atom table is #{headroom} atoms from full"}
+        ],
+        &elem(&1, 0)
+      )
+
+    Process.put(@budget, {0, limit})
+
+    try do
+      {:ok, generate(root, path, api)}
+    catch
+      {@budget, message} -> {:error, message}
+    after
+      Process.delete(@budget)
+    end
+  end
+
+  @doc false
+  # Every atom the bindings make goes through here: names from the
+  # component become atoms, which are never collected, so new ones are
+  # counted (in the process generating, for the `use` being expanded) and
+  # refused past the budget, before they are created.
+  def atom!(name) when is_binary(name) do
+    :erlang.binary_to_existing_atom(name, :utf8)
+  rescue
+    ArgumentError ->
+      case Process.get(@budget) do
+        {n, {max, why}} when n >= max ->
+          throw(
+            {@budget,
+             "the bindings would create more than #{max} new atoms (names of modules, " <>
+               "functions, parameters, types, fields and cases); #{why}"}
+          )
+
+        {n, limit} ->
+          Process.put(@budget, {n + 1, limit})
+
+        # Outside `module/3` (Spec's helpers in tests): nothing to count.
+        nil ->
+          :ok
+      end
+
+      String.to_atom(name)
+  end
+
+  defp clash!(message), do: throw({@budget, message})
+
+  defp generate(root, path, api) do
     exported = Enum.filter(api.exports, &match?({:interface, _}, &1))
     modules = interface_modules(root, exported)
     # Named types, and the module that defines each one as a `@type`.
     homes = type_homes(api.types, modules, root)
 
-    interfaces =
-      for {:interface, iface} <- exported do
+    {interfaces, nested} =
+      Enum.map_reduce(exported, [], fn {:interface, iface}, nested ->
         mod = Map.fetch!(modules, iface.id)
         funs = for f <- iface.function, f.kind == :freestanding, do: {f, "#{iface.key}##{f.name}"}
         own = for {:ref, id} <- iface.types, do: id
 
         body = module_body(mod, funs, own, homes, api.types)
         doc = module_doc(iface.docs, "the `#{iface.key}` interface", path)
-        resources = resource_modules(mod, iface, homes, api.types, path)
+        {resources, res_mods} = resource_modules(mod, iface, homes, api.types, path)
 
-        quote do
-          defmodule unquote(mod) do
-            @moduledoc unquote(doc)
-            unquote(body)
-            unquote_splicing(resources)
+        quoted =
+          quote do
+            defmodule unquote(mod) do
+              @moduledoc unquote(doc)
+              unquote(body)
+              unquote_splicing(resources)
+            end
           end
-        end
-      end
+
+        {quoted, res_mods ++ nested}
+      end)
+
+    unique_modules!(nested)
 
     root_funs = for {:function, f} <- api.exports, f.kind == :freestanding, do: {f, f.name}
     root_types = for {:types, {:ref, id}} <- api.exports, do: id
@@ -173,14 +263,15 @@ defmodule Capsid.Bindings.Generate do
 
   # A module per resource of the interface (`Shop.Carts.Cart`): `new` for
   # its constructor, its methods taking the handle first (its instance is
-  # where they run), its statics taking the target first.
+  # where they run), its statics taking the target first. Also gives each
+  # module with what it is for, to check that no two are the same.
   defp resource_modules(mod, iface, homes, types, path) do
     iface.function
     |> Enum.reject(&(&1.kind == :freestanding))
     |> Enum.group_by(fn %{kind: {_, {:ref, rid}}} -> rid end)
     |> Enum.map(fn {rid, funs} ->
       res = Map.fetch!(types, rid)
-      res_mod = Module.concat(mod, camel(res.name))
+      res_mod = concat(mod, camel(res.name))
 
       funs =
         for f <- funs do
@@ -199,39 +290,78 @@ defmodule Capsid.Bindings.Generate do
       doc = module_doc(res.docs, "the resource `#{res.name}` of `#{iface.key}`", path)
       body = module_body(res_mod, funs, [], homes, types)
 
-      quote do
-        defmodule unquote(res_mod) do
-          @moduledoc unquote(doc)
-          unquote(body)
+      quoted =
+        quote do
+          defmodule unquote(res_mod) do
+            @moduledoc unquote(doc)
+            unquote(body)
+          end
         end
-      end
+
+      {quoted, {res_mod, "the resource `#{res.name}` of `#{iface.key}`"}}
     end)
+    |> Enum.unzip()
   end
+
+  # Two generated modules with one name would be one module, the second
+  # silently replacing the first.
+  defp unique_modules!(named) do
+    named
+    |> Enum.group_by(&elem(&1, 0), &elem(&1, 1))
+    |> Enum.find(fn {_, whats} -> length(whats) > 1 end)
+    |> case do
+      nil ->
+        :ok
+
+      {mod, whats} ->
+        clash!(
+          "#{Enum.join(Enum.sort(whats), " and ")} would both be the module #{inspect(mod)} " <>
+            "(no qualification tells them apart); expected names that give distinct Elixir modules"
+        )
+    end
+  end
+
+  # `Module.concat/2`, counting the atom.
+  defp concat(parent, name), do: atom!("#{parent}.#{name}")
 
   defp module_doc(docs, what, path) do
     intro = "Generated by `Capsid.Bindings` from #{what} in `#{Path.relative_to_cwd(path)}`."
     if docs, do: docs <> "\n\n" <> intro, else: intro
   end
 
-  # Interface id => module; a name two interfaces share gets its package,
-  # and one that two versions of a package share gets its whole key.
+  # Interface id => module: its name in CamelCase; where two interfaces
+  # give the same module (`foo` and `FOO`, two packages' `math`), each is
+  # qualified by its package, then by its whole key (two versions). The
+  # names are compared as modules, after CamelCase: `foo` and `FOO` are
+  # both `Foo`. A module two interfaces still share is an error.
   defp interface_modules(root, exported) do
     ifaces = for {:interface, i} <- exported, do: i
-    short = Enum.frequencies_by(ifaces, &base_name/1)
-    long = Enum.frequencies_by(ifaces, &(package_of(&1.key) <> "-" <> base_name(&1)))
 
-    Map.new(ifaces, fn i ->
-      with_package = package_of(i.key) <> "-" <> base_name(i)
+    candidates = fn i ->
+      [
+        camel(base_name(i)),
+        camel(package_of(i.key) <> "-" <> base_name(i)),
+        camel(String.replace(i.key, ~r/[^A-Za-z0-9]+/, "-"))
+      ]
+    end
 
-      name =
-        cond do
-          short[base_name(i)] == 1 -> camel(base_name(i))
-          long[with_package] == 1 -> camel(with_package)
-          true -> camel(String.replace(i.key, ~r/[^A-Za-z0-9]+/, "-"))
-        end
+    counts =
+      ifaces
+      |> Enum.flat_map(&Enum.with_index(candidates.(&1)))
+      |> Enum.frequencies()
 
-      {i.id, Module.concat(root, name)}
-    end)
+    named =
+      Enum.map(ifaces, fn i ->
+        all = candidates.(i)
+
+        name = Enum.find(Enum.with_index(all), {List.last(all), 2}, &(counts[&1] == 1)) |> elem(0)
+
+        {i, concat(root, name)}
+      end)
+
+    unique_modules!(for {i, mod} <- named, do: {mod, "interface `#{i.key}`"})
+
+    Map.new(named, fn {i, mod} -> {i.id, mod} end)
   end
 
   defp base_name(%{name: name}) when is_binary(name), do: name
@@ -272,7 +402,17 @@ defmodule Capsid.Bindings.Generate do
           end
       end
 
-    Map.new(owned, fn {id, mod} -> {id, {mod, Spec.type_name(types[id].name)}} end)
+    # In WIT order, so that the same component always gives the same names.
+    {homes, _taken} =
+      owned
+      |> Enum.sort()
+      |> Enum.map_reduce(MapSet.new(), fn {id, mod}, taken ->
+        base = Spec.type_name(types[id].name)
+        name = Spec.first_free(base, &MapSet.member?(taken, {mod, &1}))
+        {{id, {mod, name}}, MapSet.put(taken, {mod, name})}
+      end)
+
+    Map.new(homes)
   end
 
   # `@type`s and functions of one module.
@@ -298,7 +438,56 @@ defmodule Capsid.Bindings.Generate do
       for {f, name, {arg_specs, result_spec}} <- spec_funs,
           do: function(f, name, arg_specs, result_spec)
 
-    {:__block__, [], type_defs ++ fun_defs}
+    unique_functions!(mod, fun_defs)
+
+    # The functions as data, defined by one loop in the module's body: the
+    # body is compiled as one Erlang function, whose compile time grows
+    # with the square of its size, so it must not grow with the exports.
+    loop =
+      quote bind_quoted: [funs: Macro.escape(Enum.map(fun_defs, &elem(&1, 1)))] do
+        for {name, bang, doc, bang_doc, head, head_t, target, call, params, value} <- funs do
+          @doc doc
+          @spec unquote(name)(unquote_splicing(head_t)) ::
+                  {:ok, unquote(value)} | {:error, Capsid.Error.t() | Capsid.Trap.t()}
+          @spec unquote(name)(unquote_splicing(head_t), keyword()) ::
+                  {:ok, unquote(value)} | {:error, Capsid.Error.t() | Capsid.Trap.t()}
+          def unquote(name)(unquote_splicing(head), opts \\ []) do
+            Capsid.call(unquote(target), unquote(call), unquote(params), opts)
+          end
+
+          @doc bang_doc
+          @spec unquote(bang)(unquote_splicing(head_t)) :: unquote(value)
+          @spec unquote(bang)(unquote_splicing(head_t), keyword()) :: unquote(value)
+          def unquote(bang)(unquote_splicing(head), opts \\ []) do
+            Capsid.call!(unquote(target), unquote(call), unquote(params), opts)
+          end
+        end
+      end
+
+    {:__block__, [], type_defs ++ [loop]}
+  end
+
+  # Two functions with one Elixir name and overlapping arities (each is
+  # defined with and without its options) cannot both be defined.
+  defp unique_functions!(mod, fun_defs) do
+    fun_defs
+    |> Enum.flat_map(fn {wit, {name, _, _, _, head, _, _, _, _, _}} ->
+      n = length(head)
+      [{{name, n}, wit}, {{name, n + 1}, wit}]
+    end)
+    |> Enum.group_by(&elem(&1, 0), &elem(&1, 1))
+    |> Enum.find(fn {_, wits} -> length(Enum.uniq(wits)) > 1 end)
+    |> case do
+      nil ->
+        :ok
+
+      {{name, arity}, wits} ->
+        clash!(
+          "the functions #{wits |> Enum.uniq() |> Enum.map_join(" and ", &"`#{&1}`")} would " <>
+            "both be #{inspect(mod)}.#{name}/#{arity}; expected names that give distinct " <>
+            "Elixir functions"
+        )
+    end
   end
 
   defp function_specs({f, call_name}, specs) do
@@ -313,14 +502,13 @@ defmodule Capsid.Bindings.Generate do
     {{f, call_name, {args, result}}, specs}
   end
 
+  # `{wit name, fields of the module's loop}`.
   defp function(f, call_name, arg_specs, result_spec) do
-    name = String.to_atom(snake(Map.get(f, :elixir_name, f.name)))
-    bang = :"#{name}!"
+    name_s = snake(Map.get(f, :elixir_name, f.name))
+    name = atom!(name_s)
+    bang = atom!(name_s <> "!")
     params = Enum.map(f.params, fn {p, _} -> Macro.var(param(p), nil) end)
-    opts = Macro.var(:opts, nil)
     value = result_spec || nil
-    opts_t = quote(do: keyword())
-    error_t = quote(do: Capsid.Error.t() | Capsid.Trap.t())
 
     # A method's first parameter is the handle, which knows its instance;
     # everything else takes the call's target first.
@@ -344,29 +532,14 @@ defmodule Capsid.Bindings.Generate do
     returns the value or raises.
     """
 
-    quote do
-      @doc unquote(doc)
-      @spec unquote(name)(unquote_splicing(head_t)) ::
-              {:ok, unquote(value)} | {:error, unquote(error_t)}
-      @spec unquote(name)(unquote_splicing(head_t ++ [opts_t])) ::
-              {:ok, unquote(value)} | {:error, unquote(error_t)}
-      def unquote(name)(unquote_splicing(head), unquote(opts) \\ []) do
-        Capsid.call(unquote(target), unquote(call_name), unquote(params), unquote(opts))
-      end
-
-      @doc unquote("Like `#{name}/#{length(head) + 1}`, but returns the value or raises.")
-      @spec unquote(bang)(unquote_splicing(head_t)) :: unquote(value)
-      @spec unquote(bang)(unquote_splicing(head_t ++ [opts_t])) :: unquote(value)
-      def unquote(bang)(unquote_splicing(head), unquote(opts) \\ []) do
-        Capsid.call!(unquote(target), unquote(call_name), unquote(params), unquote(opts))
-      end
-    end
+    bang_doc = "Like `#{name_s}/#{length(head) + 1}`, but returns the value or raises."
+    {call_name, {name, bang, doc, bang_doc, head, head_t, target, call_name, params, value}}
   end
 
   defp param(name) do
     case snake(name) do
-      n when n in ["target", "opts"] -> String.to_atom(n <> "_")
-      n -> String.to_atom(n)
+      n when n in ["target", "opts"] -> atom!(n <> "_")
+      n -> atom!(n)
     end
   end
 end
@@ -485,7 +658,7 @@ defmodule Capsid.Bindings.Spec do
     {kvs, specs} =
       Enum.map_reduce(fields, specs, fn {name, t}, acc ->
         {t, acc} = walk(acc, t)
-        {{String.to_atom(String.replace(name, "-", "_")), t}, acc}
+        {{atom(name), t}, acc}
       end)
 
     {{:%{}, [], kvs}, specs}
@@ -543,7 +716,7 @@ defmodule Capsid.Bindings.Spec do
     {{tag, t}, specs}
   end
 
-  defp atom(name), do: String.to_atom(String.replace(name, "-", "_"))
+  defp atom(name), do: Capsid.Bindings.Generate.atom!(String.replace(name, "-", "_"))
 
   defp union([]), do: quote(do: none())
   defp union([one]), do: one
@@ -556,14 +729,18 @@ defmodule Capsid.Bindings.Spec do
           for({_, {mod, n}} <- specs.homes, mod == specs.mod, do: n)
       )
 
-    base = type_name(wit_name)
+    first_free(type_name(wit_name), &MapSet.member?(taken, &1))
+  end
 
+  @doc false
+  # `base`, or the first of `base_2`, `base_3`, ... that is not `taken?`.
+  def first_free(base, taken?) do
     Stream.iterate(1, &(&1 + 1))
     |> Stream.map(fn
       1 -> base
-      n -> :"#{base}_#{n}"
+      n -> Capsid.Bindings.Generate.atom!("#{base}_#{n}")
     end)
-    |> Enum.find(&(&1 not in taken))
+    |> Enum.find(&(not taken?.(&1)))
   end
 
   @builtin ~w(any none atom map pid port reference struct tuple float integer neg_integer
@@ -576,7 +753,10 @@ defmodule Capsid.Bindings.Spec do
   @doc false
   # A WIT type name as an Elixir type name; built-in names get `_type`.
   def type_name(wit_name) do
-    name = String.to_atom(String.replace(wit_name, "-", "_"))
-    if name in @builtin, do: :"#{name}_type", else: name
+    name = Capsid.Bindings.Generate.atom!(String.replace(wit_name, "-", "_"))
+
+    if name in @builtin,
+      do: Capsid.Bindings.Generate.atom!("#{name}_type"),
+      else: name
   end
 end

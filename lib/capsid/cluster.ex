@@ -1,7 +1,7 @@
 defmodule Capsid.Cluster do
   @moduledoc """
   Deployments across a BEAM cluster, over Erlang distribution: nothing but
-  OTP (`:pg` for membership, `:erpc` for calls, `:global` for a lock).
+  OTP (`:pg` for membership, `spawn_request` for calls, `:global` for a lock).
 
       {:ok, info} = Capsid.deploy(:calc, "priv/calc.wasm", nodes: [node() | Node.list()])
       Capsid.call(:calc, "add", [1, 2])   # on any node of the cluster
@@ -25,10 +25,17 @@ defmodule Capsid.Cluster do
   results and errors as a local one. Its `:timeout` (plus `:queue_timeout`,
   if given) bounds the whole remote call, network included: past it the
   caller gets a `%Capsid.Trap{kind: :timeout}` and the remote call is
-  stopped. Without a `:timeout`, the remote instance's own limits stop the
-  guest, and Erlang distribution notices a node that stops answering
-  (`net_ticktime`). A pid of an instance on another node works as a target
-  too (`:erpc` carries the call).
+  stopped. With or without a `:timeout`, the caller waits no longer than
+  what the remote instance's own limits allow (its `:queue_timeout` plus
+  its `:timeout`, narrowed by the call's options) plus a margin of 2 s (and
+  1 ms per 10 KB of arguments or result, for their time on the wire), and
+  a node has as long to take the call at all: a node that froze (SIGSTOP, a
+  stalled VM) or is cut off gives the caller `{:error, %Capsid.Error{kind:
+  :timeout}}` naming the node, and the call is stopped there (when it
+  wakes up), instead of a wait until Erlang distribution declares the node
+  down (`net_ticktime`, about a minute). Only a remote instance with
+  `timeout: :infinity` leaves that to distribution. A pid of an instance on
+  another node works as a target too.
 
   Values travel as Erlang terms. Resource handles (`Capsid.Resource`) belong
   to their node's instance and are not sent across.
@@ -80,6 +87,14 @@ defmodule Capsid.Cluster do
   # Time for a remote guest's own timeout trap to arrive before the caller
   # gives up on its own.
   @grace 100
+  # How long a caller waits, beyond what the remote instance's limits allow
+  # (its queue_timeout and timeout), for a remote call's answer: argument
+  # and result conversions, the trip back, a busy node. Also how long a
+  # node has to take a call at all.
+  @margin 2_000
+  # Large arguments and results take time on the wire: the margin grows by
+  # 1 ms per 10 KB (10 MB/s, a slow link).
+  @bytes_per_ms 10_000
   # How long a versions/undeploy request waits for one node.
   @query_timeout 15_000
 
@@ -192,39 +207,39 @@ defmodule Capsid.Cluster do
   end
 
   defp remote(node, target, function, args, opts) do
-    wait = wait(opts)
+    own = wait(opts)
     t0 = System.monotonic_time()
+    now = System.monotonic_time(:millisecond)
+    # Answers come to an alias: once the caller gives up, late ones are
+    # dropped instead of piling up in its mailbox.
+    reply_to = :erlang.alias()
 
-    result =
-      try do
-        :erpc.call(node, __MODULE__, :serve, [self(), target, function, args, opts], wait)
-      catch
-        :error, {:erpc, :timeout} ->
-          {{:error,
-            %Trap{
-              kind: :timeout,
-              message:
-                "no answer from node #{node} within #{wait} ms (the call's timeout); the remote call was stopped"
-            }}, 0}
+    # Asynchronous (`spawn_monitor/4` to another node waits for the reply,
+    # which a frozen node never sends): the monitor's reference is `req`.
+    req =
+      :erlang.spawn_request(
+        node,
+        __MODULE__,
+        :serve,
+        [self(), reply_to, target, function, args, opts],
+        [:monitor]
+      )
 
-        :error, {:erpc, :noconnection} ->
-          {:elsewhere, "node down"}
+    waiting = %{
+      node: node,
+      req: req,
+      reply_to: reply_to,
+      pid: nil,
+      own: own,
+      own_deadline: deadline(now, own),
+      # Until the node says what its instance allows, it has @margin (and
+      # the time its arguments take on the wire) to acknowledge the call.
+      bound: nil,
+      bound_deadline: now + @margin + div(:erlang.external_size(args), @bytes_per_ms)
+    }
 
-        :error, {:erpc, reason} ->
-          {:elsewhere, inspect(reason)}
-
-        # Capsid is not loaded there.
-        :error, {:exception, :undef, _} ->
-          {:elsewhere, "Capsid is not running there"}
-
-        # Killed there, by something else than Capsid: it may have run.
-        :exit, {:signal, reason} ->
-          {{:error,
-            Error.new(
-              :instance_down,
-              "the call's process on node #{node} was killed (#{inspect(reason)})"
-            )}, 0}
-      end
+    result = await(waiting)
+    :erlang.unalias(reply_to)
 
     case result do
       {:raised, kind, reason, stack} ->
@@ -247,12 +262,137 @@ defmodule Capsid.Cluster do
     end
   end
 
+  # Waits for the remote call's answer, at most until the caller's own
+  # deadline or what the remote instance's limits allow plus @margin,
+  # whichever comes first. A frozen node (SIGSTOP, a stalled VM) keeps its
+  # connection up until `net_ticktime` notices: without this bound the
+  # caller would wait that long (about a minute by default).
+  defp await(%{req: req, reply_to: reply_to} = w) do
+    receive do
+      {^reply_to, :bound, bound} ->
+        now = System.monotonic_time(:millisecond)
+        await(%{w | bound: bound, bound_deadline: deadline(now, plus(bound, @margin))})
+
+      # A large result is on its way: its time on the wire is added.
+      {^reply_to, :sending, size} ->
+        now = System.monotonic_time(:millisecond)
+        extended = deadline(now, @margin + div(size, @bytes_per_ms))
+        await(%{w | bound_deadline: max_deadline(w.bound_deadline, extended)})
+
+      {^reply_to, :result, result} ->
+        Process.demonitor(req, [:flush])
+        flush_reply(req)
+        result
+
+      {:spawn_reply, ^req, :ok, pid} ->
+        await(%{w | pid: pid})
+
+      {:spawn_reply, ^req, :error, :noconnection} ->
+        {:elsewhere, "node down"}
+
+      {:spawn_reply, ^req, :error, reason} ->
+        {:elsewhere, inspect(reason)}
+
+      {:DOWN, ^req, :process, _, reason} ->
+        down(reason, w.node)
+    after
+      remaining(min_deadline(w.own_deadline, w.bound_deadline)) -> gave_up(w)
+    end
+  end
+
+  defp down(:noconnection, _node), do: {:elsewhere, "node down"}
+
+  # Capsid is not loaded there.
+  defp down({:undef, [{__MODULE__, :serve, _, _} | _]}, _node),
+    do: {:elsewhere, "Capsid is not running there"}
+
+  # Killed there, by something else than Capsid: it may have run.
+  defp down(reason, node) do
+    {{:error,
+      Error.new(
+        :instance_down,
+        "the call's process on node #{node} was killed (#{inspect(reason, limit: 10)})"
+      )}, 0}
+  end
+
+  # Stops the remote call (on a frozen node, when it wakes up) and says why.
+  defp gave_up(w) do
+    case w.pid do
+      nil ->
+        # Not started yet: abandoning kills it when it starts; false means
+        # its reply has just come.
+        unless :erlang.spawn_request_abandon(w.req) do
+          receive do
+            {:spawn_reply, req, :ok, pid} when req == w.req -> Process.exit(pid, :kill)
+          after
+            0 -> :ok
+          end
+        end
+
+      pid ->
+        Process.exit(pid, :kill)
+    end
+
+    Process.demonitor(w.req, [:flush])
+    {{:error, timeout_error(w)}, 0}
+  end
+
+  defp flush_reply(req) do
+    receive do
+      {:spawn_reply, ^req, _, _} -> :ok
+    after
+      0 -> :ok
+    end
+  end
+
+  defp timeout_error(%{own_deadline: own, bound_deadline: bound} = w)
+       when own != :infinity and (bound == :infinity or own <= bound) do
+    %Trap{
+      kind: :timeout,
+      message:
+        "no answer from node #{w.node} within #{w.own} ms (the call's timeout); the remote call was stopped"
+    }
+  end
+
+  defp timeout_error(%{bound: nil} = w) do
+    Error.new(
+      :timeout,
+      "node #{w.node} did not take the call within #{@margin} ms (plus 1 ms per 10 KB of " <>
+        "arguments): frozen, overloaded or cut off?; the call was abandoned there"
+    )
+  end
+
+  defp timeout_error(w) do
+    Error.new(
+      :timeout,
+      "no answer from node #{w.node} within #{w.bound + @margin} ms: the remote instance's " <>
+        "timeout and queue_timeout (#{w.bound} ms) plus a #{@margin} ms margin (frozen, " <>
+        "overloaded or cut off?); the remote call was stopped"
+    )
+  end
+
+  defp deadline(_now, :infinity), do: :infinity
+  defp deadline(now, ms), do: now + ms
+
+  defp plus(:infinity, _), do: :infinity
+  defp plus(a, b), do: a + b
+
+  defp max_deadline(:infinity, _), do: :infinity
+  defp max_deadline(a, b), do: max(a, b)
+
+  defp min_deadline(:infinity, b), do: b
+  defp min_deadline(a, :infinity), do: a
+  defp min_deadline(a, b), do: min(a, b)
+
+  defp remaining(:infinity), do: :infinity
+  defp remaining(deadline), do: max(deadline - System.monotonic_time(:millisecond), 0)
+
   defp outcome({:ok, _}), do: :ok
   defp outcome({:error, %Trap{} = trap}), do: {:trap, trap}
   defp outcome({:error, error}), do: {:error, error}
 
   # The caller's bound on a remote call: its timeout (and queue timeout),
-  # or the remote node's own limits.
+  # or :infinity (the remote node's own limits bound it, see `await/1`).
   defp wait(opts) do
     case {Keyword.get(opts, :timeout), Keyword.get(opts, :queue_timeout, 0)} do
       {t, q} when is_integer(t) and is_integer(q) -> t + q + @grace
@@ -261,11 +401,85 @@ defmodule Capsid.Cluster do
   end
 
   @doc false
-  # Runs on the node the call was sent to; never forwards it further.
-  def serve(caller, target, function, args, opts) do
+  # Runs on the node the call was sent to; never forwards it further. First
+  # tells the caller how long the call may take here at most (the target's
+  # limits, narrowed by the call's options), then answers.
+  def serve(caller, reply_to, target, function, args, opts) do
+    send(reply_to, {reply_to, :bound, bound(target, opts)})
+    result = serve_here(caller, target, function, args, opts)
+    size = :erlang.external_size(result)
+    if size > 1_000_000, do: send(reply_to, {reply_to, :sending, size})
+    send(reply_to, {reply_to, :result, result})
+  end
+
+  defp serve_here(caller, target, function, args, opts) do
     Capsid.Call.call_here(caller, target, function, args, opts)
   catch
     kind, reason -> {:raised, kind, reason, __STACKTRACE__}
+  end
+
+  @limits {__MODULE__, :limits}
+
+  @doc false
+  # Called by each instance, pool and deployment process with its options:
+  # what a call to it may take at most, for `bound/2` on this node.
+  def remember_limits(timeout, queue_timeout) do
+    Process.put(@limits, {ms(timeout), ms(queue_timeout)})
+    {ms(timeout), ms(queue_timeout)}
+  end
+
+  @doc false
+  def limits_of(opts) when is_list(opts) do
+    {Keyword.get(opts, :timeout, Capsid.Limits.defaults()[:timeout]),
+     Keyword.get(opts, :queue_timeout, Capsid.Instance.default_queue_timeout())}
+  end
+
+  # `Capsid.Limits` keeps :infinity as the largest u64.
+  defp ms(ms) when is_integer(ms) and ms >= 0 and ms < 0xFFFF_FFFF_FFFF_FFFF, do: ms
+  defp ms(_), do: :infinity
+
+  # The longest the call may take on this node: its wait for a turn plus
+  # its run, in ms (:infinity when a limit is, or the target is unknown).
+  defp bound(target, opts) do
+    case limits_here(target) do
+      {timeout, queue_timeout} ->
+        timeout = narrow(timeout, Keyword.get(opts, :timeout))
+        queue_timeout = Keyword.get(opts, :queue_timeout, queue_timeout)
+
+        if is_integer(timeout) and is_integer(queue_timeout),
+          do: timeout + queue_timeout,
+          else: :infinity
+
+      nil ->
+        :infinity
+    end
+  end
+
+  defp narrow(own, nil), do: own
+  defp narrow(:infinity, call), do: call
+  defp narrow(own, call) when is_integer(call), do: min(own, call)
+  defp narrow(own, _), do: own
+
+  defp limits_here(pid) when is_pid(pid) and node(pid) == node() do
+    case Process.info(pid, :dictionary) do
+      {:dictionary, dictionary} ->
+        case List.keyfind(dictionary, @limits, 0) do
+          {_, limits} -> limits
+          nil -> nil
+        end
+
+      nil ->
+        nil
+    end
+  end
+
+  defp limits_here(pid) when is_pid(pid), do: nil
+
+  defp limits_here(name) do
+    case Elixir.Registry.lookup(Capsid.Deployments, name) do
+      [{_pid, {_, _} = limits}] -> limits
+      _ -> nil
+    end
   end
 
   @doc false

@@ -400,6 +400,12 @@ defmodule Capsid.Deployment do
   end
 
   defp remember(state) do
+    # For a call from another node: how long it may take here at most
+    # (`Capsid.Cluster` reads it with the registry's lookup).
+    {timeout, queue_timeout} = Capsid.Cluster.limits_of(state.current.opts || state.opts)
+    limits = Capsid.Cluster.remember_limits(timeout, queue_timeout)
+    Elixir.Registry.update_value(Capsid.Deployments, state.name, fn _ -> limits end)
+
     Registry.remember_deployment(state.name, %{
       current: %{state.current | pool: nil},
       previous: state.previous,

@@ -30,6 +30,11 @@ defmodule Capsid.Error do
       longer names anything: dropped, passed as an `own` argument (the guest
       took it), its instance recycled after a trap or swapped away, or used
       with another instance.
+    * `:timeout` — a node gave no answer to a remote call (`Capsid.Cluster`)
+      within what the remote instance's limits allow (`:queue_timeout` plus
+      `:timeout`) plus a margin, or did not take the call at all: a frozen,
+      overloaded or cut-off node. The call may have run there in part; it
+      is stopped there (when the node wakes up).
     * `:internal` — a Capsid bug; please report it.
 
   Guest faults are `Capsid.Trap`, not this exception.
@@ -53,6 +58,7 @@ defmodule Capsid.Error do
           | :resource_limit
           | :stale_resource
           | :not_found
+          | :timeout
           | :internal
 
   @type t :: %__MODULE__{kind: kind(), message: String.t()}

@@ -161,7 +161,14 @@ defmodule Capsid.Instance do
         # Only what the instance process needs: the component's type
         # information (tens of KB for a WASI component) would be copied
         # into every instance's heap.
-        {:ok, %{ref: ref, id: id, limits: config.limits, hash: config.component.hash}}
+        {:ok,
+         %{
+           ref: ref,
+           id: id,
+           limits: config.limits,
+           queue_timeout: config.queue_timeout,
+           hash: config.component.hash
+         }}
 
       {:error, {kind, message}} ->
         {:error, Error.new(kind, message)}
@@ -177,6 +184,9 @@ defmodule Capsid.Instance do
       other -> other
     end
   end
+
+  @doc false
+  def default_queue_timeout, do: @default_queue_timeout
 
   @doc false
   def child_spec(opts) do
@@ -290,6 +300,8 @@ defmodule Capsid.Instance do
     # So that a supervisor's shutdown runs terminate/2 and the instance stops
     # taking calls at once.
     Process.flag(:trap_exit, true)
+    # For a call from another node: how long it may take here at most.
+    Capsid.Cluster.remember_limits(prepared.limits.timeout, prepared.queue_timeout)
 
     case Capsid.Registry.register(prepared.ref, name) do
       :ok -> {:ok, prepared}

@@ -97,6 +97,8 @@ defmodule Capsid.Pool do
   @impl true
   def init({size, opts, first, name}) do
     Process.flag(:trap_exit, true)
+    # For a call from another node: how long it may take here at most.
+    Capsid.Cluster.remember_limits(first.limits.timeout, first.queue_timeout)
 
     members = [start_member(first) | for(_ <- 2..size//1, do: start_member(opts))]
 

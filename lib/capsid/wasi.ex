@@ -21,12 +21,14 @@ defmodule Capsid.WASI do
 
     * `:env` — a map (or keyword list) of strings: the guest's environment.
     * `:args` — a list of strings: the guest's command-line arguments.
-    * `:dirs` — `{host_path, guest_path, :read_only | :read_write}` each: the
+    * `:dirs` — `{host_path, guest_path, :read_only | :read_write}` each, or
+      with options, `{host_path, guest_path, mode, symlinks: false}`: the
       host directory is the guest's `guest_path` (say `"/data"`). The guest
       cannot leave it: `..`, absolute host paths and symlinks that point out
       are refused (wasmtime-wasi resolves every path inside the directory).
       `:read_only` refuses writing, creating, renaming and deleting. The host
-      directory must exist when the instance starts.
+      directory must exist when the instance starts. See "Symlinks" below
+      for what a guest may leave behind in a `:read_write` directory.
     * `:stdin` — bytes the guest reads from stdin (each store, so after a
       recycle the guest reads them again).
     * `:clock` — `:real` (default) or `{:fixed, %DateTime{}}`: the wall
@@ -52,12 +54,54 @@ defmodule Capsid.WASI do
       `:discard` (the default; stderr still comes with a trap as
       `Capsid.Trap`'s `stderr`), `:capture` (kept by the instance, the
       newest 64 KiB per stream, in `Capsid.Instance.info/1`'s `:stdout` and
-      `:stderr`), `:logger` or `{:logger, level}` (a log event per call and
-      stream, default level `:info`, with metadata `capsid_instance` and
-      `capsid_stream`), or `{:send, pid}` (`{:capsid_output, instance,
-      :stdout | :stderr, bytes}` per call and stream). A call keeps at most
+      `:stderr`), `:logger` or `{:logger, level}` (a log event per line the
+      guest wrote, default level `:info`, with metadata `capsid_instance`
+      and `capsid_stream`; see "Output to the log" below), or `{:send, pid}`
+      (`{:capsid_output, instance, :stdout | :stderr, bytes}` per call and
+      stream). A call keeps at most
       64 KiB per stream; what a guest writes beyond is dropped and counted
       (`[capsid: N more bytes dropped]`).
+
+  ## Symlinks
+
+  In a `:read_write` directory a guest can create a symlink (wasi:filesystem's
+  `symlink-at`) whose target is relative and points out of the directory,
+  like `../../etc/passwd` (an absolute target is refused). The guest itself
+  can never follow it out: wasmtime-wasi (cap-std) resolves every path the
+  guest uses inside the directory and refuses a symlink that leaves it. The
+  host is not so confined: a host program that later reads the directory
+  with ordinary file functions (`File.read/1`, a backup, a web server
+  serving it) follows the link to wherever it points, with the host's
+  rights. So by default, treat what a guest leaves in a read-write directory
+  as hostile: read it with `File.lstat/1` first, or grant the directory
+  with `symlinks: false`:
+
+      dirs: [{"/srv/uploads", "/uploads", :read_write, symlinks: false}]
+
+  With `symlinks: false` the guest cannot create a symlink in that directory
+  or anywhere below it (also through a subdirectory it opened, or through
+  another granted directory that lies inside it): `symlink-at` answers
+  `not-permitted`. Nor can it bring one in from elsewhere: a hard link or a
+  rename into it from a directory outside it (another grant) is refused with
+  `not-permitted`, whatever the entry is. Symlinks the host itself put there
+  stay, and the guest cannot follow them out either. Everything else the
+  directory grants works as before. The default (`symlinks: true`) is
+  wasmtime-wasi's behaviour, unchanged.
+
+  ## Output to the log
+
+  With `:logger`, what the guest writes is text for people to read, not
+  data, and the guest must not be able to forge the log around it: each line
+  (split at `\\n`; a trailing `\\r` and empty lines left out) is one event,
+  at most 1,000 events per call and stream (then one
+  `[capsid: N more lines dropped]`). Within a line, tab and printable UTF-8
+  stay as they are; ESC shows as `\\e`, other control characters (C0, DEL) as
+  `\\xNN`, C1 controls, line/paragraph separators and bidi overrides as
+  `\\u{NNNN}`, and a byte that is not UTF-8 as `\\xNN`, so no event holds a
+  raw newline or escape sequence. A line longer than 4 KiB (escaped) ends
+  with `… [capsid: N more bytes]`. A backslash the guest wrote stays a
+  backslash: `\\e` in the log may be the guest's own two characters. Use
+  `:capture` or `{:send, pid}` for the exact bytes.
 
   A guest that calls `exit` ends its call with `%Capsid.Trap{kind: :exit}`
   and its `status` (WASI 0.2's `exit` takes success or failure, so the host
@@ -73,8 +117,14 @@ defmodule Capsid.WASI do
   @keys [:env, :args, :dirs, :stdin, :clock, :random, :stdout, :stderr, :http]
   @max_response_body 16 * 1024 * 1024
   @levels [:debug, :info, :notice, :warning, :error]
+  # `stdout: :logger`: the longest line one log event shows (bytes, escaped),
+  # and the most events one call's stream makes.
+  @max_log_line 4096
+  @max_log_lines 1000
 
-  @type dir :: {Path.t(), String.t(), :read_only | :read_write}
+  @type dir ::
+          {Path.t(), String.t(), :read_only | :read_write}
+          | {Path.t(), String.t(), :read_only | :read_write, [symlinks: boolean()]}
   @type option ::
           {:env, %{String.t() => String.t()} | [{String.t(), String.t()}]}
           | {:args, [String.t()]}
@@ -93,12 +143,13 @@ defmodule Capsid.WASI do
   @spec native!([option()]) :: tuple()
   def native!(opts) when is_list(opts) do
     Capsid.Options.validate!(opts, @keys, "the :wasi option")
+    dirs = Enum.map(list!(Keyword.get(opts, :dirs, []), :dirs), &dir!/1)
 
     {env!(Keyword.get(opts, :env, [])), strings!(Keyword.get(opts, :args, []), :args),
-     Enum.map(list!(Keyword.get(opts, :dirs, []), :dirs), &dir!/1),
+     Enum.map(dirs, fn {host, guest, read_only, _symlinks} -> {host, guest, read_only} end),
      stdin!(Keyword.get(opts, :stdin)), clock!(Keyword.get(opts, :clock, :real)),
      random!(Keyword.get(opts, :random, :secure)), http!(Keyword.get(opts, :http, [])),
-     output!(opts)}
+     output!(opts), for({host, _, _, false} <- dirs, do: host)}
   end
 
   def native!(other) do
@@ -139,15 +190,69 @@ defmodule Capsid.WASI do
   defp route(:capture, instance, stream, bytes) when is_pid(instance),
     do: send(instance, {:"$capsid_output", stream, bytes})
 
+  # One event per line the guest wrote, each safe to print (`log_line/1`):
+  # a guest cannot make one event look like several, or colour the log.
   defp route({:logger, level}, instance, stream, bytes) do
     require Logger
-    Logger.log(level, bytes, capsid_instance: instance, capsid_stream: stream)
+    meta = [capsid_instance: instance, capsid_stream: stream]
+
+    lines =
+      bytes
+      |> :binary.split("\n", [:global])
+      |> Enum.reject(&(&1 in ["", "\r"]))
+
+    {logged, dropped} = Enum.split(lines, @max_log_lines)
+    Enum.each(logged, &Logger.log(level, log_line(&1), meta))
+
+    if dropped != [] do
+      Logger.log(level, "[capsid: #{length(dropped)} more lines dropped]", meta)
+    end
   end
 
   defp route({:send, pid}, instance, stream, bytes),
     do: send(pid, {:capsid_output, instance, stream, bytes})
 
   defp route(_mode, _instance, _stream, _bytes), do: :ok
+
+  # A line of guest output as one log event shows it: valid UTF-8 as is,
+  # except what a terminal or log viewer acts on: control characters but
+  # tab (C0, DEL, C1: ESC as `\e`, others as `\xNN` or `\u{NN}`), line and
+  # paragraph separators, and bidi overrides; a byte that is not UTF-8 as
+  # `\xNN`; at most `@max_log_line` bytes, then how many were left out.
+  defp log_line(line) do
+    line =
+      if String.ends_with?(line, "\r"), do: binary_part(line, 0, byte_size(line) - 1), else: line
+
+    escape(line, [], 0)
+  end
+
+  defp escape(<<>>, acc, _size), do: acc |> Enum.reverse() |> IO.iodata_to_binary()
+
+  defp escape(rest, acc, size) when size >= @max_log_line,
+    do: escape(<<>>, acc, size) <> "… [capsid: #{byte_size(rest)} more bytes]"
+
+  defp escape(<<c::utf8, rest::binary>>, acc, size) do
+    piece = escape_char(c)
+    escape(rest, [piece | acc], size + byte_size(piece))
+  end
+
+  defp escape(<<byte, rest::binary>>, acc, size) do
+    piece = hex(byte)
+    escape(rest, [piece | acc], size + byte_size(piece))
+  end
+
+  defp escape_char(?\t), do: "\t"
+  defp escape_char(?\e), do: "\\e"
+  defp escape_char(c) when c < 0x20 or c == 0x7F, do: hex(c)
+
+  defp escape_char(c)
+       when c in 0x80..0x9F or c in 0x2028..0x2029 or c in 0x202A..0x202E or
+              c in 0x2066..0x2069,
+       do: "\\u{" <> Integer.to_string(c, 16) <> "}"
+
+  defp escape_char(c), do: <<c::utf8>>
+
+  defp hex(byte), do: "\\x" <> String.pad_leading(Integer.to_string(byte, 16), 2, "0")
 
   defp env!(env) when is_map(env), do: env |> Enum.sort() |> env!()
 
@@ -193,8 +298,24 @@ defmodule Capsid.WASI do
           "invalid value for wasi: [#{key}: ...]: expected a list, got #{inspect(other)}"
   end
 
-  defp dir!({host, guest, mode} = dir)
-       when is_binary(host) and is_binary(guest) and mode in [:read_only, :read_write] do
+  defp dir!({host, guest, mode}), do: dir!({host, guest, mode, []})
+
+  defp dir!({host, guest, mode, opts} = dir)
+       when is_binary(host) and is_binary(guest) and mode in [:read_only, :read_write] and
+              is_list(opts) do
+    Capsid.Options.validate!(opts, [:symlinks], "a directory's options in wasi: [dirs: ...]")
+
+    symlinks =
+      case Keyword.get(opts, :symlinks, true) do
+        allow when is_boolean(allow) ->
+          allow
+
+        other ->
+          raise ArgumentError,
+                "invalid value for symlinks: in wasi: [dirs: ...]: expected true or false, " <>
+                  "got #{inspect(other)} (in #{inspect(dir)})"
+      end
+
     unless File.dir?(host) do
       raise ArgumentError,
             "invalid directory in wasi: [dirs: ...]: #{inspect(host)} does not exist " <>
@@ -207,13 +328,14 @@ defmodule Capsid.WASI do
               "must be absolute, like \"/data\""
     end
 
-    {Path.expand(host), guest, mode == :read_only}
+    {Path.expand(host), guest, mode == :read_only, symlinks}
   end
 
   defp dir!(other) do
     raise ArgumentError,
           "invalid value in wasi: [dirs: ...]: expected {host_path, guest_path, " <>
-            ":read_only | :read_write}, got #{inspect(other)}"
+            ":read_only | :read_write} or {host_path, guest_path, :read_only | :read_write, " <>
+            "symlinks: false}, got #{inspect(other)}"
   end
 
   defp stdin!(nil), do: nil

@@ -257,6 +257,95 @@ defmodule Capsid.BindingsTest do
     end
   end
 
+  # Compiles `use Capsid.Bindings` on the hand-written fixture `wat` as
+  # module `root` (to disk, in a fresh directory): `{:ok, modules, wasm}` or
+  # `{:error, message}` for a compile error.
+  defp bind_fixture(wat, root) do
+    dir = Path.join(System.tmp_dir!(), "capsid-bind-#{System.unique_integer([:positive])}")
+    File.mkdir_p!(dir)
+    on_exit(fn -> File.rm_rf(dir) end)
+    wasm = Path.join(dir, "c.wasm")
+    source = Path.expand("../fixtures/hand/#{wat}", __DIR__)
+    {_, 0} = System.cmd(Capsid.Hostile.wat2wasm!(), [source, wasm], stderr_to_stdout: true)
+    bind_file(wasm, root, dir)
+  end
+
+  defp bind_file(wasm, root, dir) do
+    File.write!(Path.join(dir, "bind.ex"), """
+    defmodule #{inspect(root)} do
+      use Capsid.Bindings, component: #{inspect(wasm)}
+    end
+    """)
+
+    case Kernel.ParallelCompiler.compile_to_path([Path.join(dir, "bind.ex")], dir,
+           return_diagnostics: true
+         ) do
+      {:ok, mods, _} -> {:ok, Enum.sort(mods), wasm}
+      {:error, errors, _} -> {:error, Enum.map_join(errors, "\n", &inspect/1)}
+    end
+  end
+
+  describe "names that collide in Elixir" do
+    test "interfaces a:x/foo and b:y/FOO are distinct modules, each calling its own" do
+      {:ok, mods, wasm} = bind_fixture("case_names.wat", CapsidCaseNames)
+
+      assert mods == [
+               CapsidCaseNames,
+               CapsidCaseNames.AXFoo,
+               CapsidCaseNames.BYFoo,
+               CapsidCaseNames.Types
+             ]
+
+      [_root, lower, upper, _types] = mods
+      {:ok, pid} = Capsid.Instance.start_link(component: Capsid.Component.load!(wasm, cache: false))
+      assert Capsid.call(pid, "a:x/foo#get", [5]) == {:ok, 1}
+      assert lower.get(pid, 5) == {:ok, 1}
+      assert upper.get(pid, 5) == {:ok, 2}
+      beam = Path.join(Path.dirname(wasm), "Elixir.CapsidCaseNames.AXFoo.beam")
+      assert {:docs_v1, _, _, _, %{"en" => doc}, _, _} = Code.fetch_docs(beam)
+      assert doc =~ "`a:x/foo`"
+    after
+      purge([CapsidCaseNames, CapsidCaseNames.AXFoo, CapsidCaseNames.BYFoo, CapsidCaseNames.Types])
+    end
+
+    test "types integer and integer-type get distinct Elixir type names" do
+      {:ok, _mods, wasm} = bind_fixture("case_names.wat", CapsidTypeNames)
+      # The module's own .beam, where its types are.
+      types = File.read!(Path.join(Path.dirname(wasm), "Elixir.CapsidTypeNames.Types.beam"))
+      assert type(types, :integer_type) == "integer_type() :: :x | :y"
+      assert type(types, :integer_type_2) == "integer_type_2() :: :p | :q"
+      assert spec(types, :g!, 2) =~ "g!(term(), integer_type_2())"
+    after
+      purge([CapsidTypeNames, CapsidTypeNames.AXFoo, CapsidTypeNames.BYFoo, CapsidTypeNames.Types])
+    end
+
+    test "names no qualification tells apart are a compile error naming both interfaces" do
+      # a:b-c/d and a-b:c/D: the same module whichever way it is qualified.
+      assert {:error, message} = bind_fixture("clashing_names.wat", CapsidClashingNames)
+      assert message =~ "a:b-c/d"
+      assert message =~ "a-b:c/D"
+      assert message =~ "CapsidClashingNames.ABCD"
+    end
+  end
+
+  describe "many exports" do
+    test "bindings that would create more atoms than a component may are refused" do
+      dir = Path.join(System.tmp_dir!(), "capsid-bind-#{System.unique_integer([:positive])}")
+      File.mkdir_p!(dir)
+      on_exit(fn -> File.rm_rf(dir) end)
+      wasm = Path.join(dir, "many.wasm")
+      # 6,000 exports: 6,000 `fN!` names alone, and as many `fN`; the limit
+      # is 10,000 per component (config :capsid, :max_atoms_per_component).
+      File.write!(wasm, Capsid.Hostile.many_exports(6_000))
+      before = :erlang.system_info(:atom_count)
+      assert {:error, message} = bind_file(wasm, CapsidManyExports, dir)
+      assert message =~ "max_atoms_per_component"
+      assert message =~ "10000"
+      # It stopped at the budget.
+      assert :erlang.system_info(:atom_count) - before <= 10_000 + 100
+    end
+  end
+
   describe "hostile components" do
     test "a type of 2^18 leaves is refused with a clear error, nothing crashes" do
       assert {:error, %Capsid.Error{kind: :resource_limit, message: msg}} =

@@ -354,6 +354,59 @@ defmodule Capsid.ClusterTest do
     assert Capsid.call!(member, "ok", [2]) == 3
   end
 
+  # A node that froze keeps its connection until net_ticktime notices
+  # (about a minute): the caller must not wait for that, with or without a
+  # :timeout of its own.
+  test "a call to a frozen node returns within what the remote limits allow, without :timeout",
+       %{name: name} do
+    {_peer, frozen} = TestCluster.start_peer!()
+    imports = %{"hook" => &TestCluster.hook/1}
+
+    {:ok, _} =
+      Capsid.deploy(name, @faulty,
+        nodes: [frozen],
+        size: 1,
+        imports: imports,
+        timeout: 1_000,
+        queue_timeout: 200
+      )
+
+    assert Capsid.call(name, "ok", [1]) == {:ok, 2}
+    os_pid = :erpc.call(frozen, :os, :getpid, [])
+    signal = fn sig -> {_, 0} = System.cmd("kill", ["-#{sig}", to_string(os_pid)]) end
+    on_exit(fn -> System.cmd("kill", ["-CONT", to_string(os_pid)]) end)
+
+    timed = fn fun ->
+      t0 = System.monotonic_time(:millisecond)
+      result = fun.()
+      {result, System.monotonic_time(:millisecond) - t0}
+    end
+
+    # Frozen before the call: the node never takes it.
+    signal.("STOP")
+    {result, elapsed} = timed.(fn -> Capsid.call(name, "ok", [1]) end)
+    signal.("CONT")
+    assert {:error, %Error{kind: :timeout, message: message}} = result
+    assert message =~ "#{frozen}"
+    # 2 s for the node to take the call, and some slack.
+    assert elapsed < 4_000, "took #{elapsed} ms"
+
+    # Frozen during the call: the node said its instance allows 1_200 ms
+    # (timeout plus queue_timeout); the caller waits that plus 2 s.
+    task = Task.async(fn -> timed.(fn -> Capsid.call(name, "spin", []) end) end)
+    Process.sleep(300)
+    signal.("STOP")
+    {result, elapsed} = Task.await(task, 120_000)
+    signal.("CONT")
+    assert {:error, %Error{kind: :timeout, message: message}} = result
+    assert message =~ "#{frozen}"
+    assert message =~ "1200 ms"
+    assert elapsed in 3_000..5_500, "took #{elapsed} ms"
+
+    # Awake again, it serves.
+    wait_until(fn -> Capsid.call(name, "ok", [1]) == {:ok, 2} end, 10_000)
+  end
+
   test "a caller killed mid-call cancels its remote call at once", %{nodes: [n1 | _], name: name} do
     imports = %{"hook" => &TestCluster.hook/1}
     {:ok, _} = Capsid.deploy(name, @faulty, nodes: [n1], size: 1, imports: imports, timeout: 20_000)

@@ -81,6 +81,50 @@ defmodule Capsid.HTTP.ServerTest do
 
   defp header(headers, name), do: for({^name, v} <- headers, do: v)
 
+  # Sends raw bytes on a fresh connection (then closes its sending side if
+  # `half_close`) and reads until the server closes: `{:closed, bytes}`, or
+  # `{:open, bytes}` if it kept the connection open for 2 s.
+  defp raw(url, bytes, half_close \\ false) do
+    %URI{port: port} = URI.parse(url)
+    {:ok, socket} = :gen_tcp.connect({127, 0, 0, 1}, port, [:binary, active: false])
+    :ok = :gen_tcp.send(socket, bytes)
+    if half_close, do: :ok = :gen_tcp.shutdown(socket, :write)
+    read_all(socket, "")
+  end
+
+  defp read_all(socket, acc) do
+    case :gen_tcp.recv(socket, 0, 2_000) do
+      {:ok, data} -> read_all(socket, acc <> data)
+      {:error, :timeout} -> :gen_tcp.close(socket) && {:open, acc}
+      {:error, _} -> {:closed, acc}
+    end
+  end
+
+  # Counts the component's calls for this test's deployment.
+  defp count_calls(name) do
+    test = self()
+    id = {:http_calls, make_ref()}
+
+    :telemetry.attach(
+      id,
+      [:capsid, :call, :start],
+      fn _, _, %{instance: instance}, _ ->
+        if instance == name, do: send(test, :component_called)
+      end,
+      nil
+    )
+
+    on_exit(fn -> :telemetry.detach(id) end)
+  end
+
+  defp calls do
+    receive do
+      :component_called -> 1 + calls()
+    after
+      200 -> 0
+    end
+  end
+
   test "port: 0 picks a free port, which port/1 returns", %{name: name, server: server, url: url} do
     port = Server.port(server)
     assert port in 1..65_535
@@ -209,6 +253,121 @@ defmodule Capsid.HTTP.ServerTest do
     assert header(headers, "x-agent-seen") == ["short"]
   end
 
+  describe "request smuggling shapes are refused with 400 before the component runs" do
+    setup %{name: name} do
+      count_calls(name)
+      :ok
+    end
+
+    @shapes [
+      "both Content-Length and Transfer-Encoding":
+        "POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+      "Transfer-Encoding with a space before the colon":
+        "POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+      "Transfer-Encoding with a tab before the colon":
+        "POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding\t: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+      "another header with a space before the colon":
+        "GET /echo HTTP/1.1\r\nHost: a\r\nX-Agent : x\r\n\r\n",
+      "Content-Length with a space before the colon":
+        "POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length : 5\r\n\r\nhello",
+      "two Content-Lengths that disagree":
+        "POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\nhello!",
+      "a Content-Length list that disagrees":
+        "POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 6\r\n\r\nhello!",
+      "a non-numeric Content-Length":
+        "POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: abc\r\n\r\nhello",
+      "a negative Content-Length":
+        "POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: -1\r\n\r\nhello",
+      "a signed Content-Length":
+        "POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: +5\r\n\r\nhello",
+      "Transfer-Encoding gzip":
+        "POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip\r\n\r\n0\r\n\r\n",
+      "Transfer-Encoding with chunked not alone":
+        "POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: gzip, chunked\r\n\r\n0\r\n\r\n",
+      "Transfer-Encoding chunked twice over two lines":
+        "POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+      "Transfer-Encoding with chunked not final":
+        "POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked, identity\r\n\r\n0\r\n\r\n",
+      "an obs-fold continuation line": "GET /echo HTTP/1.1\r\nHost: a\r\nX-Agent: a\r\n b\r\n\r\n",
+      "an obs-fold line that looks like Transfer-Encoding":
+        "POST /echo HTTP/1.1\r\nHost: a\r\nX-Agent: a\r\n Transfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+      "bare LF line endings": "GET /echo HTTP/1.1\nHost: a\nX-Agent: a\n\n",
+      "a header line without a colon": "GET /echo HTTP/1.1\r\nHost: a\r\nX-Agent\r\n\r\n",
+      "a chunk not followed by CRLF":
+        "POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nhello\r\n0\r\n\r\n",
+      "an HTTP/1.1 request without Host": "GET /echo HTTP/1.1\r\nX-Agent: a\r\n\r\n",
+      "a smuggled request in a refused request's body":
+        "POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 44\r\nTransfer-Encoding: chunked\r\n\r\n" <>
+          "0\r\n\r\nGET /echo HTTP/1.1\r\nHost: a\r\n\r\n"
+    ]
+
+    for {shape, bytes} <- @shapes do
+      @bytes bytes
+      test "#{shape}", %{url: url} do
+        assert {:closed, response} = raw(url, @bytes)
+        assert response =~ ~r/\AHTTP\/1\.1 400 /
+        # One response, and nothing after it: the connection is closed.
+        assert length(String.split(response, "HTTP/1.1 ")) == 2
+        assert calls() == 0
+      end
+    end
+
+    test "a body shorter than its Content-Length, then the client closes", %{url: url} do
+      bytes = "POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\nabc"
+      assert {:closed, response} = raw(url, bytes, true)
+      assert response =~ ~r/\AHTTP\/1\.1 400 /
+      assert calls() == 0
+    end
+
+    test "a bad request after a good one on the same connection (pipelined leftover)",
+         %{url: url} do
+      bytes =
+        "POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello" <>
+          "POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding : chunked\r\nContent-Length: 3\r\n\r\nabc"
+
+      assert {:closed, response} = raw(url, bytes)
+      assert [_, first, second] = String.split(response, "HTTP/1.1 ")
+      assert first =~ ~r/\A200 .*hello\z/s
+      assert second =~ ~r/\A400 /
+      # The first request only.
+      assert calls() == 1
+    end
+
+    test "well-formed requests still go through: chunked, pipelined, kept alive", %{url: url} do
+      bytes =
+        "POST /echo HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: Chunked\r\n\r\n" <>
+          "3;ext=1\r\nhel\r\n2\r\nlo\r\n0\r\nX-Trailer: t\r\n\r\n" <>
+          "POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5, 5\r\n\r\nworld" <>
+          "GET /echo HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+
+      assert {:closed, response} = raw(url, bytes)
+      assert [_, first, second, third] = String.split(response, "HTTP/1.1 ")
+      assert first =~ ~r/\A200 .*x-method: POST.*\r\n\r\nhello\z/s
+      assert second =~ ~r/\A200 .*\r\n\r\nworld\z/s
+      assert third =~ ~r/\A200 .*connection: close/s
+      assert calls() == 3
+    end
+  end
+
+  @tag server: [max_connections: 2]
+  test "connections beyond :max_connections get a 503 and are closed", %{url: url} do
+    %URI{port: port} = URI.parse(url)
+
+    open =
+      for _ <- 1..2, do: elem(:gen_tcp.connect({127, 0, 0, 1}, port, [:binary, active: false]), 1)
+
+    # The server has counted both once the third is answered.
+    Process.sleep(100)
+    assert {:closed, response} = raw(url, "GET / HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert response =~ ~r/\AHTTP\/1\.1 503 /
+    Enum.each(open, &:gen_tcp.close/1)
+
+    Capsid.TestHelpers.wait_until(
+      fn -> match?({:closed, "HTTP/1.1 200 " <> _}, raw(url, "GET / HTTP/1.0\r\n\r\n")) end,
+      5_000
+    )
+  end
+
   test "100 requests in a row, each on a fresh instance", %{url: url} do
     for i <- 1..100 do
       assert {200, _, "hello from js v1"} = request(:get, url <> "/"), "request #{i}"
@@ -243,26 +402,17 @@ defmodule Capsid.HTTP.ServerTest do
     assert Enum.uniq(later) == ["hello from js v2"]
   end
 
-  test "stopping the server stops httpd and closes the port",
+  test "stopping the server closes the port and its connections",
        %{name: name, server: server, url: url} do
     port = Server.port(server)
     assert {200, _, _} = request(:get, url <> "/")
+    {:ok, idle} = :gen_tcp.connect({127, 0, 0, 1}, port, [:binary, active: false])
 
-    # httpd's stand-alone supervisor, linked to the server.
-    {:links, links} = Process.info(server, :links)
-
-    [httpd] =
-      for pid <- links,
-          is_pid(pid),
-          {:dictionary, dictionary} <- [Process.info(pid, :dictionary)],
-          dictionary[:"$initial_call"] == {:supervisor, :httpd_sup, 1},
-          do: pid
-
-    ref = Process.monitor(httpd)
     :ok = stop_supervised({Server, name})
-    assert_receive {:DOWN, ^ref, _, _, _}
-    # The listening socket closes with httpd; a connection racing that close
-    # may be reset rather than refused, but none is ever served again.
+    # The idle connection is closed with the server.
+    assert {:error, :closed} = :gen_tcp.recv(idle, 0, 5_000)
+    # A connection racing the close may be reset rather than refused, but
+    # none is ever served again.
     Capsid.TestHelpers.wait_until(
       fn -> :gen_tcp.connect({127, 0, 0, 1}, port, []) == {:error, :econnrefused} end,
       5_000

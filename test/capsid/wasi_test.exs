@@ -104,6 +104,31 @@ defmodule Capsid.WASITest do
     assert_in_delta Capsid.call!(other, "now", []), System.os_time(:second), 5
   end
 
+  test "seeded randomness: every seed's streams are its own, and repeat", %{probe: c} do
+    # Three numbers of each stream, and the insecure seed, per seed.
+    streams = fn seed ->
+      pid = start(c, random: {:seed, seed})
+      pairs = for _ <- 1..3, do: Capsid.call!(pid, "random", [])
+      {secure, insecure} = Enum.unzip(pairs)
+      %{secure: secure, insecure: insecure, seed: Capsid.call!(pid, "random-seed", [])}
+    end
+
+    all = Map.new(0..50, &{&1, streams.(&1)})
+    outputs = for {n, s} <- all, {label, out} <- s, do: {out, {n, label}}
+
+    # Consecutive seeds once shared streams (seed 1's secure stream was seed
+    # 0's insecure one): no stream of any seed equals another's.
+    dupes =
+      outputs
+      |> Enum.group_by(&elem(&1, 0), &elem(&1, 1))
+      |> Enum.filter(fn {_out, owners} -> length(owners) > 1 end)
+
+    assert dupes == []
+    # Deterministic: the same seed gives the same numbers.
+    assert streams.(1) == all[1]
+    assert streams.(50) == all[50]
+  end
+
   test "exit ends the call with kind :exit and its status; the instance recycles", %{probe: c} do
     pid = start(c, [])
 
@@ -169,6 +194,127 @@ defmodule Capsid.WASITest do
       assert log =~ "to the log"
       assert log =~ "capsid_stream=stdout"
       refute log =~ "not this"
+    end
+
+    # Each event as the log shows it, between markers (other async tests may
+    # log meanwhile: only events with `tag` count).
+    defp events(tag, fun) do
+      [format: "<EV>$message</EV>\n", colors: [enabled: false]]
+      |> ExUnit.CaptureLog.capture_log(fun)
+      |> String.split("</EV>\n", trim: true)
+      |> Enum.map(&String.replace_prefix(&1, "<EV>", ""))
+      |> Enum.filter(&(&1 =~ tag))
+    end
+
+    test ":logger: one event per guest line, control characters escaped", %{probe: c} do
+      pid = start(c, stdout: :logger, stderr: :discard)
+      tag = "t#{System.unique_integer([:positive])}"
+
+      # A guest forging a second log line and colouring the rest of it.
+      out = "#{tag} ok\n[error] #{tag} forged\e[31m red\r\n#{tag} c1\u0085\u009b2J \x7f\a\tend\n"
+      assert [first, second, third] = events(tag, fn -> Capsid.call!(pid, "say", [out, ""]) end)
+
+      assert first == "#{tag} ok"
+      assert second == "[error] #{tag} forged\\e[31m red"
+      assert third == "#{tag} c1\\u{85}\\u{9B}2J \\x7F\\x07\tend"
+
+      for event <- [first, second, third] do
+        refute event =~ ~r/[\x00-\x08\x0a-\x1f\x7f]/
+        refute event =~ ~r/[\x{80}-\x{9f}]/u
+      end
+    end
+
+    test ":logger: invalid UTF-8 made safe, a long line bounded", %{probe: c} do
+      pid = start(c, stdout: :logger, stderr: :discard)
+      tag = "t#{System.unique_integer([:positive])}"
+      long = tag <> String.duplicate("y", 20_000)
+      assert [event] = events(tag, fn -> Capsid.call!(pid, "say", [long, ""]) end)
+      assert byte_size(event) < 5_000
+      assert event =~ ~r/\A#{tag}y+… \[capsid: \d+ more bytes\]\z/
+
+      # The probe's `say` takes a string; a guest writes any bytes.
+      bytes = <<tag::binary, " a", 0xFF, 0xC3, "b\u202Eevil\n">>
+
+      assert [event] =
+               events(tag, fn ->
+                 Capsid.WASI.deliver({{{:logger, :info}, :discard}, pid, bytes, ""})
+               end)
+
+      assert event == "#{tag} a\\xFF\\xC3b\\u{202E}evil"
+
+      # Many short lines: at most 1,000 events per call and stream.
+      many = String.duplicate("#{tag}\n", 1_500)
+      logged = events(tag, fn -> Capsid.call!(pid, "say", [many, ""]) end)
+      assert length(logged) == 1_000
+
+      assert ExUnit.CaptureLog.capture_log(fn -> Capsid.call!(pid, "say", [many, ""]) end) =~
+               "[capsid: 500 more lines dropped]"
+    end
+  end
+
+  describe "symlinks" do
+    test "by default a guest may create a symlink pointing out of its read-write directory",
+         %{probe: c, granted: granted, root: root} do
+      pid = start(c, dirs: [{granted, "/data", :read_write}])
+      # (An absolute target is refused: cap-std's rule. A relative one is not.)
+      assert Capsid.call(pid, "symlink", [Path.join(root, "secret.txt"), "/data/abs"]) ==
+               {:ok, {:error, "not-permitted"}}
+
+      assert Capsid.call(pid, "symlink", ["../secret.txt", "/data/out"]) == {:ok, :ok}
+      # The guest itself cannot follow it out...
+      assert {:ok, {:error, _}} = Capsid.call(pid, "read-file", ["/data/out"])
+      # ...but the host reading the directory later would.
+      assert File.read_link!(Path.join(granted, "out")) == "../secret.txt"
+      assert File.read!(Path.join(granted, "out")) == "secret"
+    end
+
+    test "symlinks: false refuses creating one, in the directory and below it",
+         %{probe: c, granted: granted, root: root} do
+      pid = start(c, dirs: [{granted, "/data", :read_write, symlinks: false}])
+
+      for {target, path} <- [{"../secret.txt", "/data/out"}, {"../../secret.txt", "/data/sub/out"}] do
+        assert Capsid.call(pid, "symlink", [target, path]) ==
+                 {:ok, {:error, "not-permitted"}},
+               path
+      end
+
+      # What else the directory grants still works.
+      assert Capsid.call(pid, "write-file", ["/data/new.txt", "new"]) == {:ok, :ok}
+      assert Capsid.call(pid, "hard-link", ["/data/new.txt", "/data/sub/new.txt"]) == {:ok, :ok}
+      assert Capsid.call(pid, "rename", ["/data/new.txt", "/data/moved.txt"]) == {:ok, :ok}
+      assert File.read!(Path.join(granted, "sub/new.txt")) == "new"
+      refute File.exists?(Path.join(granted, "out"))
+      refute File.exists?(Path.join(granted, "sub/out"))
+    end
+
+    test "symlinks: false holds against a symlink made in another directory and moved in",
+         %{probe: c, granted: granted, root: root} do
+      other = Path.join(root, "other")
+      File.mkdir_p!(other)
+      File.write!(Path.join(other, "plain.txt"), "plain")
+
+      pid =
+        start(c,
+          dirs: [
+            {granted, "/data", :read_write, symlinks: false},
+            {other, "/other", :read_write},
+            # Inside the guarded directory: still guarded.
+            {Path.join(granted, "sub"), "/nested", :read_write}
+          ]
+        )
+
+      assert Capsid.call(pid, "symlink", ["../../secret.txt", "/nested/out"]) ==
+               {:ok, {:error, "not-permitted"}}
+
+      assert Capsid.call(pid, "symlink", ["../secret.txt", "/other/link"]) == {:ok, :ok}
+      assert {:ok, {:error, _}} = Capsid.call(pid, "hard-link", ["/other/link", "/data/l1"])
+      assert {:ok, {:error, _}} = Capsid.call(pid, "rename", ["/other/link", "/data/l2"])
+      # Not even a plain file comes in from outside (it could have been a link).
+      assert {:ok, {:error, _}} = Capsid.call(pid, "rename", ["/other/plain.txt", "/data/p"])
+      assert File.ls!(granted) |> Enum.sort() == ["hello.txt", "sub"]
+      assert File.ls!(Path.join(granted, "sub")) == []
+      # Out of it is fine.
+      assert Capsid.call(pid, "rename", ["/data/hello.txt", "/other/hello.txt"]) == {:ok, :ok}
     end
   end
 
@@ -283,6 +429,9 @@ defmodule Capsid.WASITest do
           {[dirs: [{Path.join(root, "missing"), "/d", :read_only}]], "does not exist"},
           {[dirs: [{root, "d", :read_only}]], "must be absolute"},
           {[dirs: [{root, "/d", :rw}]], ":read_only | :read_write"},
+          {[dirs: [{root, "/d", :read_write, symlinks: :no}]], "symlinks: in wasi: [dirs"},
+          {[dirs: [{root, "/d", :read_write, links: false}]], "unknown option :links"},
+          {[dirs: [{root, "/d", :read_write, :nofollow}]], ":read_only | :read_write"},
           {[clock: :fake], "clock"},
           {[random: {:seed, -1}], "random"},
           {[stdin: 5], "stdin"},

@@ -155,6 +155,46 @@ impl io::Guest for Component {
     fn release_files() -> u32 {
         FILES.with(|files| std::mem::take(&mut *files.borrow_mut()).len() as u32)
     }
+
+    fn random_seed() -> (u64, u64) {
+        bindings::wasi::random::insecure_seed::insecure_seed()
+    }
+
+    fn symlink(target: String, path: String) -> Result<(), String> {
+        // Rust's std has no stable symlink for WASI: wasi:filesystem itself,
+        // on the preopen whose guest path starts `path`.
+        use bindings::wasi::filesystem::preopens::get_directories;
+        for (dir, at) in get_directories() {
+            let prefix = format!("{}/", at.trim_end_matches('/'));
+            if let Some(rest) = path.strip_prefix(&prefix) {
+                // In a subdirectory: through a descriptor of that directory
+                // (not the preopen's), as a guest that opened it would.
+                let err = |e: bindings::wasi::filesystem::types::ErrorCode| e.name().to_string();
+                return match rest.rsplit_once('/') {
+                    None => dir.symlink_at(&target, rest).map_err(err),
+                    Some((parent, name)) => {
+                        use bindings::wasi::filesystem::types::{
+                            DescriptorFlags, OpenFlags, PathFlags,
+                        };
+                        let sub = dir
+                            .open_at(
+                                PathFlags::empty(),
+                                parent,
+                                OpenFlags::DIRECTORY,
+                                DescriptorFlags::READ | DescriptorFlags::MUTATE_DIRECTORY,
+                            )
+                            .map_err(err)?;
+                        sub.symlink_at(&target, name).map_err(err)
+                    }
+                };
+            }
+        }
+        Err(format!("no preopen holds {path}"))
+    }
+
+    fn hard_link(from: String, to: String) -> Result<(), String> {
+        text(std::fs::hard_link(from, to))
+    }
 }
 
 thread_local! {
