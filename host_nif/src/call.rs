@@ -13,6 +13,7 @@ use crate::error::{Error, TrapKind};
 use crate::instance::{InstanceResource, Turn};
 use crate::registry::{self, Entry};
 use crate::resource::HandleResource;
+use crate::run::Drops;
 use crate::shape::wit_name;
 use crate::value::Value;
 use rustler::types::tuple::make_tuple;
@@ -147,6 +148,7 @@ fn go<'a>(
     env: Env<'a>,
     this: &ResourceArc<InstanceResource>,
     index: Option<usize>,
+    drops: Drops,
     values: Vec<Value>,
     handles: &[(ResourceArc<HandleResource>, bool)],
     narrow: Narrow,
@@ -157,7 +159,7 @@ fn go<'a>(
         Ok(Turn::Go) => {
             let limits = this.call_limits(narrow);
             Ok(InstanceResource::begin(
-                this, env, index, values, handles, limits, narrow.3, dirty,
+                this, env, index, drops, values, handles, limits, narrow.3, dirty,
             ))
         }
         Ok(Turn::Queued) => Ok(queued_status(env, this)),
@@ -168,16 +170,20 @@ fn go<'a>(
 }
 
 /// `go`, queueing, with a refused turn answered as its status.
+#[allow(clippy::too_many_arguments)]
 fn go_or_status<'a>(
     env: Env<'a>,
     this: &ResourceArc<InstanceResource>,
     index: Option<usize>,
+    drops: Drops,
     values: Vec<Value>,
     handles: &[(ResourceArc<HandleResource>, bool)],
     narrow: Narrow,
     dirty: bool,
 ) -> Term<'a> {
-    match go(env, this, index, values, handles, narrow, true, dirty) {
+    match go(
+        env, this, index, drops, values, handles, narrow, true, dirty,
+    ) {
         Ok(t) => t,
         Err((status, _)) => status.encode(env),
     }
@@ -233,7 +239,16 @@ fn start<'a>(
             if this.is_retired() {
                 return retired().encode(env);
             }
-            go_or_status(env, &this, Some(index), values, &handles, narrow, dirty)
+            go_or_status(
+                env,
+                &this,
+                Some(index),
+                Drops::None,
+                values,
+                &handles,
+                narrow,
+                dirty,
+            )
         }
         Entry::Pool(pool) => {
             let members = pool.members();
@@ -244,9 +259,16 @@ fn start<'a>(
             // them (if it is still one).
             if let Some(id) = crate::resource::instance_of(&handles) {
                 return match members.iter().find(|m| m.id == id) {
-                    Some(member) => {
-                        go_or_status(env, member, Some(index), values, &handles, narrow, dirty)
-                    }
+                    Some(member) => go_or_status(
+                        env,
+                        member,
+                        Some(index),
+                        Drops::None,
+                        values,
+                        &handles,
+                        narrow,
+                        dirty,
+                    ),
                     None => Error::StaleResource(format!(
                         "the {} handle is stale: its instance is no longer a member of this pool \
                          or deployment (a hot swap replaced it, or it was restarted)",
@@ -267,6 +289,7 @@ fn start<'a>(
                     env,
                     member,
                     Some(index),
+                    Drops::None,
                     values,
                     &[],
                     narrow,
@@ -285,8 +308,20 @@ fn start<'a>(
 /// `"[resource-drop]R"`: the name a component gives to dropping an `R`.
 const DROP: &[u8] = b"[resource-drop]";
 
+/// The handle a `"[resource-drop]R"` call's `args` (`[handle]`) hold.
+fn dropped_handle(args: Term) -> Option<ResourceArc<HandleResource>> {
+    match args.decode::<Vec<Term>>().ok().as_deref() {
+        Some([h]) => h
+            .map_get(crate::resource::ref_atom())
+            .ok()
+            .and_then(|r| r.decode::<ResourceArc<HandleResource>>().ok()),
+        _ => None,
+    }
+}
+
 /// Drops the handle in `args` (`[handle]`), then runs its destructor at
-/// once with a call that runs nothing else on the handle's instance.
+/// once with a call that runs nothing else on the handle's instance (no
+/// other handle's destructor either: those are not this caller's).
 fn drop_start<'a>(
     env: Env<'a>,
     entry: Entry,
@@ -294,14 +329,7 @@ fn drop_start<'a>(
     narrow: Narrow,
     dirty: bool,
 ) -> Term<'a> {
-    let handle = match args.decode::<Vec<Term>>().ok().as_deref() {
-        Some([h]) => h
-            .map_get(crate::resource::ref_atom())
-            .ok()
-            .and_then(|r| r.decode::<ResourceArc<HandleResource>>().ok()),
-        _ => None,
-    };
-    let Some(handle) = handle else {
+    let Some(handle) = dropped_handle(args) else {
         return Error::BadArgument(
             "[resource-drop] takes one argument, a Capsid.Resource handle".into(),
         )
@@ -320,7 +348,9 @@ fn drop_start<'a>(
     }
     match this {
         Some(this) if this.id == handle.instance && !this.is_retired() => {
-            go_or_status(env, &this, None, Vec::new(), &[], narrow, dirty)
+            let (generation, resource) = handle.queued();
+            let drops = Drops::One(generation, resource);
+            go_or_status(env, &this, None, drops, Vec::new(), &[], narrow, dirty)
         }
         // Its instance is gone, and the object with it.
         _ => (
@@ -367,7 +397,14 @@ fn start_on<'a>(
     if function.as_slice().starts_with(DROP) {
         // The handle was dropped when the call first started; what is left
         // is running its destructor.
-        return go_or_status(env, &this, None, Vec::new(), &[], narrow, dirty);
+        let drops = match dropped_handle(args) {
+            Some(h) => {
+                let (generation, resource) = h.queued();
+                Drops::One(generation, resource)
+            }
+            None => Drops::None,
+        };
+        return go_or_status(env, &this, None, drops, Vec::new(), &[], narrow, dirty);
     }
     crate::resource::take_used();
     let prepared = prepare(&this.component, function, args, &mut work(dirty));
@@ -381,7 +418,16 @@ fn start_on<'a>(
             return e.encode(env);
         }
     };
-    go_or_status(env, &this, Some(index), values, &handles, narrow, dirty)
+    go_or_status(
+        env,
+        &this,
+        Some(index),
+        Drops::None,
+        values,
+        &handles,
+        narrow,
+        dirty,
+    )
 }
 
 /// Starts the call on the instance whose turn the caller was granted.

@@ -104,9 +104,13 @@ pub struct Shared {
     /// came from, and is stale in any other.
     pub generation: AtomicU64,
     /// Guest resources whose handles were dropped in Elixir (explicitly or
-    /// by garbage collection), with their store's generation: their
-    /// destructors run at the start of the instance's next call.
+    /// by garbage collection), with their store's generation. A collected
+    /// handle's destructor runs on the instance's own time (`run::Drops`):
+    /// never inside another caller's call.
     pub drops: Mutex<Vec<(u64, ResourceAny)>>,
+    /// The instance's process was told that `drops` has work (one message
+    /// until it takes the queue, however many handles are collected).
+    pub drops_notified: AtomicBool,
     /// The WASI capabilities granted to the instance.
     pub wasi: crate::wasi::WasiConfig,
     /// OS descriptors the instance's stores hold (`descriptors`).

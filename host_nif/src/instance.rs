@@ -13,7 +13,7 @@ use crate::host::{ImportCall, Shared};
 use crate::imports;
 use crate::limits::Limits;
 use crate::resource::HandleResource;
-use crate::run::{self, CallFuture, CallWaker, Done, Live, Target, poll_slice};
+use crate::run::{self, CallFuture, CallWaker, Done, Drops, Live, Target, poll_slice};
 use crate::value::Value;
 use rustler::env::SavedTerm;
 use rustler::types::tuple::{get_tuple, make_tuple};
@@ -422,15 +422,16 @@ impl InstanceResource {
     }
 
     /// Starts a call of export `export` (`None`: only make sure the instance
-    /// is instantiated) with converted `args`, once the turn is had. With
-    /// `preserve`, a trap does not lose the instance's state: its memories
-    /// are copied first and put back into the next store.
-    #[allow(clippy::too_many_arguments)]
+    /// is instantiated) with converted `args`, once the turn is had, after
+    /// the destructors `drops` names. With `preserve`, a trap does not lose
+    /// the instance's state: its memories are copied first and put back
+    /// into the next store.
     #[allow(clippy::too_many_arguments)]
     pub fn begin<'a>(
         this: &ResourceArc<Self>,
         env: Env<'a>,
         export: Option<usize>,
+        drops: Drops,
         args: Vec<Value>,
         handles: &[(ResourceArc<HandleResource>, bool)],
         limits: Limits,
@@ -447,6 +448,18 @@ impl InstanceResource {
                 Self::release(this, env);
                 return e.encode(env);
             }
+        }
+        if matches!(drops, Drops::Queued) && !matches!(*slot, Slot::Ready(_)) {
+            // No store: the objects were in the one that went (a trap
+            // recycled it); instantiating one only to destroy nothing
+            // would cost the next caller a fresh instance's state.
+            let mut queue = lock(&this.shared.drops);
+            this.shared.drops_notified.store(false, Ordering::SeqCst);
+            queue.clear();
+            drop(queue);
+            drop(slot);
+            Self::release(this, env);
+            return (ok(), rustler::types::atom::nil(), 0u64).encode(env);
         }
         let live = match std::mem::replace(&mut *slot, Slot::Empty) {
             Slot::Ready(live) => Some(live),
@@ -486,6 +499,7 @@ impl InstanceResource {
             live,
             transplant,
             target,
+            drops,
             args,
             limits,
             this.shared.clone(),
@@ -1165,9 +1179,29 @@ fn instance_new<'a>(
 #[cfg_attr(not(test), rustler::nif)]
 fn instance_warm<'a>(env: Env<'a>, this: ResourceArc<InstanceResource>) -> Term<'a> {
     match InstanceResource::acquire(&this, env, true) {
-        Ok(Turn::Go) => {
-            InstanceResource::begin(&this, env, None, Vec::new(), &[], this.limits, false, false)
-        }
+        Ok(Turn::Go) => InstanceResource::begin(
+            &this,
+            env,
+            None,
+            Drops::None,
+            Vec::new(),
+            &[],
+            this.limits,
+            false,
+            false,
+        ),
+        other => turn_status(env, &this, other),
+    }
+}
+
+/// What a caller that did not get the turn is told (see `Capsid.Call`).
+fn turn_status<'a>(
+    env: Env<'a>,
+    this: &ResourceArc<InstanceResource>,
+    turn: Result<Turn, Error>,
+) -> Term<'a> {
+    match turn {
+        Ok(Turn::Go) => Error::Internal("the turn was had".into()).encode(env),
         Ok(Turn::Queued) => make_tuple(
             env,
             &[
@@ -1180,6 +1214,29 @@ fn instance_warm<'a>(env: Env<'a>, this: ResourceArc<InstanceResource>) -> Term<
         Ok(Turn::Taken) => taken().encode(env),
         Ok(Turn::Retired) => retired().encode(env),
         Err(e) => e.encode(env),
+    }
+}
+
+/// Runs the destructors of the instance's garbage-collected handles, as a
+/// call of its own under the instance's limits: its process makes it when
+/// told `{:capsid_drops, id}` (see `resource.rs`). Statuses as for a call;
+/// called again once a queued turn is granted. A destructor that traps
+/// recycles the instance, as any trap does.
+#[cfg_attr(not(test), rustler::nif)]
+fn instance_drain<'a>(env: Env<'a>, this: ResourceArc<InstanceResource>) -> Term<'a> {
+    match InstanceResource::acquire(&this, env, true) {
+        Ok(Turn::Go) => InstanceResource::begin(
+            &this,
+            env,
+            None,
+            Drops::Queued,
+            Vec::new(),
+            &[],
+            this.limits,
+            false,
+            false,
+        ),
+        other => turn_status(env, &this, other),
     }
 }
 

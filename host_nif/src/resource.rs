@@ -5,8 +5,13 @@
 //! Its life in Elixir ends one of three ways: passed back as an `own`
 //! argument (the guest takes it: `Consumed`), `Capsid.Resource.drop/1`, or
 //! garbage collection. A rustler destructor cannot call into wasm, so the
-//! last two queue the guest's resource in the instance's `Shared::drops`;
-//! the instance's next call runs its destructor first (`run::run_drops`).
+//! last two queue the guest's resource in the instance's `Shared::drops`.
+//! `drop/1`'s own call then runs that one destructor. A collected handle's
+//! destructor is never run by whoever calls next (it would spend that
+//! caller's deadline and fuel, and hand it the destructor's trap and
+//! stderr): the instance's process is sent `{:capsid_drops, id}` and runs
+//! the queue as a call of its own, under the instance's limits
+//! (`Capsid.Instance`, `run::Drops::Queued`).
 //!
 //! A handle is only valid with the instance and store that made it: any
 //! other use, and any use after it was consumed or dropped, is
@@ -23,6 +28,7 @@ use wasmtime::component::ResourceAny;
 
 rustler::atoms! {
     __struct__,
+    capsid_drops,
     r#ref = "ref",
     name,
     instance,
@@ -47,17 +53,28 @@ pub struct HandleResource {
     resource: ResourceAny,
     state: Mutex<State>,
     shared: Arc<Shared>,
+    /// The instance's process, told when a collected handle queued work.
+    owner: Option<LocalPid>,
 }
 
 #[cfg_attr(not(test), rustler::resource_impl)]
-impl Resource for HandleResource {}
+impl Resource for HandleResource {
+    const IMPLEMENTS_DESTRUCTOR: bool = true;
 
-impl Drop for HandleResource {
-    fn drop(&mut self) {
-        // Garbage-collected while the guest still owns the object: its
-        // destructor runs at the instance's next call.
-        if *lock(&self.state) == State::Live && self.resource.owned() {
-            lock(&self.shared.drops).push((self.generation, self.resource));
+    /// Garbage-collected while the guest still owns the object: its
+    /// destructor is queued, and the instance's process is told (once until
+    /// it takes the queue), to run it on the instance's own time.
+    fn destructor(self, env: Env<'_>) {
+        if *lock(&self.state) != State::Live || !self.resource.owned() {
+            return;
+        }
+        lock(&self.shared.drops).push((self.generation, self.resource));
+        if let Some(owner) = self.owner
+            && !self.shared.drops_notified.swap(true, Ordering::SeqCst)
+            && env.send(&owner, (capsid_drops(), self.instance)).is_err()
+        {
+            // The instance is gone: its store, and the queue, go with it.
+            self.shared.drops_notified.store(false, Ordering::SeqCst);
         }
     }
 }
@@ -82,6 +99,11 @@ impl HandleResource {
             lock(&self.shared.drops).push((self.generation, self.resource));
         }
         true
+    }
+
+    /// What `drop/1`'s call runs: the store it lives in and the resource.
+    pub fn queued(&self) -> (u64, ResourceAny) {
+        (self.generation, self.resource)
     }
 }
 
@@ -151,6 +173,7 @@ pub fn to_term<'a>(env: Env<'a>, resource: ResourceAny, name: &str) -> Result<Te
             resource,
             state: Mutex::new(State::Live),
             shared: origin.shared.clone(),
+            owner: origin.owner,
         });
         made.push(handle.clone());
         let keys = [__struct__(), r#ref(), self::name(), instance()].map(|a| a.encode(env));
@@ -241,8 +264,8 @@ pub fn ref_atom() -> rustler::Atom {
     r#ref()
 }
 
-/// Drops a handle from Elixir: its destructor is queued for the instance's
-/// next call. A handle that was not live is `:stale_resource`.
+/// Drops a handle from Elixir: its destructor is queued, for the call that
+/// `drop/1` makes next. A handle that was not live is `:stale_resource`.
 pub fn drop_handle(handle: &HandleResource) -> Result<(), Error> {
     if handle.drop_now() {
         Ok(())

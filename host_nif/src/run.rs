@@ -18,7 +18,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll, Wake, Waker};
-use wasmtime::component::{ComponentExportIndex, Func, Instance, InstancePre, TypedFunc};
+use wasmtime::component::{
+    ComponentExportIndex, Func, Instance, InstancePre, ResourceAny, TypedFunc,
+};
 use wasmtime::{AsContextMut, Store};
 
 rustler::atoms! {
@@ -76,6 +78,21 @@ pub struct Done {
 }
 
 pub type CallFuture = Pin<Box<dyn Future<Output = Done> + Send>>;
+
+/// The destructors of resources dropped in Elixir that a call runs before
+/// its export (if any). An ordinary call runs none: another caller's
+/// destructor would spend this caller's deadline and fuel, and a failing
+/// one would hand it its trap and stderr.
+#[derive(Clone, Copy)]
+pub enum Drops {
+    None,
+    /// The one `Capsid.Resource.drop/1` dropped (its generation and
+    /// resource), if it is still queued.
+    One(u64, ResourceAny),
+    /// Every queued one: the instance's own call for them
+    /// (`instance_drain`).
+    Queued,
+}
 
 fn fuel_used(store: &Store<Host>, budget: u64) -> u64 {
     // An engine without fuel metering (`fuel_metering: false`) counts none.
@@ -160,6 +177,7 @@ pub fn start(
     live: Option<Live>,
     transplant: Option<Arc<Vec<Vec<u8>>>>,
     target: Option<Target>,
+    drops: Drops,
     args: Vec<Value>,
     limits: Limits,
     shared: Arc<Shared>,
@@ -172,6 +190,7 @@ pub fn start(
         Some(live) => Box::pin(call(
             live,
             target,
+            drops,
             args,
             limits,
             shared,
@@ -190,7 +209,19 @@ pub fn start(
                 };
             };
             match instantiate(pre, transplant, limits, &shared).await {
-                Ok(live) => call(live, target, args, limits, shared, pause_on_host, true).await,
+                Ok(live) => {
+                    call(
+                        live,
+                        target,
+                        drops,
+                        args,
+                        limits,
+                        shared,
+                        pause_on_host,
+                        true,
+                    )
+                    .await
+                }
                 Err(done) => *done,
             }
         }),
@@ -209,8 +240,10 @@ async fn instantiate(
         .as_ref()
         .map(|t| t.iter().map(Vec::len).collect());
     let mut store = Host::new_store(pre.engine(), limits, shared, sizes);
-    // Handles of the store this one replaces are stale from now on.
+    // Handles of the store this one replaces are stale from now on, and
+    // their queued destructors went with it.
     shared.generation.fetch_add(1, Ordering::SeqCst);
+    crate::error::lock(&shared.drops).clear();
     Host::arm(&mut store, &limits, false, false);
     match pre.instantiate_async(&mut store).await {
         Ok(instance) => {
@@ -244,13 +277,27 @@ async fn instantiate(
     }
 }
 
-/// Runs the destructors of the resources dropped in Elixir that belong to
-/// this store (those of a store since replaced are gone with it).
-async fn run_drops(live: &mut Live, shared: &Shared) -> wasmtime::Result<()> {
-    let pending = std::mem::take(&mut *crate::error::lock(&shared.drops));
-    if pending.is_empty() {
-        return Ok(());
-    }
+/// Runs the destructors `drops` names of the resources dropped in Elixir
+/// that belong to this store (those of a store since replaced are gone
+/// with it).
+async fn run_drops(live: &mut Live, shared: &Shared, drops: Drops) -> wasmtime::Result<()> {
+    let pending = {
+        let mut queue = crate::error::lock(&shared.drops);
+        match drops {
+            Drops::None => return Ok(()),
+            Drops::One(g, r) => match queue.iter().position(|q| *q == (g, r)) {
+                Some(i) => vec![queue.remove(i)],
+                // The instance's own call for them ran it already.
+                None => return Ok(()),
+            },
+            Drops::Queued => {
+                // Cleared with the queue locked: a handle collected from
+                // now on is told about again.
+                shared.drops_notified.store(false, Ordering::SeqCst);
+                std::mem::take(&mut *queue)
+            }
+        }
+    };
     let generation = shared.generation.load(Ordering::SeqCst);
     for (g, resource) in pending {
         if g == generation {
@@ -261,10 +308,12 @@ async fn run_drops(live: &mut Live, shared: &Shared) -> wasmtime::Result<()> {
 }
 
 /// Runs `target` on `live` (or just hands `live` back when there is none),
-/// after the destructors of resources dropped in Elixir.
+/// after the destructors `drops` names.
+#[allow(clippy::too_many_arguments)]
 async fn call(
     mut live: Live,
     target: Option<Target>,
+    drops: Drops,
     args: Vec<Value>,
     limits: Limits,
     shared: Arc<Shared>,
@@ -277,9 +326,8 @@ async fn call(
         target.as_ref().is_some_and(|t| t.heavy_result),
         pause_on_host,
     );
-    // Resources dropped in Elixir since the last call: their destructors
-    // run first, under this call's limits.
-    if let Err(e) = run_drops(&mut live, &shared).await {
+    // Only the destructors this call is for, under its limits.
+    if let Err(e) = run_drops(&mut live, &shared, drops).await {
         return Done {
             outcome: Err(failure(&e, &live.store)),
             fuel_used: fuel_used(&live.store, limits.fuel),
@@ -288,6 +336,9 @@ async fn call(
         };
     }
     let Some(target) = target else {
+        // What destructors wrote and nobody asked for goes now: left in the
+        // buffers, it would be the next caller's (its trap's stderr).
+        shared.drop_unkept_output();
         return Done {
             fuel_used: fuel_used(&live.store, limits.fuel),
             live: Some(live),
@@ -565,6 +616,7 @@ mod bench {
             None,
             None,
             None,
+            Drops::None,
             vec![],
             limits,
             shared.clone(),
@@ -584,6 +636,7 @@ mod bench {
                     Some(live),
                     None,
                     Some(target()),
+                    Drops::None,
                     vec![Value::S32(i), Value::S32(1)],
                     limits,
                     shared.clone(),

@@ -324,11 +324,7 @@ defmodule Capsid.Call do
     wait = ctx.queue_timeout || instance_queue_timeout
 
     receive do
-      {:capsid_turn, ^id} ->
-        case Native.call_start_on(ref, ctx.function, ctx.args, ctx.narrow) do
-          :dirty_start -> Native.call_start_on_dirty(ref, ctx.function, ctx.args, ctx.narrow)
-          other -> other
-        end
+      {:capsid_turn, ^id} -> start_on(ref, ctx)
     after
       wait ->
         Native.call_dequeue(ref)
@@ -341,6 +337,16 @@ defmodule Capsid.Call do
         end
 
         {:error, {:busy, "gave up after waiting #{wait} ms for the instance (queue_timeout)"}}
+    end
+  end
+
+  # The turn was granted: start where the caller left off.
+  defp start_on(ref, %{function: :destructors}), do: Native.instance_drain(ref)
+
+  defp start_on(ref, ctx) do
+    case Native.call_start_on(ref, ctx.function, ctx.args, ctx.narrow) do
+      :dirty_start -> Native.call_start_on_dirty(ref, ctx.function, ctx.args, ctx.narrow)
+      other -> other
     end
   end
 
@@ -369,6 +375,24 @@ defmodule Capsid.Call do
       {{:ok, _}, _} -> :ok
       {{:error, _} = error, _} -> error
     end
+  end
+
+  @doc false
+  # Runs the destructors of the instance's garbage-collected handles, as
+  # the instance's own call (`Capsid.Instance` does, when told to): never
+  # inside another caller's call. Returns `{result, fuel_used}`.
+  def drain(ref) do
+    ctx = %{
+      target: ref,
+      function: :destructors,
+      args: [],
+      narrow: {nil, nil, nil, false},
+      queue_timeout: nil,
+      retries: 0,
+      how: :dirty
+    }
+
+    step(Native.instance_drain(ref), ctx)
   end
 
   defp observed(target, function, run) do

@@ -61,9 +61,21 @@ defmodule Capsid.Instance do
   After a trap the store is discarded (wasmtime refuses to re-enter an
   instance that trapped): the next call instantiates the component afresh
   from its pre-linked form, so guest state is reset. `info/1` counts this.
+
+  ## Destructors of collected handles
+
+  The guest destructors of resource handles garbage-collected in Elixir
+  (see `Capsid.Resource`) run on the instance's own time: the instance
+  process runs them as a call of its own, from a process of its own, under
+  the instance's limits and in turn with callers, never inside a caller's
+  call. A destructor that traps recycles the instance as above (`info/1`
+  counts the trap and the recycle, not a call); Logger and the
+  `[:capsid, :instance, :destructors]` telemetry event report it.
   """
 
   use GenServer
+
+  require Logger
 
   alias Capsid.{Component, Error, Imports, Limits, Native, Trap}
 
@@ -71,6 +83,8 @@ defmodule Capsid.Instance do
                    Limits.keys()
   @default_max_queue 10_000
   @default_queue_timeout 5_000
+  # When callers kept the instance busy past the destructors' queue_timeout.
+  @destructors_retry 1_000
 
   @type option ::
           {:component, Component.t()}
@@ -316,7 +330,121 @@ defmodule Capsid.Instance do
     {:noreply, Map.put(state, :output, Map.put(output, stream, kept))}
   end
 
+  # A handle of this instance was garbage-collected and its guest
+  # destructor queued (see `Capsid.Resource`). Destructors run on the
+  # instance's own time, never inside a caller's call: in a process of the
+  # instance's (so that `info/1` keeps answering), one at a time.
+  def handle_info({:capsid_drops, _id}, state), do: {:noreply, destroy(state)}
+
+  def handle_info({:DOWN, mref, :process, _pid, reason}, %{destroyer: mref} = state) do
+    state = Map.delete(state, :destroyer)
+
+    cond do
+      reason == :busy ->
+        # Callers kept the instance busy past its queue_timeout: later.
+        Process.send_after(self(), {:capsid_drops, state.id}, @destructors_retry)
+        {:noreply, state}
+
+      Map.get(state, :destroy_again, false) ->
+        {:noreply, state |> Map.delete(:destroy_again) |> destroy()}
+
+      true ->
+        {:noreply, state}
+    end
+  end
+
   def handle_info(_other, state), do: {:noreply, state}
+
+  defp destroy(%{destroyer: _} = state), do: Map.put(state, :destroy_again, true)
+
+  defp destroy(%{ref: ref} = state) do
+    instance = self()
+    {_pid, mref} = spawn_monitor(fn -> exit(run_destructors(ref, instance)) end)
+    Map.put(state, :destroyer, mref)
+  end
+
+  # The destructors' own call, under the instance's limits. What it costs,
+  # and how it failed, are reported here (Logger, telemetry), never to a
+  # caller; its output goes where the instance's `wasi:` options send
+  # output. A trap recycles the instance, as any trap does.
+  defp run_destructors(ref, instance) do
+    t0 = System.monotonic_time()
+    {result, fuel} = Capsid.Call.drain(ref)
+    duration = System.monotonic_time() - t0
+
+    outcome =
+      case result do
+        {:ok, _} -> :ok
+        {:error, %Trap{} = trap} -> {:trap, trap}
+        {:error, error} -> {:error, error}
+      end
+
+    report(outcome, instance)
+
+    Capsid.Telemetry.execute(
+      [:capsid, :instance, :destructors],
+      %{duration: duration, fuel: fuel},
+      %{
+        instance: instance,
+        result: outcome
+      }
+    )
+
+    case outcome do
+      {:trap, trap} ->
+        Capsid.Telemetry.execute([:capsid, :instance, :recycle], %{count: 1}, %{
+          instance: instance,
+          reason: trap.kind
+        })
+
+        :normal
+
+      {:error, %Error{kind: :busy}} ->
+        :busy
+
+      _ ->
+        :normal
+    end
+  end
+
+  @stderr_logged 4_096
+
+  defp report({:trap, trap}, instance) do
+    stderr =
+      case trap.stderr do
+        "" ->
+          ""
+
+        err when byte_size(err) > @stderr_logged ->
+          "; guest stderr: " <>
+            inspect(binary_part(err, 0, @stderr_logged)) <>
+            " (#{byte_size(err) - @stderr_logged} bytes more)"
+
+        err ->
+          "; guest stderr: " <> inspect(err)
+      end
+
+    Logger.warning(
+      "Capsid: a destructor of a garbage-collected resource handle trapped " <>
+        "(#{inspect(trap.kind)}: #{trap.message}); the instance recycled, as after any " <>
+        "trap: its guest state and its handles are gone" <> stderr,
+      capsid_instance: instance
+    )
+  end
+
+  # Retired (stopped or swapped): the objects went with the instance.
+  defp report({:error, %Error{kind: kind}}, _instance) when kind in [:busy, :instance_down],
+    do: :ok
+
+  defp report({:error, error}, instance) do
+    Logger.warning(
+      "Capsid: the destructors of garbage-collected resource handles could not run: " <>
+        Exception.message(error),
+      capsid_instance: instance
+    )
+  end
+
+  defp report(:ok, _instance), do: :ok
 
   @impl true
   def terminate(_reason, _state), do: Capsid.Registry.unregister()

@@ -29,6 +29,7 @@ defmodule Capsid.Native do
   # instance.rs, pool.rs, registry.rs
   def instance_new(_component, _imports, _limits, _queue, _wasi), do: nif_error()
   def instance_warm(_instance), do: nif_error()
+  def instance_drain(_instance), do: nif_error()
   def instance_info(_instance), do: nif_error()
   def instance_retire(_instance), do: nif_error()
   def instance_idle(_instance), do: nif_error()

@@ -19,8 +19,20 @@ defmodule Capsid.Resource do
     * `drop/1` drops the object now: the guest's destructor runs before
       `drop/1` returns.
     * A handle that is garbage-collected in Elixir is dropped in the guest
-      at the start of its instance's next call (a destructor needs the
-      instance, which a garbage collection cannot enter).
+      soon after, on the instance's own time: its `Capsid.Instance` process
+      is told, and runs the destructors queued so far as a call of its own,
+      under the instance's limits (`:timeout`, `:fuel`, `:max_memory`),
+      taking its turn like any caller. A destructor never runs inside
+      another caller's call: it cannot trap that call, spend its fuel or
+      deadline, or show it its stderr. How it went is a
+      `[:capsid, :instance, :destructors]` telemetry event (see
+      `Capsid.Telemetry`), and a trap is also logged as a warning (with
+      the guest's stderr, up to 4 KiB). Its output goes where the
+      instance's `wasi: [stdout: ..., stderr: ...]` sends output.
+    * A destructor that traps recycles the instance, as any trap does: the
+      guest's state and every handle of that instance are gone (later uses
+      are `:stale_resource`), and the next call starts from a fresh
+      instance. For a pool, only the member that made the handle.
     * Passing a handle as an `own<R>` argument gives the object to the guest:
       the handle is used up. Passing it as `borrow<R>` lends it for the call.
     * A handle is bound to the instance that made it. Used after `drop/1`,
@@ -80,14 +92,30 @@ defmodule Capsid.Resource do
   @type t :: %__MODULE__{ref: reference(), name: String.t(), instance: pid() | nil}
 
   @doc """
-  Drops the object: its destructor runs in the guest before this returns.
-  A handle already dropped or given to the guest is `:stale_resource`.
+  Drops the object: its destructor runs in the guest before this returns,
+  in a call of the caller's own (under its limits; a trap in the
+  destructor is this call's `Capsid.Trap`), which runs no other
+  destructor. A handle already dropped or given to the guest is
+  `:stale_resource`.
+
+      {:ok, cart} = Capsid.call(instance, "[constructor]cart", ["ada"])
+      :ok = Capsid.Resource.drop(cart)
+      {:error, %Capsid.Error{kind: :stale_resource}} = Capsid.Resource.drop(cart)
   """
   @spec drop(t()) :: :ok | {:error, Capsid.Error.t() | Capsid.Trap.t()}
   def drop(%__MODULE__{instance: instance, name: name} = handle) when is_pid(instance) do
     case Capsid.call(instance, "[resource-drop]#{name}", [handle]) do
-      {:ok, nil} -> :ok
-      {:error, _} = error -> error
+      {:ok, nil} ->
+        :ok
+
+      {:error, %Capsid.Error{kind: :busy}} = error ->
+        # The handle is dropped but its destructor did not get to run: the
+        # instance runs it on its own time, as for a collected handle.
+        send(instance, {:capsid_drops, nil})
+        error
+
+      {:error, _} = error ->
+        error
     end
   end
 

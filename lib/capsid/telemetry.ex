@@ -20,6 +20,12 @@ defmodule Capsid.Telemetry do
     * `[:capsid, :instance, :recycle]` — a trap discarded the instance's
       store; the next call starts from a fresh one: measurements
       `%{count: 1}`; metadata `%{instance, reason: trap_kind}`.
+    * `[:capsid, :instance, :destructors]` — the instance ran the guest
+      destructors of resource handles garbage-collected in Elixir, as a
+      call of its own (see `Capsid.Resource`): measurements `%{duration,
+      fuel}`; metadata `%{instance, result}` (`result` as for
+      `[:capsid, :call, :stop]`). A trap also emits
+      `[:capsid, :instance, :recycle]`.
     * `[:capsid, :deploy, :swap | :rollback]` — a deployment switched
       version on this node: measurements `%{duration}`; metadata `%{name,
       old_hash, new_hash}`.
