@@ -109,7 +109,7 @@ defmodule Capsid.Imports do
       [one] ->
         one
 
-      [{name, _, _} | _] ->
+      [{name, _, _, _} | _] ->
         raise ArgumentError, "import #{inspect(name)} is given more than once in :imports"
     end)
   end

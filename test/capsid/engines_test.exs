@@ -153,10 +153,13 @@ defmodule Capsid.EnginesTest do
              during.address_space_reserved - 1_000 * reservation
   end
 
+  defp address_space_limit(bytes),
+    do: {:ok, :ok} = Capsid.Native.node_configure([{"address_space_limit", bytes}])
+
   test "running out of the address-space budget is a clear :resource_limit", c do
     reserved = Capsid.info().address_space_reserved
     # Room for the dense arenas already mapped, not for a 4 GiB reservation.
-    Capsid.Native.node_configure(reserved + 1024 ** 3)
+    address_space_limit(reserved + 1024 ** 3)
 
     try do
       result = Capsid.Instance.start(component: c.guarded)
@@ -170,9 +173,7 @@ defmodule Capsid.EnginesTest do
       assert {:error, %Error{kind: :resource_limit, message: message}} = result
       assert message =~ "address_space_limit"
     after
-      Capsid.Native.node_configure(
-        Application.get_env(:capsid, :address_space_limit, 16 * 1024 ** 4)
-      )
+      address_space_limit(Application.get_env(:capsid, :address_space_limit, 16 * 1024 ** 4))
     end
 
     # With the budget back the same component starts.
@@ -186,7 +187,7 @@ defmodule Capsid.EnginesTest do
     # so its first chunk must be mapped, and the budget refuses it.
     pid = start!(c.dense, max_memory: 4 * 1024 ** 3)
     assert Capsid.call(pid, "load", [0]) == {:ok, 0}
-    Capsid.Native.node_configure(Capsid.info().address_space_reserved)
+    address_space_limit(Capsid.info().address_space_reserved)
 
     try do
       assert {:error, %Error{kind: :resource_limit, message: message}} =
@@ -194,9 +195,7 @@ defmodule Capsid.EnginesTest do
 
       assert message =~ "address_space_limit"
     after
-      Capsid.Native.node_configure(
-        Application.get_env(:capsid, :address_space_limit, 16 * 1024 ** 4)
-      )
+      address_space_limit(Application.get_env(:capsid, :address_space_limit, 16 * 1024 ** 4))
     end
 
     # Nothing lost but that call: the instance answers again, and grows.

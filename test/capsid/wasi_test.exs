@@ -269,7 +269,7 @@ defmodule Capsid.WASITest do
     end
 
     test "symlinks: false refuses creating one, in the directory and below it",
-         %{probe: c, granted: granted, root: root} do
+         %{probe: c, granted: granted} do
       pid = start(c, dirs: [{granted, "/data", :read_write, symlinks: false}])
 
       for {target, path} <- [{"../secret.txt", "/data/out"}, {"../../secret.txt", "/data/sub/out"}] do

@@ -106,7 +106,9 @@ defmodule Capsid.Hostile do
          "calls; exports `ok: func() -> u32`.",
        "bound a link error that names the missing import."},
     many_exports:
-      {[100_000], "N root exports f0..f{N-1}, each its own lift of one core function returning 42.",
+      {[100_000, "f"],
+       "N root exports P0..P{N-1} (P: the prefix, f by default), each its own lift of one " <>
+         "core function returning 42.",
        "bound per-export work at load and in errors (an unknown name lists what exists)."},
     many_imports:
       {[100_000], "N root imports i0..i{N-1}, each `func() -> u32`, never called; exports `ok`.",
@@ -217,8 +219,12 @@ defmodule Capsid.Hostile do
   @doc "An unused import whose name has `len` characters."
   def long_import_name(len \\ 100_000), do: build(:long_import_name, [len])
 
-  @doc "`n` root exports, each its own lifted function."
-  def many_exports(n \\ 100_000), do: build(:many_exports, [n])
+  @doc """
+  `n` root exports, each its own lifted function, named `prefix` and a
+  number (a test that creates their atoms uses a prefix of its own, so that
+  it does not create another test's).
+  """
+  def many_exports(n \\ 100_000, prefix \\ "f"), do: build(:many_exports, [n, prefix])
 
   @doc "`n` root function imports, never called."
   def many_imports(n \\ 100_000), do: build(:many_imports, [n])
@@ -341,7 +347,7 @@ defmodule Capsid.Hostile do
   ## WebAssembly text
 
   @doc "The WebAssembly text of fixture `name` with `params`, header comment included."
-  @spec wat(atom(), [non_neg_integer()]) :: binary()
+  @spec wat(atom(), [non_neg_integer() | String.t()]) :: binary()
   def wat(name, params) do
     {defaults, hostile, safe} = Keyword.fetch!(@fixtures, name)
 
@@ -349,7 +355,7 @@ defmodule Capsid.Hostile do
       raise ArgumentError, "#{name} takes #{length(defaults)} parameters, got #{inspect(params)}"
     end
 
-    call = "Capsid.Hostile.#{name}(#{Enum.join(params, ", ")})"
+    call = "Capsid.Hostile.#{name}(#{Enum.map_join(params, ", ", &inspect/1)})"
 
     IO.iodata_to_binary([
       ";; Hostile component fixture #{call}.\n",
@@ -583,7 +589,7 @@ defmodule Capsid.Hostile do
   # Many functions share one named function type: the text parser looks an
   # inline `(result u32)` up among the types defined so far, which is
   # quadratic (20,000 inline-typed lifts take 48 s; named, 0.2 s).
-  defp body(:many_exports, [n]) do
+  defp body(:many_exports, [n, prefix]) do
     [
       "  (core module $m\n",
       @ok_core,
@@ -593,7 +599,12 @@ defmodule Capsid.Hostile do
       "  (type $ok (func (result u32)))\n",
       for(
         k <- range(n),
-        do: [~s|  (func (export "f|, int(k), ~s|") (type $ok) (canon lift (core func $ok)))\n|]
+        do: [
+          ~s|  (func (export "|,
+          prefix,
+          int(k),
+          ~s|") (type $ok) (canon lift (core func $ok)))\n|
+        ]
       )
     ]
   end
