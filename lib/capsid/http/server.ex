@@ -273,10 +273,19 @@ defmodule Capsid.HTTP.Server do
       end
 
     # exit_on_close: false — a client that closed its side early still
-    # reads the 400 its request earned.
+    # reads the 400 its request earned. nodelay: a response is written in
+    # one send; Nagle's algorithm would hold its last segment until the
+    # client's delayed ACK (~40 ms per keep-alive request).
     listen_opts =
-      [:binary, active: false, packet: :raw, reuseaddr: true, exit_on_close: false, backlog: 1024] ++
-        ip_opts
+      [
+        :binary,
+        active: false,
+        packet: :raw,
+        reuseaddr: true,
+        exit_on_close: false,
+        nodelay: true,
+        backlog: 1024
+      ] ++ ip_opts
 
     case :gen_tcp.listen(opts[:port], listen_opts) do
       {:ok, listen} ->
