@@ -10,6 +10,8 @@ defmodule Capsid.BudgetTest do
 
   alias Capsid.{Error, Trap}
 
+  doctest Capsid.Budget
+
   setup_all do
     dir = Path.join(System.tmp_dir!(), "capsid-budget-#{System.unique_integer([:positive])}")
     File.mkdir_p!(dir)
