@@ -2,6 +2,7 @@
 //! buffer per stream (never to the VM's terminal); each call drains it, so a
 //! trap carries exactly what the guest wrote during that call.
 
+use crate::budget::HOST_BYTES;
 use bytes::Bytes;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,12 +31,26 @@ struct Inner {
 #[derive(Clone, Default)]
 pub struct Capture(Arc<Inner>);
 
+/// What an instance kept and nobody took goes back to the budget with it.
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let buf = self.buffer.get_mut().unwrap_or_else(|p| p.into_inner());
+        HOST_BYTES.give(buf.bytes.len() as u64);
+    }
+}
+
 impl Capture {
     fn push(&self, data: &[u8]) {
         self.0.written.store(true, Ordering::Release);
         let mut buf = self.0.buffer.lock().unwrap_or_else(|p| p.into_inner());
         let room = CAPTURE_LIMIT.saturating_sub(buf.bytes.len());
-        let keep = data.len().min(room);
+        let mut keep = data.len().min(room);
+        // Kept output is host memory a guest fills: 128 KiB an instance,
+        // gigabytes over many. It counts against the node's host-bytes
+        // budget; past it, output is dropped (and said so), never an error.
+        if keep > 0 && HOST_BYTES.take(keep as u64).is_err() {
+            keep = 0;
+        }
         buf.bytes.extend_from_slice(&data[..keep]);
         buf.dropped += data.len() - keep;
     }
@@ -50,6 +65,7 @@ impl Capture {
         }
         let mut buf = self.0.buffer.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = std::mem::take(&mut buf.bytes);
+        HOST_BYTES.give(out.len() as u64);
         if buf.dropped > 0 {
             out.extend_from_slice(
                 format!("\n[capsid: {} more bytes dropped]", buf.dropped).as_bytes(),
@@ -121,8 +137,26 @@ impl tokio::io::AsyncWrite for Capture {
 mod tests {
     use super::*;
 
+    /// The node budget is one counter for the whole test binary.
+    static SERIAL: Mutex<()> = Mutex::new(());
+
+    #[test]
+    fn kept_output_counts_against_the_host_bytes_budget() {
+        let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let before = HOST_BYTES.in_use();
+        let c = Capture::default();
+        c.push(&[b'y'; 1000]);
+        assert_eq!(HOST_BYTES.in_use(), before + 1000);
+        assert_eq!(c.take().len(), 1000);
+        assert_eq!(HOST_BYTES.in_use(), before);
+        c.push(&[b'z'; 10]);
+        drop(c);
+        assert_eq!(HOST_BYTES.in_use(), before, "dropped with what it kept");
+    }
+
     #[test]
     fn take_drains_and_reports_dropped_bytes() {
+        let _serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
         let c = Capture::default();
         c.push(b"hello");
         assert_eq!(c.take(), b"hello");

@@ -210,6 +210,25 @@ defmodule Capsid.BudgetTest do
 
       Capsid.TestHelpers.wait_until(fn -> Capsid.Budget.info().host_bytes.in_use <= before end)
     end
+
+    test "kept guest output counts against the node's budget: past it, it is dropped",
+         %{probe: c, dir: dir} do
+      before = Capsid.Budget.info().host_bytes.in_use
+
+      with_budget(:max_host_bytes_total, before + 100, fn ->
+        {:ok, pid} =
+          Capsid.Instance.start_link(
+            component: c,
+            wasi: [dirs: [{dir, "/data", :read_only}], stdout: :capture]
+          )
+
+        assert {:ok, nil} = Capsid.call(pid, "say", [String.duplicate("x", 1_000), ""])
+        assert %{stdout: out} = Capsid.Instance.info(pid)
+        assert out =~ "[capsid: 1000 more bytes dropped]"
+        assert Capsid.Budget.info().host_bytes.in_use <= before
+        GenServer.stop(pid)
+      end)
+    end
   end
 
   describe "memory" do
