@@ -126,7 +126,11 @@ defmodule Capsid do
     * `:ticker_wakes` — how many times a call has woken the sleeping ticker;
     * `:budgets` — the node budgets' use (`Capsid.Budget.info/0`);
     * `:descriptor_limit` — the process's `RLIMIT_NOFILE`, which the
-      descriptors budget is drawn from.
+      descriptors budget is drawn from;
+    * `:dirty_conversions` — Capsid's conversions of large values running
+      on dirty CPU schedulers now (`:in_use`), and how many may at once
+      (`:limit`: one less than the VM's dirty CPU schedulers, so the VM
+      keeps one for itself); `:refused` counts the times a caller waited.
 
       iex> %{mappings: m, atoms_created: a} = Capsid.info()
       iex> is_integer(m) and is_integer(a)

@@ -201,6 +201,35 @@ pub static HOST_BYTES: Budget = Budget::new(
 
 pub static ALL: [&Budget; 3] = [&MEMORY, &DESCRIPTORS, &HOST_BYTES];
 
+fn one() -> u64 {
+    1
+}
+
+/// Capsid's conversions running on dirty CPU schedulers at once: one less
+/// than the VM has (`Capsid.Application` sets it; 1 until then). The VM
+/// collects large heaps on those schedulers too, and on a small machine a
+/// dirty thread that converts competes with the normal schedulers for the
+/// cores: two callers receiving 2.7M-element results delayed a heartbeat
+/// process by 140–155 ms with both dirty schedulers converting, 3–4 ms
+/// with one (bench/result_heartbeat.exs). Not a limit users meet: a dirty
+/// NIF that finds it full answers at once and the caller tries again.
+pub static DIRTY: Budget = Budget::new("dirty", "dirty_conversions", 0, one, keep);
+
+/// A dirty conversion running; dropping it lets the next one in. Held by
+/// the NIF call itself, so a caller killed meanwhile still gives it back.
+pub struct DirtySlot(());
+
+impl Drop for DirtySlot {
+    fn drop(&mut self) {
+        DIRTY.give(1);
+    }
+}
+
+/// A slot for a dirty conversion, if one is free.
+pub fn dirty_slot() -> Option<DirtySlot> {
+    DIRTY.take(1).ok().map(|()| DirtySlot(()))
+}
+
 /// Which budgets one instance met during its current call (bits of
 /// `Budget::bit`): read and cleared when the call ends, to tell Elixir.
 #[derive(Default)]
@@ -257,6 +286,18 @@ mod tests {
         let limit = descriptor_limit();
         assert!(DESCRIPTORS.limit() <= limit.saturating_sub(DESCRIPTOR_RESERVE));
         assert!(below_reserve(u64::MAX) <= limit.saturating_sub(DESCRIPTOR_RESERVE));
+    }
+
+    #[test]
+    fn dirty_slots_are_given_back_when_dropped() {
+        let a = dirty_slot();
+        let limit = DIRTY.limit();
+        let rest: Vec<_> = (1..limit).filter_map(|_| dirty_slot()).collect();
+        assert!(a.is_some());
+        assert!(dirty_slot().is_none(), "all {limit} slots are taken");
+        drop(a);
+        assert!(dirty_slot().is_some());
+        drop(rest);
     }
 
     #[test]

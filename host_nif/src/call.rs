@@ -23,6 +23,7 @@ rustler::atoms! {
     not_found,
     retired,
     dirty_start,
+    dirty_busy,
     queued,
     taken,
     timeout,
@@ -383,6 +384,9 @@ fn call_start_dirty<'a>(
     arguments: Term<'a>,
     narrow: (Option<u64>, Option<u64>, Option<u64>, bool),
 ) -> Term<'a> {
+    let Some(_slot) = crate::budget::dirty_slot() else {
+        return dirty_busy().encode(env);
+    };
     start(env, target, function, arguments, narrow, true)
 }
 
@@ -450,6 +454,9 @@ fn call_start_on_dirty<'a>(
     arguments: Term<'a>,
     narrow: (Option<u64>, Option<u64>, Option<u64>, bool),
 ) -> Term<'a> {
+    let Some(_slot) = crate::budget::dirty_slot() else {
+        return dirty_busy().encode(env);
+    };
     start_on(env, this, function, arguments, narrow, true)
 }
 
@@ -461,6 +468,9 @@ fn call_resume(env: Env, this: ResourceArc<InstanceResource>) -> Term {
 
 #[cfg_attr(not(test), rustler::nif(schedule = "DirtyCpu"))]
 fn call_resume_dirty(env: Env, this: ResourceArc<InstanceResource>) -> Term {
+    let Some(_slot) = crate::budget::dirty_slot() else {
+        return dirty_busy().encode(env);
+    };
     InstanceResource::resume(&this, env, true)
 }
 

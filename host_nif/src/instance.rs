@@ -48,6 +48,7 @@ rustler::atoms! {
     infinity,
     stale,
     budget_process = "Elixir.Capsid.Budget",
+    dirty_busy,
     capsid_resource_limit,
 }
 
@@ -1325,6 +1326,9 @@ fn import_take(env: Env, this: ResourceArc<InstanceResource>, token: u64) -> Ter
 
 #[cfg_attr(not(test), rustler::nif(schedule = "DirtyCpu"))]
 fn import_take_dirty(env: Env, this: ResourceArc<InstanceResource>, token: u64) -> Term {
+    let Some(_slot) = crate::budget::dirty_slot() else {
+        return dirty_busy().encode(env);
+    };
     InstanceResource::import_take(&this, env, token, true)
 }
 
@@ -1358,6 +1362,9 @@ fn import_answer_resume_dirty<'a>(
     token: u64,
     reply: Term<'a>,
 ) -> Term<'a> {
+    let Some(_slot) = crate::budget::dirty_slot() else {
+        return dirty_busy().encode(env);
+    };
     InstanceResource::answer_resume(&this, env, token, reply, true)
 }
 
@@ -1368,5 +1375,8 @@ fn import_answer_dirty<'a>(
     token: u64,
     reply: Term<'a>,
 ) -> Term<'a> {
+    let Some(_slot) = crate::budget::dirty_slot() else {
+        return dirty_busy().encode(env);
+    };
     InstanceResource::import_answer(&this, env, token, reply, true)
 }

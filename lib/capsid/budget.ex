@@ -95,7 +95,11 @@ defmodule Capsid.Budget do
         limit -> [{"address_space_limit", value!(:address_space_limit, limit)}]
       end
 
-    native_configure(address_space ++ budgets)
+    # Capsid's large conversions leave one dirty CPU scheduler to the VM
+    # (it collects large heaps there): see `Capsid.Call.dirty/1`.
+    dirty = max(1, :erlang.system_info(:dirty_cpu_schedulers_online) - 1)
+
+    native_configure(address_space ++ budgets ++ [{"dirty_conversions", dirty}])
   end
 
   defp env_value(key), do: value!(key, Application.get_env(:capsid, key, :default))

@@ -111,7 +111,7 @@ defmodule Capsid.Call do
     ctx = context(target, function, args, narrow, queue_timeout, how)
 
     if how == :dirty,
-      do: step(Native.call_start_dirty(target, function, args, narrow), ctx),
+      do: step(dirty(fn -> Native.call_start_dirty(target, function, args, narrow) end), ctx),
       else: start(ctx)
   end
 
@@ -136,7 +136,10 @@ defmodule Capsid.Call do
         {{:ok, value}, fuel}
 
       :dirty_start ->
-        step(Native.call_start_dirty(ctx.target, ctx.function, ctx.args, ctx.narrow), ctx)
+        step(
+          dirty(fn -> Native.call_start_dirty(ctx.target, ctx.function, ctx.args, ctx.narrow) end),
+          ctx
+        )
 
       :not_found ->
         elsewhere(ctx)
@@ -169,7 +172,10 @@ defmodule Capsid.Call do
             {down(ctx.target), 0}
 
           :dirty_start ->
-            step(Native.call_start_dirty(pid, ctx.function, ctx.args, ctx.narrow), ctx)
+            step(
+              dirty(fn -> Native.call_start_dirty(pid, ctx.function, ctx.args, ctx.narrow) end),
+              ctx
+            )
 
           other ->
             step(other, %{ctx | target: pid})
@@ -285,7 +291,7 @@ defmodule Capsid.Call do
 
   # One step of the slow path: returns the next status.
   defp slow({:yield, ref}, _ctx), do: Native.call_resume(ref)
-  defp slow({:dirty, ref}, _ctx), do: Native.call_resume_dirty(ref)
+  defp slow({:dirty, ref}, _ctx), do: dirty(fn -> Native.call_resume_dirty(ref) end)
 
   defp slow({:wait, ref, id, remaining}, _ctx) do
     receive do
@@ -345,14 +351,34 @@ defmodule Capsid.Call do
 
   defp start_on(ref, ctx) do
     case Native.call_start_on(ref, ctx.function, ctx.args, ctx.narrow) do
-      :dirty_start -> Native.call_start_on_dirty(ref, ctx.function, ctx.args, ctx.narrow)
-      other -> other
+      :dirty_start ->
+        dirty(fn -> Native.call_start_on_dirty(ref, ctx.function, ctx.args, ctx.narrow) end)
+
+      other ->
+        other
+    end
+  end
+
+  @doc false
+  # Runs `fun`, a NIF call on a dirty CPU scheduler (a large conversion),
+  # again while the NIF answers `:dirty_busy`: Capsid runs at most one
+  # conversion fewer than the VM has dirty CPU schedulers at once
+  # (`budget.rs`, `DIRTY`). The slot is the NIF call's own, so a caller
+  # killed meanwhile cannot keep it.
+  def dirty(fun) do
+    case fun.() do
+      :dirty_busy ->
+        Process.sleep(1)
+        dirty(fun)
+
+      status ->
+        status
     end
   end
 
   defp answer_resume(ref, token, reply) do
     case Native.import_answer_resume(ref, token, reply) do
-      :dirty -> Native.import_answer_resume_dirty(ref, token, reply)
+      :dirty -> dirty(fn -> Native.import_answer_resume_dirty(ref, token, reply) end)
       status -> status
     end
   end

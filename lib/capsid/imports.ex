@@ -322,14 +322,14 @@ defmodule Capsid.Imports do
   # on a dirty one.
   defp take(ref, token) do
     case Native.import_take(ref, token) do
-      :dirty -> Native.import_take_dirty(ref, token)
+      :dirty -> Capsid.Call.dirty(fn -> Native.import_take_dirty(ref, token) end)
       other -> other
     end
   end
 
   defp answer(ref, token, reply) do
     case Native.import_answer(ref, token, reply) do
-      :dirty -> Native.import_answer_dirty(ref, token, reply)
+      :dirty -> Capsid.Call.dirty(fn -> Native.import_answer_dirty(ref, token, reply) end)
       other -> other
     end
   end

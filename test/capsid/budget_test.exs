@@ -258,6 +258,38 @@ defmodule Capsid.BudgetTest do
     end
   end
 
+  describe "dirty conversions" do
+    test "at most one less than the VM's dirty schedulers; a killed caller gives its slot back" do
+      bulk = Capsid.Component.load!(Capsid.Guests.path(:bulk))
+      imports = %{"fetch" => fn _ -> [] end, "send" => fn _ -> 0 end}
+      dirty = :erlang.system_info(:dirty_cpu_schedulers_online)
+      assert %{limit: limit} = Capsid.info().dirty_conversions
+      assert limit == max(1, dirty - 1)
+      test = self()
+
+      callers =
+        for i <- 1..3 do
+          spawn(fn ->
+            {:ok, pid} = Capsid.Instance.start(component: bulk, imports: imports)
+            result = Capsid.call(pid, "options", [2_000_000], timeout: 60_000)
+            send(test, {:done, i, elem(result, 0), length(elem(result, 1))})
+          end)
+        end
+
+      # Kill one while the conversions run (or wait): its slot is the NIF
+      # call's, not the process's.
+      Process.sleep(5)
+      Process.exit(hd(callers), :kill)
+
+      for i <- 2..3, do: assert_receive({:done, ^i, :ok, 2_000_000}, 60_000)
+
+      Capsid.TestHelpers.wait_until(fn -> Capsid.info().dirty_conversions.in_use == 0 end)
+      {:ok, pid} = Capsid.Instance.start_link(component: bulk, imports: imports)
+      assert {:ok, list} = Capsid.call(pid, "options", [2_000_000], timeout: 60_000)
+      assert length(list) == 2_000_000
+    end
+  end
+
   test "configure/1 refuses what it does not know" do
     assert_raise ArgumentError, ~r/unknown node budget :max_files/, fn ->
       Capsid.Budget.configure(max_files: 1)
