@@ -125,6 +125,15 @@ impl Budget {
             });
     }
 
+    /// Takes `n` for an instance whose refusals are noted in `refused`; a
+    /// refusal is its message (`refusal`).
+    pub fn take_for(&self, n: u64, refused: &Refused, unit: &str) -> Result<(), String> {
+        self.take(n).map_err(|state| {
+            refused.note(self);
+            self.refusal(n, state, unit)
+        })
+    }
+
     /// The message of a refusal: what was asked, what is in use, the
     /// ceiling and how to raise it.
     pub fn refusal(&self, asked: u64, (used, limit): (u64, u64), unit: &str) -> String {

@@ -127,7 +127,11 @@ fn near_exhaustion(descriptor: &Descriptor) -> bool {
     })
 }
 
-const TYPES: &str = "wasi:filesystem/types@0.2.12";
+/// The interface as wasmtime-wasi 48 defines it (its WIT's version; a guest
+/// importing an older 0.2 gets it by semver), where this file and
+/// `symlinks` shadow functions. symlinks.rs's test fails if an upgrade
+/// renames it, instead of the shadows silently going unused.
+pub const TYPES: &str = "wasi:filesystem/types@0.2.12";
 
 /// Replaces wasmtime-wasi's `open-at` and `descriptor` destructor (already
 /// in `linker`) with ones that hold a permit per opened descriptor.

@@ -78,14 +78,9 @@ impl Table {
                 ),
             }));
         }
-        HOST_BYTES.take(stored.bytes).map_err(|state| {
-            self.refused.note(&HOST_BYTES);
-            wasmtime::Error::new(crate::arena::Exhausted(HOST_BYTES.refusal(
-                stored.bytes,
-                state,
-                "bytes of host resource state",
-            )))
-        })?;
+        HOST_BYTES
+            .take_for(stored.bytes, &self.refused, "bytes of host resource state")
+            .map_err(|m| wasmtime::Error::new(crate::arena::Exhausted(m)))?;
         self.bytes = total;
         self.live += 1;
         match self.free.pop() {

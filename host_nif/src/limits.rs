@@ -82,15 +82,9 @@ impl Limiter {
     /// has. A refusal fails the call with `:resource_limit` (as an
     /// exhausted address space does), not the guest's `memory_limit`.
     fn take_from_node(&self, growth: u64) -> wasmtime::Result<()> {
-        let budget = &crate::budget::MEMORY;
-        budget.take(growth).map_err(|state| {
-            self.refused.note(budget);
-            wasmtime::Error::new(crate::arena::Exhausted(budget.refusal(
-                growth,
-                state,
-                "bytes of linear memory and tables",
-            )))
-        })
+        crate::budget::MEMORY
+            .take_for(growth, &self.refused, "bytes of linear memory and tables")
+            .map_err(|m| wasmtime::Error::new(crate::arena::Exhausted(m)))
     }
 }
 

@@ -166,16 +166,11 @@ fn answer(r: FsResult<()>) -> wasmtime::Result<(Result<(), ErrorCode>,)> {
     }
 }
 
-/// The interface as wasmtime-wasi 48 defines it (its WIT's version; a guest
-/// importing an older 0.2 gets it by semver). The test below fails if an
-/// upgrade renames it, instead of the shadows silently going unused.
-const TYPES: &str = "wasi:filesystem/types@0.2.12";
-
 /// Shadows `symlink-at`, `link-at` and `rename-at` of every
 /// `wasi:filesystem/types` WASI p2 linked (after `add_to_linker_async`).
 pub fn add_to_linker(linker: &mut Linker<Host>) -> wasmtime::Result<()> {
     linker.allow_shadowing(true);
-    let mut types = linker.instance(TYPES)?;
+    let mut types = linker.instance(crate::descriptors::TYPES)?;
     types.func_wrap_async(
         "[method]descriptor.symlink-at",
         |mut store, (fd, old, new): (Resource<Descriptor>, String, String)| {
@@ -234,7 +229,7 @@ mod tests {
         let mut linker: Linker<Host> = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker).unwrap();
         // Without shadowing, defining the name again fails: it is taken.
-        let mut types = linker.instance(TYPES).unwrap();
+        let mut types = linker.instance(crate::descriptors::TYPES).unwrap();
         let again = types.func_wrap_async(
             "[method]descriptor.symlink-at",
             |_store, (_fd, _old, _new): (Resource<Descriptor>, String, String)| {

@@ -107,7 +107,6 @@ defmodule Capsid.Budget do
   defp native_configure(settings) do
     case Capsid.Native.node_configure(settings) do
       {:ok, :ok} -> :ok
-      :ok -> :ok
       {:error, message} -> raise ArgumentError, message
     end
   end

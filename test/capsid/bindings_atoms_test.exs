@@ -5,21 +5,6 @@ defmodule Capsid.BindingsAtomsTest do
   """
   use ExUnit.Case, async: false
 
-  defp bind_file(wasm, root, dir) do
-    File.write!(Path.join(dir, "bind.ex"), """
-    defmodule #{inspect(root)} do
-      use Capsid.Bindings, component: #{inspect(wasm)}
-    end
-    """)
-
-    case Kernel.ParallelCompiler.compile_to_path([Path.join(dir, "bind.ex")], dir,
-           return_diagnostics: true
-         ) do
-      {:ok, mods, _} -> {:ok, Enum.sort(mods), wasm}
-      {:error, errors, _} -> {:error, Enum.map_join(errors, "\n", &inspect/1)}
-    end
-  end
-
   test "bindings that would create more atoms than a component may are refused" do
     dir = Path.join(System.tmp_dir!(), "capsid-bind-#{System.unique_integer([:positive])}")
     File.mkdir_p!(dir)
@@ -31,7 +16,7 @@ defmodule Capsid.BindingsAtomsTest do
     # creates stay in the VM.
     File.write!(wasm, Capsid.Hostile.many_exports(6_000, "boundatom"))
     before = :erlang.system_info(:atom_count)
-    assert {:error, message} = bind_file(wasm, CapsidManyExports, dir)
+    assert {:error, message} = Capsid.TestHelpers.compile_bindings(wasm, CapsidManyExports, dir)
     assert message =~ "max_atoms_per_component"
     assert message =~ "10000"
     # It stopped at the budget.

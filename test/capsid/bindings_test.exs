@@ -270,26 +270,7 @@ defmodule Capsid.BindingsTest do
     bind_file(wasm, root, dir)
   end
 
-  defp bind_file(wasm, root, dir) do
-    # `mix test` may still be loading test files (docs and debug info off)
-    # while async tests run: on, as in a project's own compile (the types
-    # are read from the debug info).
-    Code.put_compiler_option(:docs, true)
-    Code.put_compiler_option(:debug_info, true)
-
-    File.write!(Path.join(dir, "bind.ex"), """
-    defmodule #{inspect(root)} do
-      use Capsid.Bindings, component: #{inspect(wasm)}
-    end
-    """)
-
-    case Kernel.ParallelCompiler.compile_to_path([Path.join(dir, "bind.ex")], dir,
-           return_diagnostics: true
-         ) do
-      {:ok, mods, _} -> {:ok, Enum.sort(mods), wasm}
-      {:error, errors, _} -> {:error, Enum.map_join(errors, "\n", &inspect/1)}
-    end
-  end
+  defp bind_file(wasm, root, dir), do: Capsid.TestHelpers.compile_bindings(wasm, root, dir)
 
   describe "names that collide in Elixir" do
     test "interfaces a:x/foo and b:y/FOO are distinct modules, each calling its own" do

@@ -82,6 +82,31 @@ defmodule Capsid.TestHelpers do
     start_supervised!(Supervisor.child_spec({Capsid.Instance, opts}, id: make_ref()))
   end
 
+  @doc """
+  Compiles `defmodule root do use Capsid.Bindings, component: wasm end` to
+  `dir` as a project would: `{:ok, modules, wasm}` or `{:error, text}`.
+  """
+  def compile_bindings(wasm, root, dir) do
+    # `mix test` may still be loading test files (docs and debug info off)
+    # while async tests run: on, as in a project's own compile (the types
+    # are read from the debug info).
+    Code.put_compiler_option(:docs, true)
+    Code.put_compiler_option(:debug_info, true)
+
+    File.write!(Path.join(dir, "bind.ex"), """
+    defmodule #{inspect(root)} do
+      use Capsid.Bindings, component: #{inspect(wasm)}
+    end
+    """)
+
+    case Kernel.ParallelCompiler.compile_to_path([Path.join(dir, "bind.ex")], dir,
+           return_diagnostics: true
+         ) do
+      {:ok, mods, _} -> {:ok, Enum.sort(mods), wasm}
+      {:error, errors, _} -> {:error, Enum.map_join(errors, "\n", &inspect/1)}
+    end
+  end
+
   @doc "Unloads modules a test compiled, so that they are gone again afterwards."
   def purge(modules) do
     for m <- modules do
