@@ -111,7 +111,7 @@ defmodule Capsid.Call do
     ctx = context(target, function, args, narrow, queue_timeout, how)
 
     if how == :dirty,
-      do: step(dirty(fn -> Native.call_start_dirty(target, function, args, narrow) end), ctx),
+      do: step(start_dirty(target, ctx), ctx),
       else: start(ctx)
   end
 
@@ -127,6 +127,10 @@ defmodule Capsid.Call do
     }
   end
 
+  # The call's arguments were too large to convert on a normal scheduler.
+  defp start_dirty(target, ctx),
+    do: dirty(fn -> Native.call_start_dirty(target, ctx.function, ctx.args, ctx.narrow) end)
+
   defp start(ctx),
     do: started(Native.call_start(ctx.target, ctx.function, ctx.args, ctx.narrow), ctx)
 
@@ -136,10 +140,7 @@ defmodule Capsid.Call do
         {{:ok, value}, fuel}
 
       :dirty_start ->
-        step(
-          dirty(fn -> Native.call_start_dirty(ctx.target, ctx.function, ctx.args, ctx.narrow) end),
-          ctx
-        )
+        step(start_dirty(ctx.target, ctx), ctx)
 
       :not_found ->
         elsewhere(ctx)
@@ -172,10 +173,7 @@ defmodule Capsid.Call do
             {down(ctx.target), 0}
 
           :dirty_start ->
-            step(
-              dirty(fn -> Native.call_start_dirty(pid, ctx.function, ctx.args, ctx.narrow) end),
-              ctx
-            )
+            step(start_dirty(pid, ctx), ctx)
 
           other ->
             step(other, %{ctx | target: pid})
@@ -408,15 +406,7 @@ defmodule Capsid.Call do
   # the instance's own call (`Capsid.Instance` does, when told to): never
   # inside another caller's call. Returns `{result, fuel_used}`.
   def drain(ref) do
-    ctx = %{
-      target: ref,
-      function: :destructors,
-      args: [],
-      narrow: {nil, nil, nil, false},
-      queue_timeout: nil,
-      retries: 0,
-      how: :dirty
-    }
+    ctx = %{context(ref, :destructors, [], {nil, nil, nil, false}, nil, :dirty) | retries: 0}
 
     step(Native.instance_drain(ref), ctx)
   end
