@@ -109,6 +109,13 @@ impl Budget {
         }
     }
 
+    /// Its name as Elixir sees it (`:memory`, ...): a static atom.
+    pub fn atom<'a>(&self, env: rustler::Env<'a>) -> rustler::Term<'a> {
+        use rustler::Encoder;
+        rustler::Atom::from_str(env, self.name)
+            .map_or_else(|_| self.name.encode(env), |a| a.encode(env))
+    }
+
     /// Counts a refusal made on the budget's behalf (the descriptor reserve,
     /// which the kernel's numbering shows before the count does).
     pub fn count_refusal(&self) {

@@ -691,11 +691,10 @@ impl InstanceResource {
             let Some(to) = env.whereis_pid(budget_process()) else {
                 continue;
             };
-            let name = rustler::Atom::from_str(env, budget.name).map(|a| a.encode(env));
             let instance = *lock(&this.owner);
             let message = [
                 capsid_resource_limit().encode(env),
-                name.unwrap_or_else(|_| budget.name.encode(env)),
+                budget.atom(env),
                 instance.encode(env),
                 env.pid().encode(env),
                 budget.in_use().encode(env),

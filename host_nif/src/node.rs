@@ -51,9 +51,7 @@ fn usage<'a>(env: Env<'a>, b: &crate::budget::Budget) -> Term<'a> {
 
 /// `%{name => %{in_use, limit, refused}}` for each node budget.
 fn budgets_info(env: Env) -> Term {
-    let keys = crate::budget::ALL.map(|b| {
-        rustler::Atom::from_str(env, b.name).map_or_else(|_| b.name.encode(env), |a| a.encode(env))
-    });
+    let keys = crate::budget::ALL.map(|b| b.atom(env));
     let vals = crate::budget::ALL.map(|b| usage(env, b));
     Term::map_from_term_arrays(env, &keys, &vals).unwrap_or_else(|_| Term::map_new(env))
 }
