@@ -73,12 +73,15 @@ defmodule Capsid.Budget do
       ** (ArgumentError) unknown node budget :max_files: expected one of :max_memory_total, :max_descriptors_total, :max_host_bytes_total
   """
   @spec configure(keyword()) :: :ok
-  def configure(settings) when is_list(settings) do
+  def configure(settings) do
+    unless Keyword.keyword?(settings) do
+      raise ArgumentError, "expected a keyword list of node budgets, got #{inspect(settings)}"
+    end
+
     settings
     |> Enum.map(fn
       {key, value} when key in @keys -> {Atom.to_string(key), value!(key, value)}
       {key, _} -> raise ArgumentError, "unknown node budget #{inspect(key)}: #{expected()}"
-      other -> raise ArgumentError, "expected {key, value} pairs, got #{inspect(other)}"
     end)
     |> native_configure()
   end

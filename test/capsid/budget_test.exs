@@ -298,5 +298,16 @@ defmodule Capsid.BudgetTest do
     assert_raise ArgumentError, ~r/expected a non-negative integer/, fn ->
       Capsid.Budget.configure(max_memory_total: -1)
     end
+
+    limit = Capsid.Budget.info().memory.limit
+
+    for bad <- [[{:max_memory_total, 1} | :tail], %{max_memory_total: 1}, :infinity] do
+      assert_raise ArgumentError, ~r/expected a keyword list of node budgets/, fn ->
+        Capsid.Budget.configure(bad)
+      end
+    end
+
+    # The refused calls changed nothing (the improper list's first pair included).
+    assert Capsid.Budget.info().memory.limit == limit
   end
 end
